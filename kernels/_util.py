@@ -1,0 +1,58 @@
+"""Shared kernel plumbing: the interpreter flag, the backend switch, the fixed-or-autotuned launch, input checks.
+
+The backend lives here (not in kernels/__init__.py) so that every op module can read it at call time without a
+circular import. Triton is optional at import time: on a machine without it the modules still import (their
+@triton.jit functions become inert placeholders) and the torch references serve every op.
+"""
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # must be set before kernel modules are imported
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # no triton wheel for this platform: references only
+    HAS_TRITON = False
+
+    class _Inert:  # lets `@triton.jit`, `@triton.autotune(...)` and `tl.constexpr` annotations evaluate
+        def __getattr__(self, name):
+            return _Inert()
+
+        def __call__(self, *args, **kwargs):
+            return args[0] if len(args) == 1 and callable(args[0]) and not kwargs else _Inert()
+
+    triton = tl = _Inert()
+
+BACKEND = "torch"  # resolved by kernels/__init__.py; "triton" or "torch"
+
+
+def resolve_backend(request: str) -> str:
+    """auto -> triton on CUDA, torch elsewhere (the interpreter is never picked automatically); triton raises if unusable."""
+    if request not in ("auto", "triton", "torch"):
+        raise ValueError(f"MC_KERNELS must be auto, triton or torch, got {request!r}")
+    if request == "torch":
+        return "torch"
+    usable = HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
+    if request == "triton" and not usable:
+        why = "triton is not installed" if not HAS_TRITON else "no CUDA device and TRITON_INTERPRET is not 1"
+        raise RuntimeError(f"MC_KERNELS=triton requested but {why}")
+    return "triton" if usable and (request == "triton" or torch.cuda.is_available()) else "torch"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the triton backend is active and the tensors live where it can run (CUDA, or anywhere when interpreting)."""
+    return BACKEND == "triton" and (INTERPRET or all(t.is_cuda for t in tensors))
+
+
+def pick(autotuned, plain):
+    """The autotuned kernel on a GPU; the bare jit function (launched with a fixed config) under the interpreter."""
+    return plain if INTERPRET else autotuned
+
+
+def check(cond: bool, msg: str) -> None:
+    """A clear ValueError from a public op instead of a silent wrong answer or an out-of-bounds access."""
+    if not cond:
+        raise ValueError(msg)

@@ -1,0 +1,78 @@
+"""Test tiers, interpreter switch, seeding, NaN-poisoning and the one tolerance helper.
+
+TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it at decoration time), so it is
+set here, at conftest import, whenever there is no CUDA device.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GPU = torch.cuda.is_available() and not INTERPRET
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # top-level scripts (model.py, kernels/, ...) are imported as modules
+
+import pytest  # noqa: E402
+
+# Tolerances per dtype (STYLE.md): output ratio/atol and gradient ratio/atol. ratio = RMSE(out - ref) / RMS(ref).
+TOL = {
+    torch.float32: dict(out_ratio=1e-5, out_atol=1e-5, grad_ratio=1e-4, grad_atol=None),
+    torch.float16: dict(out_ratio=5e-3, out_atol=1e-2, grad_ratio=5e-3, grad_atol=None),
+    torch.bfloat16: dict(out_ratio=1e-2, out_atol=2e-2, grad_ratio=None, grad_atol=5e-2),
+}
+
+
+def assert_close(name, ref, out, dtype=torch.float32, grad=False, ratio=None, atol=None):
+    """Compare `out` to `ref` (computed in fp32/fp64) by RMSE ratio and max-abs; print both on failure."""
+    tol = TOL[dtype]
+    ratio = ratio if ratio is not None else tol["grad_ratio" if grad else "out_ratio"]
+    atol = atol if atol is not None else tol["grad_atol" if grad else "out_atol"]
+    ref, out = ref.detach().double(), out.detach().double()
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != ref {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values in output (unwritten elements?)"
+    diff = out - ref
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    rms_ratio = (diff.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item() if diff.numel() else 0.0
+    ok = True
+    if ratio is not None:
+        ok &= rms_ratio <= ratio
+    if atol is not None and ratio is None:
+        ok &= max_abs <= atol
+    elif atol is not None:  # both given: the ratio must hold, and max-abs within atol unless the values are large
+        ok &= max_abs <= atol or rms_ratio <= ratio / 10
+    assert ok, f"{name}: max_abs={max_abs:.3e} rms_ratio={rms_ratio:.3e} (ratio<={ratio}, atol<={atol}, {dtype})"
+
+
+def pytest_collection_modifyitems(config, items):
+    markexpr = config.getoption("-m") or ""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (not interpreting)")
+    skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and "slow" not in markexpr:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """fla's trick: every float torch.empty* comes back full of NaN, so an output a kernel forgets to write fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    yield
