@@ -1,0 +1,409 @@
+"""Train MegaContext models. One script for every stage; the stage and everything else come from config files.
+
+    python train.py configs/tiny.py                                   # CPU, ~1 minute
+    python train.py configs/small.py --max_iters=2000 --lr=1e-3       # one GPU; later --key=value override files
+    torchrun --standalone --nproc_per_node=8 train.py configs/medium.py
+    torchrun --nnodes=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --nproc_per_node=8 \
+        train.py configs/medium.py                                    # multi-node: torchrun's own rendezvous
+
+Stages: `base` pretrains the GPT on the book corpus, position-ready (DESIGN §3): each sequence is cut into chunks whose
+positions are shifted by random gaps (PoSE), so relative distances up to `max_position` are trained at the cost of
+`block_size`. The MegaContext stages (gist, lens, lora, alt) plug into STAGES below.
+
+`grad_accum` is the number of micro-batches in one optimizer step summed over all ranks, so one GPU reproduces an
+8-GPU run's global batch with the same config. Checkpoints (out_dir/ckpt.pt) are written atomically and resume is
+exact: the batch of step s depends only on (seed, s), and model, optimizer and RNG state are saved.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import kernels
+from configs import ConfigError, load_config
+from model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+STAGES = ("base",)  # issue 5 adds "gist", "lens", "lora", "alt": each a loss function over a batch, see stage_loss()
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 spec peaks, for MFU
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # run
+    out_dir: str = "out/run"  # checkpoint, config.json and log.jsonl go here
+    stage: str = "base"  # training stage, one of STAGES
+    init_from: str = "scratch"  # 'scratch' (refuses to overwrite an existing checkpoint) or 'resume'
+    seed: int = 1337  # base seed; rank r uses seed + r
+    device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
+    dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'bfloat16' | 'float32'
+    compile: bool = False  # torch.compile the model
+    # data
+    data_dir: str = "data/pg"  # output of prepare.py: tokenizer.json, {train,val}.bin, meta.json
+    # model (mirrors GPTConfig)
+    block_size: int = 1024  # training sequence length in tokens
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads
+    n_embd: int = 384  # model width
+    mlp: str = "swiglu"  # 'swiglu' | 'gelu'
+    qk_norm: bool = True  # RMSNorm q and k per head
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    rope_base: float = 10000.0  # rotary base
+    dropout: float = 0.0  # dropout on embeddings
+    # position-ready training (PoSE, DESIGN §3)
+    pose: bool = True  # shift chunks of each sequence by random position gaps
+    pose_prob: float = 0.75  # share of sequences that get gaps; the rest keep consecutive positions
+    pose_chunks: int = 3  # chunks per gapped sequence
+    max_position: int = 2**20  # largest position a gapped sequence reaches (relative distances trained up to this)
+    # optimisation
+    batch_size: int = 16  # sequences per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step, over all ranks together
+    max_iters: int = 2000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # final learning rate
+    warmup_iters: int = 100  # linear warmup steps
+    schedule: str = "cosine"  # 'cosine' | 'wsd' (warmup-stable-decay, last `decay_frac` of steps decay linearly)
+    decay_frac: float = 0.2  # WSD: share of steps in the final decay
+    weight_decay: float = 0.1  # AdamW decay on matrices
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    # eval, logging, checkpoints
+    eval_interval: int = 250  # steps between val evals (and checkpoints)
+    eval_iters: int = 20  # val micro-batches per eval, per rank
+    log_interval: int = 10  # steps between progress lines
+    save_checkpoint: bool = True  # write out_dir/ckpt.pt at each eval and at the end
+    wandb: str = "off"  # 'off' | 'offline' | 'online' (needs the wandb package; no network here)
+    wandb_project: str = "megacontext"  # wandb project name
+
+    def validate(self):
+        choices = dict(stage=STAGES, init_from=("scratch", "resume"), device=("auto", "cpu", "cuda"),
+                       dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), schedule=("cosine", "wsd"),
+                       wandb=("off", "offline", "online"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
+        if self.pose and self.max_position < self.block_size:
+            raise ConfigError(f"max_position={self.max_position} must be >= block_size={self.block_size}")
+        for key in ("block_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        names = {f.name for f in dataclasses.fields(GPTConfig)}
+        return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def fail(msg: str):
+    """One line on stderr, non-zero exit: the contract for every bad input."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run_header(cfg) -> dict:
+    """What makes a run reproducible: code version, library versions, hardware (STYLE 'Run evidence')."""
+    def sh(*cmd):
+        try:
+            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    head = {"git": sh("git", "rev-parse", "HEAD"), "git_status": sh("git", "status", "--porcelain"),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": getattr(kernels._util.triton, "__version__", None), "numpy": np.__version__,
+            "kernels": kernels.banner(), "nvidia_smi": sh("nvidia-smi") if torch.cuda.is_available() else "",
+            "argv": sys.argv}
+    return head
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_tokens(data_dir: str, split: str) -> np.ndarray:
+    """The split's token stream (uint16 memmap) written by prepare.py; clear errors when missing or corrupt."""
+    import prepare
+    try:
+        tokens, _ = prepare.load_split(data_dir, split)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        fail(f"cannot read the {split} split in {data_dir!r} ({e}); run `python prepare.py` (or --synthetic) first")
+    return tokens
+
+
+def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+    """(B, T) int64 positions: consecutive, or cut into `pose_chunks` chunks separated by log-uniform gaps.
+
+    Gaps are log-uniform in [1, (max_position - T) / (chunks - 1)], so every scale of relative distance up to
+    max_position is trained equally often while attention costs stay those of T entries.
+    """
+    pos = torch.arange(T).repeat(B, 1)
+    n_gaps = cfg.pose_chunks - 1
+    if not cfg.pose or n_gaps < 1 or cfg.max_position <= T:
+        return pos
+    budget = (cfg.max_position - T) / n_gaps
+    for b in range(B):
+        if torch.rand((), generator=gen).item() >= cfg.pose_prob:
+            continue
+        cuts = torch.randperm(T - 1, generator=gen)[:n_gaps] + 1  # chunk starts, in (0, T)
+        gaps = torch.exp(torch.rand(n_gaps, generator=gen, dtype=torch.float64) * math.log(budget)).long()
+        shift = torch.zeros(T, dtype=torch.long)
+        shift[cuts] = gaps
+        pos[b] += shift.cumsum(0)
+    return pos
+
+
+def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool):
+    """(x, y, mu): B random windows of block_size + 1 tokens, with PoSE positions when `gaps`."""
+    B, T = cfg.batch_size, cfg.block_size
+    if len(tokens) <= T + 1:
+        fail(f"split has {len(tokens)} tokens, fewer than block_size + 1 = {T + 1}")
+    ix = torch.randint(len(tokens) - T - 1, (B,), generator=gen).tolist()
+    xy = torch.from_numpy(np.stack([tokens[i:i + T + 1].astype(np.int64) for i in ix]))
+    mu = pose_positions(B, T, gen, cfg) if gaps else torch.arange(T).repeat(B, 1)
+    return (t.to(device, non_blocking=True) for t in (xy[:, :-1], xy[:, 1:], mu))
+
+
+def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The batch of (step, global micro-step) depends on nothing else: the data position is the step, and rank r's
+    micro-step m is global micro-step r * accum + m, so any world size sees the same global batch."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + micro)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimisation, checkpoints
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.max_iters * (1 - cfg.decay_frac))
+        frac = max(0.0, (step - decay_start) / max(1, cfg.max_iters - decay_start))
+        return cfg.lr + frac * (cfg.min_lr - cfg.lr)
+    frac = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temporary file in the same directory, fsync, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        fail(f"checkpoint not found: {path}")
+    except Exception as e:  # truncated zip, bad pickle, ...: all mean the same to the user
+        fail(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        fail(f"checkpoint {path} is not a MegaContext checkpoint")
+    return ckpt
+
+
+def check_same_shape(ckpt: dict, model_args: dict, path: str):
+    diff = [f"{k}={ckpt['model_args'].get(k)!r} vs {v!r}" for k, v in model_args.items() if ckpt["model_args"].get(k) != v]
+    if diff:
+        fail(f"checkpoint {path} is from a different model shape: {', '.join(diff)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_loss(model, batch, cfg: TrainConfig):
+    """The training loss of one micro-batch. Issue 5's stages (gist, lens, lora, alt) add their branch here."""
+    x, y, mu = batch
+    _, loss = model(x, y, mu=mu)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool) -> float:
+    """Mean val loss over eval_iters fixed batches per rank (consecutive positions), averaged over ranks."""
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_iters):
+        x, y, mu = get_batch(tokens, cfg, batch_generator(cfg.seed + 99991, 0, rank * cfg.eval_iters + i), device, gaps=False)
+        with ctx:
+            losses.append(model(x, y, mu=mu)[1].float())
+    loss = torch.stack(losses).mean()
+    if ddp:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    model.train()
+    return loss.item()
+
+
+def main(argv):
+    try:
+        cfg = load_config(TrainConfig, argv)
+    except ConfigError as e:
+        fail(str(e))
+
+    # compute: DDP when launched by torchrun (RANK in the environment)
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        fail("device='cuda' but no CUDA device is available")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if ddp:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    master = rank == 0
+    if cfg.grad_accum % world:
+        fail(f"grad_accum={cfg.grad_accum} must be divisible by the number of ranks ({world})")
+    accum = cfg.grad_accum // world
+    torch.manual_seed(cfg.seed + rank)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32")
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # data and model
+    import prepare
+    train_tokens, val_tokens = load_tokens(cfg.data_dir, "train"), load_tokens(cfg.data_dir, "val")
+    vocab_size = prepare.load_meta(cfg.data_dir)["vocab_size"]
+    model_args = dataclasses.asdict(cfg.gpt_config(vocab_size))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        check_same_shape(ckpt, model_args, ckpt_path)
+    elif os.path.exists(ckpt_path) and cfg.save_checkpoint:
+        fail(f"{ckpt_path} exists; pass --init_from=resume to continue it or choose another --out_dir")
+    model = GPT(GPTConfig(**model_args)).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+    step, best_val = 0, float("inf")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0]
+        torch.set_rng_state(rng["cpu"])
+        if use_cuda and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+
+    # run evidence: config first, then code/versions/hardware; JSONL always, wandb when asked
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    wandb_run = None
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        log_file = open(log_path, "a")
+        log_file.write(json.dumps({"config": dataclasses.asdict(cfg)}) + "\n")
+        log_file.write(json.dumps({"run": run_header(cfg)}) + "\n")
+        log_file.flush()
+        if cfg.wandb != "off":
+            import wandb  # imported only when asked for: no network here, offline by default
+            wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), mode=cfg.wandb,
+                                   dir=cfg.out_dir)
+    print0(kernels.banner())
+    print0(f"{cfg.stage}: {raw_model.num_params() / 1e6:.2f}M params (non-embedding), world={world}, accum={accum}, "
+           f"tokens/step={cfg.batch_size * cfg.block_size * cfg.grad_accum:,}, device={device}, dtype={dtype}")
+
+    def log(record):
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if wandb_run is not None:
+                wandb_run.log(record, step=record["step"])
+
+    gpu_name = torch.cuda.get_device_name(device) if use_cuda else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    t_start, t_last, step_last = time.time(), time.time(), step
+    resumed_at = step if ckpt is not None else -1  # that step's eval and checkpoint were done by the earlier run
+    while True:
+        last = step >= cfg.max_iters
+        if (step % cfg.eval_interval == 0 or last) and step != resumed_at:
+            val = evaluate(model, val_tokens, cfg, device, ctx, rank, ddp)
+            best_val = min(best_val, val)
+            print0(f"step {step}: val loss {val:.4f}")
+            log({"step": step, "val_loss": val, "time": time.time() - t_start})
+            rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None}]
+            if ddp:
+                gathered = [None] * world
+                dist.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if master and cfg.save_checkpoint and step > 0:
+                save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                             "best_val_loss": best_val, "config": dataclasses.asdict(cfg), "model_args": model_args,
+                             "rng": rngs, "data_position": step}, ckpt_path)
+        if last:
+            break
+
+        # one optimizer step: accum micro-batches, grads synced on the last one only
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = get_batch(train_tokens, cfg, batch_generator(cfg.seed, step, rank * accum + micro), device, gaps=cfg.pose)
+            if ddp:
+                model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
+                loss = stage_loss(model, batch, cfg) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            if use_cuda:
+                torch.cuda.synchronize(device)
+            dt = time.time() - t_last
+            tok_s = tokens_per_step * (step - step_last) / dt
+            mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
+            eta = (cfg.max_iters - step) * dt / (step - step_last)
+            print0(f"step {step}/{cfg.max_iters} | loss {loss_sum.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                   f"mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | eta {eta / 60:.1f}m")
+            log({"step": step, "loss": loss_sum.item(), "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
+                 "time": time.time() - t_start})
+            t_last, step_last = time.time(), step
+
+    if master:
+        log_file.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    if ddp:
+        dist.destroy_process_group()
+    return best_val
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
