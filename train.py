@@ -82,6 +82,7 @@ class TrainConfig:
     # eval, logging, checkpoints
     eval_interval: int = 250  # steps between val evals (and checkpoints)
     eval_iters: int = 20  # val micro-batches per eval, per rank
+    eval_gap: int = 10**6  # also score each val window's second half after this position gap (0 = off)
     log_interval: int = 10  # steps between progress lines
     save_checkpoint: bool = True  # write out_dir/ckpt.pt at each eval and at the end
     wandb: str = "off"  # 'off' | 'offline' | 'online' (needs the wandb package; no network here)
@@ -135,6 +136,19 @@ def run_header(cfg) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # data
+
+
+def resolve_data_dir(path: str) -> str:
+    """The prepared data dir (relative to the cwd, else to the repo). With the default data/pg missing, prepare.py's
+    no-corpus fallback data/synthetic is used, loudly."""
+    for candidate in (path, os.path.join(REPO, path)):
+        if os.path.isdir(candidate):
+            return candidate
+    synthetic = os.path.join(REPO, "data", "synthetic")
+    if path == TrainConfig.data_dir and os.path.isdir(synthetic):
+        print0(f"!!!\n!!! WARNING: {path} not found: training on the SYNTHETIC corpus in {synthetic}\n!!!")
+        return synthetic
+    return path  # load_tokens reports it
 
 
 def load_tokens(data_dir: str, split: str) -> np.ndarray:
@@ -241,19 +255,31 @@ def stage_loss(model, batch, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool) -> float:
-    """Mean val loss over eval_iters fixed batches per rank (consecutive positions), averaged over ranks."""
+def evaluate(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool) -> dict:
+    """Val loss over eval_iters fixed batches per rank, averaged over ranks, with consecutive positions; and, when
+    `eval_gap` > 0, the loss of each window's second half without and with a position gap of `eval_gap` before it
+    (DESIGN §3: a position-ready model scores both within noise)."""
     model.eval()
-    losses = []
+    sums = torch.zeros(3, device=device)  # all tokens, second half, second half after the gap
+    half = cfg.block_size // 2
     for i in range(cfg.eval_iters):
-        x, y, mu = get_batch(tokens, cfg, batch_generator(cfg.seed + 99991, 0, rank * cfg.eval_iters + i), device, gaps=False)
+        x, y, mu = get_batch(tokens, cfg, batch_generator(cfg.seed + 99991, 0, rank * cfg.eval_iters + i), device,
+                             gaps=False)
         with ctx:
-            losses.append(model(x, y, mu=mu)[1].float())
-    loss = torch.stack(losses).mean()
+            nll = model(x, y, mu=mu, reduction="none")[1].float()  # (B, T)
+            sums[0] += nll.mean()
+            sums[1] += nll[:, half:].mean()
+            if cfg.eval_gap > 0:
+                mu_gap = mu + torch.where(mu >= half, cfg.eval_gap, 0)
+                sums[2] += model(x, y, mu=mu_gap, reduction="none")[1].float()[:, half:].mean()
+    sums /= cfg.eval_iters
     if ddp:
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        dist.all_reduce(sums, op=dist.ReduceOp.AVG)
     model.train()
-    return loss.item()
+    out = {"val_loss": sums[0].item(), "val_loss_tail": sums[1].item()}
+    if cfg.eval_gap > 0:
+        out["val_loss_tail_gap"] = sums[2].item()
+    return out
 
 
 def main(argv):
@@ -285,8 +311,12 @@ def main(argv):
 
     # data and model
     import prepare
-    train_tokens, val_tokens = load_tokens(cfg.data_dir, "train"), load_tokens(cfg.data_dir, "val")
-    vocab_size = prepare.load_meta(cfg.data_dir)["vocab_size"]
+    data_dir = resolve_data_dir(cfg.data_dir)
+    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+    meta = prepare.load_meta(data_dir)
+    vocab_size = meta["vocab_size"]
+    if meta.get("synthetic"):
+        print0(f"!!! note: {data_dir} holds a SYNTHETIC corpus (planted facts in pseudo-English), not books")
     model_args = dataclasses.asdict(cfg.gpt_config(vocab_size))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
@@ -346,10 +376,12 @@ def main(argv):
     while True:
         last = step >= cfg.max_iters
         if (step % cfg.eval_interval == 0 or last) and step != resumed_at:
-            val = evaluate(model, val_tokens, cfg, device, ctx, rank, ddp)
-            best_val = min(best_val, val)
-            print0(f"step {step}: val loss {val:.4f}")
-            log({"step": step, "val_loss": val, "time": time.time() - t_start})
+            ev = evaluate(model, val_tokens, cfg, device, ctx, rank, ddp)
+            best_val = min(best_val, ev["val_loss"])
+            gap = (f" | 2nd half {ev['val_loss_tail']:.4f}, after a {cfg.eval_gap:.0e} gap {ev['val_loss_tail_gap']:.4f}"
+                   if cfg.eval_gap > 0 else "")
+            print0(f"step {step}: val loss {ev['val_loss']:.4f}{gap}")
+            log({"step": step, **ev, "time": time.time() - t_start})
             rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None}]
             if ddp:
                 gathered = [None] * world
