@@ -8,12 +8,22 @@ x = [x1 | x2] (half-split pairs x[j], x[j + D/2]) is rotated by w_j * mu and sca
 a_j is E[exp(i w_j p)] for p ~ N(mu, sigma^2), so a query/key pair carries exp(-0.5 w^2 (sigma_q^2 + sigma_k^2)) per
 band. sigma = 0 gives a_j = 1 exactly: standard RoPE.
 
-Layouts: x: [B, T, H, D] (D even), mu, sigma: [B, T] fp32. Callers keep mu small (relative to a session origin) so
-fp32 angles stay precise; see model.py.
+Backward is the transpose of a scaled rotation: the same kernel with the angle negated (BACKWARD=True),
+dx1 = a (g1 cos + g2 sin), dx2 = a (g2 cos - g1 sin). mu and sigma get no gradient from the kernel (positions are data);
+`gauss_rope` routes to the reference whenever mu or sigma requires grad (the `gaussian_learned` ablation), so that
+case still trains.
+
+Layouts: x: [B, T, H, D] (D even, last dim contiguous), mu, sigma: [B, T] float. Callers keep mu small (relative to a
+session origin near the cursor) so fp32 angles stay precise: fp32 has a spacing of 64 at 1e9, so absolute positions
+that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
+
+Kernel: one program per ROWS (b, t) rows, all heads of q and of k in one [ROWS, H, D/2] tile each, so the angles and
+the attenuation (D/2 cos, sin, exp per row) are computed once and shared by every head of q and k. The frequencies
+come in as a D/2 fp32 vector from `rope_freqs`, bit-identical to the reference's; there are no [T, D/2] cos/sin tables.
 """
 import torch
 
-from kernels._util import check
+from kernels._util import INTERPRET, check, pick, tl, triton, use_triton
 
 
 def rope_freqs(D: int, base: float, device=None) -> torch.Tensor:
@@ -33,14 +43,134 @@ def gauss_rope_ref(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+@triton.jit
+def _rotate_heads(X, XO, rows, row_ok, b, t, j, cos, sin,
+                  sxb, sxt, sxh,  # input strides of b, t, h in elements (the D stride is 1)
+                  H: tl.constexpr,  # heads of this tensor (Hq or Hk)
+                  D: tl.constexpr,  # head dim; pairs are (j, j + D/2)
+                  BLOCK_H: tl.constexpr,  # next power of two >= H
+                  BLOCK_D2: tl.constexpr):  # next power of two >= D/2
+    h = tl.arange(0, BLOCK_H)
+    hs = h[None, :, None].to(tl.int64) * sxh  # int64: a transposed [B, H, T, D] view has sxh = T * D
+    src = (b * sxb + t * sxt)[:, None, None] + hs + j[None, None, :]  # (ROWS, BLOCK_H, BLOCK_D2)
+    dst = rows[:, None, None] * (H * D) + h[None, :, None] * D + j[None, None, :]  # output is contiguous
+    mask = row_ok[:, None, None] & (h < H)[None, :, None] & (j < D // 2)[None, None, :]
+    x1 = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + src + D // 2, mask=mask, other=0.0).to(tl.float32)
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    tl.store(XO + dst, (x1 * c - x2 * s).to(XO.dtype.element_ty), mask=mask)
+    tl.store(XO + dst + D // 2, (x1 * s + x2 * c).to(XO.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gauss_rope_kernel(
+    Q,  # q (or dq_rot in backward): [B, T, Hq, D], last dim contiguous
+    K,  # k (or dk_rot): [B, T, Hk, D], last dim contiguous
+    QO,  # out: [B, T, Hq, D] contiguous, q's dtype
+    KO,  # out: [B, T, Hk, D] contiguous, k's dtype
+    MU,  # [B*T] fp32 position means (token units, relative to the caller's origin)
+    SIGMA,  # [B*T] fp32 position spreads (token units), 0 for LOD0 tokens
+    FREQ,  # [D/2] fp32 band frequencies w_j from rope_freqs
+    N_ROWS,  # B * T
+    T,  # sequence length, to split a row index into (b, t) for strided inputs
+    sqb, sqt, sqh,  # q strides (elements)
+    skb, skt, skh,  # k strides (elements)
+    HQ: tl.constexpr,  # query heads
+    HK: tl.constexpr,  # key heads (GQA: may differ from HQ)
+    D: tl.constexpr,  # head dim, even
+    BLOCK_HQ: tl.constexpr,  # next power of two >= HQ
+    BLOCK_HK: tl.constexpr,  # next power of two >= HK
+    BLOCK_D2: tl.constexpr,  # next power of two >= D/2
+    ROWS: tl.constexpr,  # (b, t) rows per program
+    BACKWARD: tl.constexpr,  # rotate by -angle: the adjoint of the forward map
+):
+    pid = tl.program_id(0).to(tl.int64)  # row * H * D passes 2**31 at long T
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N_ROWS
+    b = rows // T
+    t = rows % T
+    j = tl.arange(0, BLOCK_D2)
+    mu = tl.load(MU + rows, mask=row_ok, other=0.0).to(tl.float32)
+    sigma = tl.load(SIGMA + rows, mask=row_ok, other=0.0).to(tl.float32)
+    w = tl.load(FREQ + j, mask=j < D // 2, other=0.0).to(tl.float32)
+    angle = mu[:, None] * w[None, :]  # (ROWS, BLOCK_D2), same fp32 product as the reference
+    ws = sigma[:, None] * w[None, :]
+    # exp(-0) is 1 already; the where makes sigma = 0 exactly standard RoPE even with an approximate exp on the GPU
+    atten = tl.where(ws == 0.0, 1.0, tl.exp(-0.5 * ws * ws))
+    cos = tl.cos(angle) * atten
+    sin = tl.sin(angle) * atten
+    if BACKWARD:
+        sin = -sin
+    _rotate_heads(Q, QO, rows, row_ok, b, t, j, cos, sin, sqb, sqt, sqh, HQ, D, BLOCK_HQ, BLOCK_D2)
+    _rotate_heads(K, KO, rows, row_ok, b, t, j, cos, sin, skb, skt, skh, HK, D, BLOCK_HK, BLOCK_D2)
+
+
+DEFAULT_CFG = dict(ROWS=16, num_warps=4)  # interpreter: cost is per program, so B=2, T=127 takes 16 programs
+_gauss_rope_tuned = triton.autotune(
+    configs=[triton.Config(dict(ROWS=r), num_warps=nw) for r in (1, 2, 4, 8) for nw in (1, 2, 4, 8)],
+    key=["HQ", "HK", "D", "BACKWARD"],  # rows are independent: N_ROWS does not change the best config
+)(_gauss_rope_kernel)
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _gauss_rope_launch(q, k, mu, sigma, freqs, backward: bool):
+    """Rotate q [B, T, Hq, D] and k [B, T, Hk, D] in one launch; outputs are contiguous, in q's and k's dtypes."""
+    B, T, HQ, D = q.shape
+    HK = k.shape[2]
+    assert k.shape == (B, T, HK, D) and mu.shape == sigma.shape == (B, T) and freqs.shape == (D // 2,)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)  # b/t/h strides are passed: a view of qkv needs no copy
+    mu, sigma = mu.float().contiguous(), sigma.float().contiguous()
+    qo = torch.empty((B, T, HQ, D), device=q.device, dtype=q.dtype)
+    ko = torch.empty((B, T, HK, D), device=k.device, dtype=k.dtype)
+    if q.numel() == 0 or k.numel() == 0:
+        return qo, ko
+    kernel = pick(_gauss_rope_tuned, _gauss_rope_kernel)
+    cfg = DEFAULT_CFG if INTERPRET else {}
+    grid = lambda meta: (triton.cdiv(B * T, meta["ROWS"]),)  # noqa: E731
+    kernel[grid](q, k, qo, ko, mu, sigma, freqs, B * T, T,
+                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                 HQ=HQ, HK=HK, D=D, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
+                 BLOCK_D2=triton.next_power_of_2(D // 2), BACKWARD=backward, **cfg)
+    return qo, ko
+
+
+class GaussRopeFn(torch.autograd.Function):
+    """q, k -> (q_rot, k_rot) with the Triton kernel both ways. mu and sigma get no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, q, k, mu, sigma, base):
+        freqs = rope_freqs(q.shape[-1], base, q.device)
+        ctx.save_for_backward(mu, sigma, freqs)
+        return _gauss_rope_launch(q, k, mu, sigma, freqs, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq_rot, dk_rot):
+        mu, sigma, freqs = ctx.saved_tensors  # an unused output's grad arrives as zeros (materialize_grads)
+        dq, dk = _gauss_rope_launch(dq_rot, dk_rot, mu, sigma, freqs, backward=True)
+        return dq, dk, None, None, None
+
+
 def gauss_rope(q: torch.Tensor, k: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base: float = 10000.0):
     """Rotate and attenuate q and k together.
 
-    q: [B, T, Hq, D], k: [B, T, Hk, D] (Hq may differ from Hk), mu, sigma: [B, T] float. Returns (q_rot, k_rot).
+    q: [B, T, Hq, D], k: [B, T, Hk, D] (Hq may differ from Hk), mu, sigma: [B, T] float (token units, relative to an
+    origin near the cursor). Returns (q_rot, k_rot) in q's and k's dtypes. Gradients flow to q and k; to mu and sigma
+    only through the reference, which is used whenever they require grad.
     """
     check(q.dim() == 4 and k.dim() == 4 and q.shape[:2] == k.shape[:2] and q.shape[-1] == k.shape[-1],
           f"gauss_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, T, H, D] with equal B, T, D")
     check(q.shape[-1] % 2 == 0, f"gauss_rope: head dim must be even, got {q.shape[-1]}")
     check(mu.shape == q.shape[:2] and sigma.shape == q.shape[:2],
           f"gauss_rope: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} must be [B, T] = {tuple(q.shape[:2])}")
+    check(q.is_floating_point() and k.is_floating_point(),
+          f"gauss_rope: q and k must be floating point, got {q.dtype} and {k.dtype}")
+    check(mu.is_floating_point() and sigma.is_floating_point(),
+          f"gauss_rope: mu and sigma must be floating point (positions relative to a session origin, see DESIGN §3), "
+          f"got {mu.dtype} and {sigma.dtype}")
+    if use_triton(q, k, mu, sigma) and not (mu.requires_grad or sigma.requires_grad):
+        return GaussRopeFn.apply(q, k, mu, sigma, float(base))
     return gauss_rope_ref(q, mu, sigma, base), gauss_rope_ref(k, mu, sigma, base)

@@ -1,0 +1,76 @@
+"""Benchmark tier (GPU only): skip rules, the measured H100 ceilings, and one helper that records physics.
+
+Run on the GPU box:  pytest bench/ --benchmark-json bench/results/<gpu>_<date>_<commit>.json
+Without CUDA, or under TRITON_INTERPRET=1 (do_bench and autotune need a driver), every benchmark is skipped.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `import kernels` from the repository root
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GPU = torch.cuda.is_available() and not INTERPRET
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ceilings.json")) as f:
+    CEILINGS = json.load(f)  # copy bandwidth in TB/s, bf16 matmul and SDPA in TFLOP/s, measured 2026-11-23
+
+
+def pytest_collect_file(parent, file_path):
+    """Collect bench_*.py when given `bench/` (pytest's default pattern is test_*.py); explicit paths collect anyway."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU:
+        return
+    why = "benchmarks need a CUDA GPU" + (" (TRITON_INTERPRET=1 is set)" if INTERPRET else "")
+    for item in items:
+        item.add_marker(pytest.mark.skip(reason=why))
+
+
+def _env_info() -> dict:
+    import triton
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        sha = ""
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                git_sha=sha or "unknown")
+
+
+def record(benchmark, fn, nbytes: float = None, flops: float = None, flops_ceiling: str = "bf16_matmul_TFLOPs"):
+    """Time `fn` twice: do_bench's p20/p50/p80 on the device clock, and pytest-benchmark on the host clock (synced).
+
+    nbytes: bytes the op must move at least (memory-bound ops, judged against the copy bandwidth);
+    flops: useful FLOPs (compute-bound ops, judged against CEILINGS[flops_ceiling]). Derived numbers use p50.
+    """
+    from triton.testing import do_bench
+
+    p20, p50, p80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8])  # ms
+    info = benchmark.extra_info
+    info.update(_env_info(), ms_p20=p20, ms_p50=p50, ms_p80=p80, ceilings_date=CEILINGS["date"])
+    if nbytes is not None:
+        gbps = nbytes / (p50 * 1e-3) / 1e9
+        info.update(bytes=nbytes, GBps=gbps, frac_copy_bw=gbps / (CEILINGS["copy_bw_TBps"] * 1e3))
+    if flops is not None:
+        tflops = flops / (p50 * 1e-3) / 1e12
+        info.update(flops=flops, TFLOPs=tflops, **{f"frac_{flops_ceiling}": tflops / CEILINGS[flops_ceiling]})
+
+    def fn_sync():
+        fn()
+        torch.cuda.synchronize()  # pytest-benchmark reads the host clock: wait for the kernels
+
+    benchmark.pedantic(fn_sync, rounds=50, warmup_rounds=10)
+    return info
+
+
+@pytest.fixture
+def bench_record(benchmark):
+    """record() bound to this test's benchmark; a fixture, so bench files need not import a module named conftest."""
+    return lambda fn, **kw: record(benchmark, fn, **kw)
