@@ -136,3 +136,36 @@ def test_model_generate_streams_with_cache():
         logits, _ = m(ref)
         ref = torch.cat([ref, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref[:, 10:])
+
+
+def test_model_kernels_on_equals_off():
+    """The backend never changes model semantics: loss and grads agree with Triton (interpreted on CPU) and torch."""
+    m = tiny().train()
+    idx = torch.randint(0, 97, (2, 37))
+    mu = torch.arange(37).double() + torch.tensor([[0.0], [10.0**9]], dtype=torch.float64)
+    sigma = torch.rand(2, 37) * 3
+    previous = kernels.backend()
+    results = []
+    try:
+        for backend in ("torch", "triton"):
+            kernels.set_backend(backend)
+            m.zero_grad()
+            _, loss = m(idx, idx.roll(-1, 1), mu=mu, sigma=sigma)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    finally:
+        kernels.set_backend(previous)
+    (loss_t, grads_t), (loss_k, grads_k) = results
+    torch.testing.assert_close(loss_k, loss_t, atol=1e-5, rtol=1e-5)
+    for g_k, g_t in zip(grads_k, grads_t):
+        torch.testing.assert_close(g_k, g_t, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_model_bf16_autocast_matches_fp32_on_gpu():
+    m = tiny(n_layer=4, n_head=4, n_embd=256, block_size=512).cuda()
+    idx = torch.randint(0, 97, (4, 512), device="cuda")
+    ref, _ = m(idx)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = m(idx)
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)

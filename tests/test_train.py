@@ -151,3 +151,20 @@ def test_sample_end_to_end(trained, data_dir):
     assert len(r.stdout.strip().splitlines()) >= 2
     r = run(["sample.py", "--ckpt", os.path.join(data_dir, "missing.pt")])
     assert r.returncode != 0 and "checkpoint not found" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_train_convergence_kernels_on_off_gpu(data_dir, tmp_path):
+    """Liger's mini-model check: 200 steps on the GPU, per-step losses with Triton kernels track the references."""
+    import kernels
+    logs = {}
+    for backend in ("torch", "triton"):
+        kernels.set_backend(backend)
+        out = str(tmp_path / backend)
+        train.main(SMALL + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=200", "--eval_interval=200",
+                            "--log_interval=1", "--device=cuda"])
+        logs[backend] = [r["loss"] for r in read_log(out) if "loss" in r]
+    kernels.set_backend("auto")
+    assert len(logs["triton"]) == 200
+    assert logs["triton"] == pytest.approx(logs["torch"], abs=2e-2)
