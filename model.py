@@ -33,6 +33,7 @@ class GPTConfig:
     qk_norm: bool = True  # RMSNorm on q and k per head: stabilises attention logits at large positions
     tie_embeddings: bool = True  # share wte with lm_head
     rope_base: float = 10000.0  # w_j = rope_base ** (-2j / head_dim)
+    attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (kernels.lod_attention, RoPE fused; no-cache forwards)
     dropout: float = 0.0
 
 
@@ -83,8 +84,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        assert config.attn in ("sdpa", "lod"), f"attn must be 'sdpa' or 'lod', got {config.attn!r}"
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
-        self.rope_base = config.rope_base
+        self.rope_base, self.attn = config.rope_base, config.attn
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
@@ -95,6 +97,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hs)
         q, k = self.q_norm(q), self.k_norm(k)
+        if self.attn == "lod" and cache is None:  # causal over entries (W0 = inf), Gaussian RoPE fused into the loads
+            y = kernels.lod_attention(q, k, v, mu, sigma, rope_base=self.rope_base)
+            return self.c_proj(y.reshape(B, T, C))
         q, k = kernels.gauss_rope(q, k, mu, sigma, self.rope_base)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         past = cache.length if cache is not None else 0

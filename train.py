@@ -60,6 +60,7 @@ class TrainConfig:
     qk_norm: bool = True  # RMSNorm q and k per head
     tie_embeddings: bool = True  # share the token embedding with the output head
     rope_base: float = 10000.0  # rotary base
+    attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (pyramidal attention kernel, causal, RoPE fused)
     dropout: float = 0.0  # dropout on embeddings
     # position-ready training (PoSE, DESIGN §3)
     pose: bool = True  # shift chunks of each sequence by random position gaps
@@ -90,7 +91,7 @@ class TrainConfig:
 
     def validate(self):
         choices = dict(stage=STAGES, init_from=("scratch", "resume"), device=("auto", "cpu", "cuda"),
-                       dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), schedule=("cosine", "wsd"),
+                       dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), attn=("sdpa", "lod"), schedule=("cosine", "wsd"),
                        wandb=("off", "offline", "online"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

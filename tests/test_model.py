@@ -169,3 +169,28 @@ def test_model_bf16_autocast_matches_fp32_on_gpu():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out, _ = m(idx)
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_lod_attention_path_equals_sdpa(backend):
+    """attn='lod' (pyramidal kernel with W0 = inf, RoPE fused) computes the same model as RoPE kernel + SDPA."""
+    m = tiny(n_embd=64, n_head=2).train()  # head dim 32: the Triton kernel needs a power of two >= 32
+    idx = torch.randint(0, 97, (1, 45))
+    mu, sigma = torch.arange(45).double() * 1.5, torch.rand(1, 45) * 2
+    previous = kernels.backend()
+    try:
+        kernels.set_backend(backend)
+        losses, grads = [], []
+        for attn in ("sdpa", "lod"):
+            for block in m.blocks:
+                block.attn.attn = attn
+            m.zero_grad()
+            _, loss = m(idx, idx.roll(-1, 1), mu=mu, sigma=sigma)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in m.parameters()])
+    finally:
+        kernels.set_backend(previous)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
