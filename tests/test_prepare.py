@@ -3,7 +3,6 @@
 Tiny vocabularies (512-1024) and corpora keep the file in ~15 s on 2 cores. The real-corpus tests skip when
 ../shared/data/pg is absent.
 """
-import json
 import lzma
 import os
 import shutil
@@ -29,12 +28,6 @@ def run_cli(*args, cwd=ROOT, script=None):
 
 def snapshot(d):
     return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
-
-
-def write_jsonl_xz(path, docs):
-    with lzma.open(path, "wt", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(d) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +143,19 @@ def test_tokenizer_reused_without_rustbpe(tmp_path, syn_dir, monkeypatch):
     assert snapshot(out)["val.bin"] == snapshot(syn_dir)["val.bin"]
     with pytest.raises(ValueError, match="--vocab-size 1024.*has vocab 512"):
         prepare.prepare(None, out, splits=["val"], **{**SYN, "vocab_size": 1024})
+
+
+def test_partial_rerun_keeps_other_splits(tmp_path):
+    out = str(tmp_path / "o")
+    prepare.prepare(None, out, seed=3, **SYN)
+    before = prepare.load_meta(out)
+    after = prepare.prepare(None, out, splits=["val"], seed=3, **SYN)  # reuses tokenizer.json, redoes val only
+    assert after["splits"] == before["splits"] | {"val": after["splits"]["val"]} and after["facts"] == before["facts"]
+    assert after["timing"]["bpe_s"] == before["timing"]["bpe_s"]
+    other = prepare.prepare(None, out, splits=["val"], seed=4, **SYN)  # another corpus: stale splits are dropped
+    assert list(other["splits"]) == ["val"] and list(other["facts"]) == ["val"]
+    with pytest.raises(ValueError, match="rerun prepare.py --splits train"):
+        prepare.load_split(out, "train")  # the seed-3 train shard is still on disk but no longer described
 
 
 @pytest.mark.parametrize("content, expect", [

@@ -1,0 +1,349 @@
+"""Prepare the book corpus: train a byte-level BPE (rustbpe), tokenize every split into uint16 shards.
+
+    python prepare.py                                  # ../shared/data/pg -> data/pg (BPE 16,384 incl. specials)
+    python prepare.py --splits val,test                # re-tokenize splits, reusing data/pg/tokenizer.json
+    python prepare.py --max-docs 2 --vocab-size 1024 --out data/pg_tiny   # a tiny real subset, seconds
+    python prepare.py --synthetic                      # no corpus: pseudo-English with planted facts -> data/synthetic
+
+Input: <data>/{train,val,test}.jsonl.xz, one book per line {"id", "author", "title", "text"}. Output in <out>:
+    tokenizer.json     {"name", "pattern", "vocab_size", "special_tokens": {tok: id}, "ranks": {base64(bytes): rank}}
+    <split>.bin        uint16 tokens; every document is <|bos|> + encode_ordinary(text), documents concatenated
+    <split>.idx.npy    int64 offsets, length n_docs + 1; offsets[i] is where doc i's <|bos|> sits, offsets[-1] = len
+    meta.json          vocab_size, tokenizer_sha256, per split n_docs/n_tokens/n_chars/docs, synthetic facts, timings
+Special tokens sit at the top of the vocab (ids vocab_size - len(SPECIAL_TOKENS) ...). An existing tokenizer.json is
+reused, so a machine with only tiktoken can tokenize; rustbpe is imported only to train one. Every output is staged
+as a temp file in <out> and os.replace'd only once the whole run has succeeded: a failing run overwrites nothing.
+"""
+import argparse
+import base64
+import hashlib
+import json
+import lzma
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import tiktoken
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "pg"))
+SPLITS = ("train", "val", "test")
+SPECIAL_TOKENS = {  # token -> role. Changing this dict changes every id: retrain the tokenizer (the sha in meta.json)
+    "<|bos|>": "document boundary, prepended to every document in the shards (it also ends the previous one)",
+    "<|eot|>": "end of an answer or generated turn in benchmark/task prompts; never in the shards",
+    "<|pad|>": "batch padding, always loss-masked; never in the shards",
+    "<|passkey|>": "opens a passkey span in retrieval prompts",
+    "<|/passkey|>": "closes a passkey span",
+    "<|key|>": "precedes the key of a key-value pair",
+    "<|value|>": "precedes the value of a key-value pair",
+    "<|query|>": "precedes the retrieval question",
+}
+BOS = "<|bos|>"
+
+
+# ----------------------------------------------------------------------------------------------------- data in
+def read_books(path, max_docs=None):
+    """List of {"id", "author", "title", "text"} from one xz JSON Lines file; ValueError names file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    docs = []
+    try:
+        with lzma.open(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if max_docs is not None and len(docs) >= max_docs:
+                    break
+                if not line.strip():  # a trailing newline or blank separator line is not a book
+                    continue
+                try:
+                    d = json.loads(line)
+                    if not isinstance(d.get("text"), str):
+                        raise ValueError('no string "text" field')
+                except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; a non-dict has no .get
+                    raise ValueError(f"{path}:{lineno}: bad JSON line ({e})") from None
+                docs.append({k: d.get(k, "") for k in ("id", "author", "title")} | {"text": d["text"]})
+    except (lzma.LZMAError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt xz data file ({e})") from None
+    return docs
+
+
+def make_synthetic(n_docs, n_chars, n_kv, seed):
+    """Pseudo-English documents (seeded Zipfian lexicon) with one passkey, n_kv key-value pairs and a final question.
+    Returns ({split: docs}, {split: facts}); a fact's "char" is the index of its value in the doc text."""
+    rng = random.Random(seed)
+    onset = "b c d f g h l m n p r s t v w br cl dr gr pl st th sh ch tr".split() + [""]
+    vowel, coda = "a e i o u ai ea ou ee oo".split(), "n r s t l nd st ng m ck th".split() + ["", ""]
+    lexicon = set()
+    while len(lexicon) < 3000:
+        n_syl = rng.choice((1, 1, 2, 2, 2, 3))
+        lexicon.add("".join(rng.choice(onset) + rng.choice(vowel) + rng.choice(coda) for _ in range(n_syl)))
+    words = "the of and to a in that it was he for on is with his as had at by not be but her she from".split()
+    words += sorted(lexicon - set(words))
+    cum_w = np.cumsum(1.0 / (np.arange(len(words)) + 2.0)).tolist()  # Zipf: function words dominate, as in English
+    docs, facts = {}, {}
+    for split, n in zip(SPLITS, (n_docs, max(2, n_docs // 8), max(2, n_docs // 8))):  # held-out: same generator
+        docs[split], facts[split] = [], []
+        for i in range(n):
+            paras, size = [], 0
+            while size < n_chars or len(paras) <= n_kv:  # paragraphs of 3-8 sentences of 6-22 words
+                sents = []
+                for _ in range(rng.randint(3, 8)):
+                    ws = rng.choices(words, cum_weights=cum_w, k=rng.randint(6, 22))
+                    ws[rng.randrange(2, len(ws) - 2)] += ","
+                    sents.append(" ".join(ws).capitalize() + rng.choice(".....?!"))
+                paras.append(" ".join(sents))
+                size += len(paras[-1]) + 2
+            keys = rng.sample(sorted(lexicon), n_kv)
+            planted = [("passkey", "pass key", str(rng.randint(10000, 99999)))]  # the passkey-retrieval phrasing
+            planted += [("kv", f"{k}-{rng.randint(10, 99)}", str(rng.randint(1000, 9999))) for k in keys]
+            at = sorted(rng.sample(range(len(paras)), len(planted)))  # each fact opens a distinct paragraph
+            kind, key, value = rng.choice(planted)  # the closing question asks for one fact
+            text, doc_facts, p = "", [], 0
+            for j, para in enumerate(paras):
+                if p < len(planted) and j == at[p]:
+                    fk, fkey, fval = planted[p]
+                    sent = f"The value of key {fkey} is {fval}. "
+                    sent = f"The pass key is {fval}. Remember it. " if fk == "passkey" else sent
+                    doc_facts.append(dict(doc=i, kind=fk, key=fkey, value=fval, char=len(text) + sent.index(fval)))
+                    para, p = sent + para, p + 1
+                text += para + "\n\n"
+            what = "the pass key" if kind == "passkey" else f"the value of key {key}"
+            qa = f"Question: what is {what}? Answer: {what} is "
+            doc_facts.append(dict(doc=i, kind="answer", key=key, value=value, char=len(text) + len(qa),
+                                  question_char=len(text)))
+            docs[split].append(dict(id=f"syn-{split}-{i}", author="synthetic", title=f"synthetic {split} {i}",
+                                    text=text + qa + value + "."))
+            facts[split] += doc_facts
+    return docs, facts
+
+
+# ----------------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts, vocab_size, max_chars):
+    """Byte-level BPE on at most max_chars chars of texts -> tokenizer.json dict. Merges stop early on a tiny corpus;
+    the special ids stay at the top of the vocab regardless (unused ids in between are never produced)."""
+    import rustbpe  # lazily: only training needs it
+
+    def budget():
+        n = 0
+        for t in texts:
+            if n >= max_chars:
+                return
+            yield t[: max_chars - n]
+            n += min(len(t), max_chars - n)
+
+    tok = rustbpe.Tokenizer()
+    # pattern=None: rustbpe's GPT-4 split (digits in groups of <= 3, so passkeys tokenize alike in any context).
+    # The strings are whole books, so a 256-string buffer already gives rayon plenty of parallel work.
+    tok.train_from_iterator(budget(), vocab_size - len(SPECIAL_TOKENS), buffer_size=256)
+    ranks = sorted(tok.get_mergeable_ranks(), key=lambda br: br[1])
+    first = vocab_size - len(SPECIAL_TOKENS)
+    return {"name": f"megacontext-bpe-{vocab_size}", "pattern": tok.get_pattern(), "vocab_size": vocab_size,
+            "special_tokens": {s: first + j for j, s in enumerate(SPECIAL_TOKENS)},
+            "ranks": {base64.b64encode(bytes(b)).decode("ascii"): r for b, r in ranks}}
+
+
+def encoding_from_json(t):
+    """tokenizer.json dict -> tiktoken.Encoding (tiktoken serves the ranks; rustbpe is never needed to encode)."""
+    ranks = {base64.b64decode(b): r for b, r in t["ranks"].items()}
+    return tiktoken.Encoding(t["name"], pat_str=t["pattern"], mergeable_ranks=ranks, special_tokens=t["special_tokens"])
+
+
+def load_tokenizer(data_dir):
+    """tiktoken.Encoding from <data_dir>/tokenizer.json (or a path to the .json itself). Plain text: encode_ordinary;
+    markers: encode(s, allowed_special="all") or encode_single_token("<|bos|>")."""
+    path = data_dir if data_dir.endswith(".json") else os.path.join(data_dir, "tokenizer.json")
+    with open(path) as f:
+        return encoding_from_json(json.load(f))
+
+
+# ----------------------------------------------------------------------------------------------------- shards out
+def load_meta(data_dir):
+    """meta.json as a dict: splits[split] = {n_docs, n_tokens, n_chars, chars_per_token, docs}, facts[split], ..."""
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+def load_split(data_dir, split):
+    """(tokens: np.memmap uint16 (N,), offsets: int64 (n_docs + 1,)); doc i is tokens[offsets[i]:offsets[i+1]]."""
+    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    offsets = np.load(os.path.join(data_dir, f"{split}.idx.npy"))  # tiny: n_docs + 1 int64
+    info = load_meta(data_dir)["splits"].get(split, {})  # a shard meta.json does not list is stale (other corpus)
+    if not offsets[-1] == len(tokens) == info.get("n_tokens"):
+        raise ValueError(f"{data_dir}/{split}.bin: shard, index and meta.json disagree; rerun prepare.py --splits {split}")
+    return tokens, offsets
+
+
+def doc_tokens(data_dir, split, i):
+    """Tokens of document i of a split, from its <|bos|> to its end (a memmap view: stream a held-out book)."""
+    tokens, offsets = load_split(data_dir, split)
+    return tokens[offsets[i]:offsets[i + 1]]
+
+
+def _stage(final, staged, write, *args):
+    """write(f, *args) into a temp file beside final (fsync'd); returns (tmp, result). _commit os.replace's it later."""
+    tmp = f"{final}.tmp-{os.getpid()}"
+    staged.append((tmp, final))
+    with open(tmp, "wb") as f:
+        result = write(f, *args)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp, result
+
+
+def _commit(staged, out):
+    for tmp, final in staged:  # meta.json is staged last, so it only ever describes shards already in place
+        os.replace(tmp, final)
+    staged.clear()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # persist the renames
+    finally:
+        os.close(fd)
+
+
+def _write_tokens(f, enc, texts, threads, batch_chars=16_000_000):
+    """<|bos|> + tokens for every text into f; returns int64 offsets (n + 1,)."""
+    bos, offsets, i = enc.encode_single_token(BOS), [0], 0
+    while i < len(texts):  # batches of ~16M chars bound the memory of tiktoken's python int lists (~0.3 GB)
+        j, n = i, 0
+        while j < len(texts) and (n < batch_chars or j == i):
+            n, j = n + len(texts[j]), j + 1
+        batch, i = texts[i:j], j
+        for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
+            a = np.empty(len(ids) + 1, dtype=np.uint16)
+            a[0], a[1:] = bos, ids  # ids < vocab_size <= 2**16, so uint16 is exact
+            f.write(a.tobytes())
+            offsets.append(offsets[-1] + len(a))
+    return np.array(offsets, dtype=np.int64)
+
+
+def _locate_facts(tok_json, tokens, offsets, docs, facts):
+    """Fill each fact's "token" (index from the doc's <|bos|>) and "n_tokens" (tokens spanning the value)."""
+    nbytes = np.zeros(tok_json["vocab_size"], dtype=np.int64)  # bytes per id; specials (the <|bos|>) count 0
+    for b, r in tok_json["ranks"].items():
+        nbytes[r] = len(base64.b64decode(b))
+    for fact in facts:
+        ids = tokens[offsets[fact["doc"]]:offsets[fact["doc"] + 1]]
+        starts = np.cumsum(nbytes[ids]) - nbytes[ids]  # byte offset of each token in the doc text
+        b = len(docs[fact["doc"]]["text"][: fact["char"]].encode())
+        first = int(np.searchsorted(starts, b, side="right")) - 1
+        end = int(np.searchsorted(starts, b + len(fact["value"].encode()), side="left"))
+        fact["token"], fact["n_tokens"] = first, end - first
+
+
+def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, synthetic=False, max_docs=None,
+            seed=0, syn_docs=64, syn_chars=100_000, syn_kv=4):
+    """Run the whole pipeline; returns meta. Raises ValueError / FileNotFoundError / OSError with a clear message."""
+    t_start, log = time.time(), lambda s: print(s, flush=True)
+    if vocab_size is not None and not 256 + len(SPECIAL_TOKENS) <= vocab_size <= 2 ** 16:
+        raise ValueError(f"--vocab-size {vocab_size}: must be in [{256 + len(SPECIAL_TOKENS)}, 65536] "
+                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens; ids must fit uint16)")
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"--max-docs {max_docs}: must be at least 1")
+    if not splits or any(s not in SPLITS for s in splits):
+        raise ValueError(f"--splits {','.join(splits)!r}: choose one or more of {','.join(SPLITS)}")
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: directory is not writable")
+    tok_path, threads = os.path.join(out, "tokenizer.json"), os.cpu_count() or 1
+    tok_json = None
+    if os.path.exists(tok_path):
+        try:
+            with open(tok_path) as f:
+                tok_json = json.load(f)
+            encoding_from_json(tok_json)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{tok_path}: unreadable tokenizer ({e!r}); delete it to train a new one") from None
+        if vocab_size not in (None, tok_json["vocab_size"]):
+            raise ValueError(f"--vocab-size {vocab_size}: {tok_path} has vocab {tok_json['vocab_size']}; "
+                             "delete it (or pick another --out) to train a new tokenizer")
+        log(f"tokenizer: reusing {tok_path} (vocab {tok_json['vocab_size']})")
+    # The BPE sees the train split only. Everything is read before anything is staged, so bad input fails fast.
+    need = list(splits) if tok_json else sorted(set(splits) | {"train"}, key=SPLITS.index)
+    t0 = time.time()
+    if synthetic:
+        docs, facts = make_synthetic(syn_docs, syn_chars, syn_kv, seed)
+        docs = {s: docs[s][:max_docs] for s in need}
+        facts = {s: [f for f in facts[s] if f["doc"] < len(docs[s])] for s in splits}
+    else:
+        docs, facts = {s: read_books(os.path.join(data, f"{s}.jsonl.xz"), max_docs) for s in need}, {}
+    n_chars = {s: sum(len(d["text"]) for d in docs[s]) for s in need}
+    log(f"read {' '.join(f'{s}={len(docs[s])} docs/{n_chars[s]:,} chars' for s in need)} in {time.time() - t0:.1f}s")
+    timing, staged = {}, []
+    try:
+        if tok_json is None:
+            t0 = time.time()
+            tok_json = train_tokenizer([d["text"] for d in docs["train"]], vocab_size or 16384, bpe_chars)
+            timing["bpe_s"], timing["bpe_chars"] = round(time.time() - t0, 2), min(bpe_chars, n_chars["train"])
+            log(f"bpe: {len(tok_json['ranks'])} ranks + {len(SPECIAL_TOKENS)} special (vocab {tok_json['vocab_size']}) "
+                f"trained on {timing['bpe_chars']:,} chars in {timing['bpe_s']:.1f}s")
+            _stage(tok_path, staged, lambda f: f.write(json.dumps(tok_json).encode()))
+        sha = hashlib.sha256(json.dumps(tok_json).encode()).hexdigest()  # the tokenizer's identity, for consumers
+        enc = encoding_from_json(tok_json)
+        meta = dict(vocab_size=tok_json["vocab_size"], tokenizer_sha256=sha, special_tokens=tok_json["special_tokens"],
+                    source="synthetic" if synthetic else os.path.abspath(data), synthetic=synthetic,
+                    synthetic_config=dict(seed=seed, docs=syn_docs, chars=syn_chars, kv=syn_kv) if synthetic else None,
+                    max_docs=max_docs, splits={}, facts={})
+        try:
+            old = load_meta(out)
+        except (OSError, ValueError):  # none yet, or unreadable: it is rewritten below either way
+            old = {}
+        if all(old.get(k) == meta[k] for k in ("tokenizer_sha256", "source", "synthetic_config", "max_docs")):
+            meta["splits"], meta["facts"] = old["splits"], old.get("facts", {})  # same corpus + tokenizer: keep other splits
+            timing = old.get("timing", {}) | timing
+        for s in splits:
+            t0, texts = time.time(), [d["text"] for d in docs[s]]
+            tmp, offsets = _stage(os.path.join(out, f"{s}.bin"), staged, _write_tokens, enc, texts, threads)
+            dt = time.time() - t0
+            _stage(os.path.join(out, f"{s}.idx.npy"), staged, np.save, offsets)
+            if synthetic:
+                _locate_facts(tok_json, np.memmap(tmp, dtype=np.uint16, mode="r"), offsets, docs[s], facts[s])
+                meta["facts"][s] = facts[s]
+            cpt = n_chars[s] / max(1, offsets[-1] - len(texts))  # chars per token, <|bos|> not counted
+            meta["splits"][s] = dict(n_docs=len(texts), n_tokens=int(offsets[-1]), n_chars=n_chars[s],
+                                     chars_per_token=round(cpt, 4), tokenize_s=round(dt, 2),
+                                     docs=[{k: d[k] for k in ("id", "title", "author")} for d in docs[s]])
+            log(f"{s}: {len(texts)} docs -> {offsets[-1]:,} tokens ({cpt:.3f} chars/token) in {dt:.1f}s "
+                f"({n_chars[s] / max(dt, 1e-6) / 1e6:.1f} Mchar/s, {threads} threads)")
+        meta["timing"] = timing | {"prepare_s": round(time.time() - t_start, 2)}
+        _stage(os.path.join(out, "meta.json"), staged, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        _commit(staged, out)
+    finally:
+        for tmp, _ in staged:  # only reached on failure: drop the temp files, leave the old outputs alone
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    log(f"wrote {out} in {time.time() - t_start:.1f}s")
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help=f"corpus dir with <split>.jsonl.xz (default {DEFAULT_DATA})")
+    p.add_argument("--out", default=None, help="output dir (default data/pg, or data/synthetic)")
+    p.add_argument("--vocab-size", type=int, default=None, help="total vocab incl. specials (default 16384, or reuse)")
+    p.add_argument("--bpe-chars", type=int, default=200_000_000, help="BPE training budget in chars of train")
+    p.add_argument("--splits", default=",".join(SPLITS), help="splits to tokenize")
+    p.add_argument("--synthetic", action="store_true", help="generate pseudo-English with planted facts instead")
+    p.add_argument("--max-docs", type=int, default=None, help="first N docs of each split only")
+    p.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
+    p.add_argument("--syn-docs", type=int, default=64, help="synthetic train docs (val/test get max(2, N//8))")
+    p.add_argument("--syn-chars", type=int, default=100_000, help="synthetic chars per doc (at least)")
+    p.add_argument("--syn-kv", type=int, default=4, help="key-value pairs planted per synthetic doc")
+    a = p.parse_args(argv)
+    # Only a missing *default* corpus falls back; a --data that does not exist is a typo and an error.
+    if a.data is None and not a.synthetic and not os.path.isdir(DEFAULT_DATA):
+        print(f"!!!\n!!! WARNING: no corpus at {DEFAULT_DATA} (and no --data given)\n!!! falling back to a SYNTHETIC "
+              "corpus of pseudo-English with planted facts; models trained on it are not language models\n!!!",
+              file=sys.stderr, flush=True)
+        a.synthetic = True
+    out = a.out or os.path.join(REPO, "data", "synthetic" if a.synthetic else "pg")
+    try:
+        prepare(a.data or DEFAULT_DATA, out, a.vocab_size, a.bpe_chars, [s for s in a.splits.split(",") if s],
+                a.synthetic, a.max_docs, a.seed, a.syn_docs, a.syn_chars, a.syn_kv)
+    except (ValueError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
+        raise SystemExit(f"prepare.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
