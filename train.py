@@ -91,7 +91,8 @@ class TrainConfig:
 
     def validate(self):
         choices = dict(stage=STAGES, init_from=("scratch", "resume"), device=("auto", "cpu", "cuda"),
-                       dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), attn=("sdpa", "lod"), schedule=("cosine", "wsd"),
+                       dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), attn=("sdpa", "lod"),
+                       schedule=("cosine", "wsd"),
                        wandb=("off", "offline", "online"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -239,7 +240,8 @@ def load_checkpoint(path: str) -> dict:
 
 
 def check_same_shape(ckpt: dict, model_args: dict, path: str):
-    diff = [f"{k}={ckpt['model_args'].get(k)!r} vs {v!r}" for k, v in model_args.items() if ckpt["model_args"].get(k) != v]
+    saved = ckpt["model_args"]
+    diff = [f"{k}={saved.get(k)!r} vs {v!r}" for k, v in model_args.items() if saved.get(k) != v]
     if diff:
         fail(f"checkpoint {path} is from a different model shape: {', '.join(diff)}")
 
@@ -291,7 +293,8 @@ def main(argv):
 
     # compute: DDP when launched by torchrun (RANK in the environment)
     ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("device='cuda' but no CUDA device is available")
@@ -305,7 +308,9 @@ def main(argv):
         fail(f"grad_accum={cfg.grad_accum} must be divisible by the number of ranks ({world})")
     accum = cfg.grad_accum // world
     torch.manual_seed(cfg.seed + rank)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -379,8 +384,10 @@ def main(argv):
         if (step % cfg.eval_interval == 0 or last) and step != resumed_at:
             ev = evaluate(model, val_tokens, cfg, device, ctx, rank, ddp)
             best_val = min(best_val, ev["val_loss"])
-            gap = (f" | 2nd half {ev['val_loss_tail']:.4f}, after a {cfg.eval_gap:.0e} gap {ev['val_loss_tail_gap']:.4f}"
-                   if cfg.eval_gap > 0 else "")
+            gap = ""
+            if cfg.eval_gap > 0:
+                gap = (f" | 2nd half {ev['val_loss_tail']:.4f}, "
+                       f"after a {cfg.eval_gap:.0e} gap {ev['val_loss_tail_gap']:.4f}")
             print0(f"step {step}: val loss {ev['val_loss']:.4f}{gap}")
             log({"step": step, **ev, "time": time.time() - t_start})
             rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None}]
@@ -401,7 +408,8 @@ def main(argv):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            batch = get_batch(train_tokens, cfg, batch_generator(cfg.seed, step, rank * accum + micro), device, gaps=cfg.pose)
+            gen = batch_generator(cfg.seed, step, rank * accum + micro)
+            batch = get_batch(train_tokens, cfg, gen, device, gaps=cfg.pose)
             if ddp:
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:

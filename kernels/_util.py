@@ -30,7 +30,7 @@ BACKEND = "torch"  # resolved by kernels/__init__.py; "triton" or "torch"
 
 
 def resolve_backend(request: str) -> str:
-    """auto -> triton on CUDA, torch elsewhere (the interpreter is never picked automatically); triton raises if unusable."""
+    """auto -> triton on CUDA, else torch (never the interpreter automatically); triton raises if unusable."""
     if request not in ("auto", "triton", "torch"):
         raise ValueError(f"MC_KERNELS must be auto, triton or torch, got {request!r}")
     if request == "torch":
@@ -43,7 +43,7 @@ def resolve_backend(request: str) -> str:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the triton backend is active and the tensors live where it can run (CUDA, or anywhere when interpreting)."""
+    """True when the triton backend is active and the tensors are where it runs (CUDA; anywhere when interpreting)."""
     return BACKEND == "triton" and (INTERPRET or all(t.is_cuda for t in tensors))
 
 

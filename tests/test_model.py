@@ -25,7 +25,8 @@ def classic_rope(x, pos, base=10000.0):
 def test_model_sigma_zero_is_standard_rope():
     q, k = torch.randn(2, 33, 3, 16), torch.randn(2, 33, 3, 16)
     pos = torch.arange(33).repeat(2, 1).float()
-    qr, kr = kernels.gauss_rope_ref(q, pos, torch.zeros_like(pos)), kernels.gauss_rope_ref(k, pos, torch.zeros_like(pos))
+    zero = torch.zeros_like(pos)
+    qr, kr = kernels.gauss_rope_ref(q, pos, zero), kernels.gauss_rope_ref(k, pos, zero)
     torch.testing.assert_close(qr.double(), classic_rope(q, pos), atol=2e-5, rtol=0)
     torch.testing.assert_close(kr.double(), classic_rope(k, pos), atol=2e-5, rtol=0)
     # a positive sigma must change the result (the damping is really applied)
@@ -44,7 +45,7 @@ def test_model_causality():
 
 
 def test_model_relative_invariance_at_1e9():
-    """Shifting every position by 10**9 leaves logits unchanged within bf16 tolerance (positions are origin-relative)."""
+    """Shifting every position by 10**9 leaves logits unchanged within bf16 tolerance (origin-relative positions)."""
     m = tiny()
     idx = torch.randint(0, 97, (2, 50))
     mu = torch.arange(50).repeat(2, 1)
