@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
+import prepare
 from configs import ConfigError, load_config
 from model import GPT, GPTConfig
 
@@ -150,17 +151,18 @@ def resolve_data_dir(path: str) -> str:
     if path == TrainConfig.data_dir and os.path.isdir(synthetic):
         print0(f"!!!\n!!! WARNING: {path} not found: training on the SYNTHETIC corpus in {synthetic}\n!!!")
         return synthetic
-    return path  # load_tokens reports it
+    return path  # load_data reports it
 
 
-def load_tokens(data_dir: str, split: str) -> np.ndarray:
-    """The split's token stream (uint16 memmap) written by prepare.py; clear errors when missing or corrupt."""
-    import prepare
+def load_data(data_dir: str):
+    """(train tokens, val tokens, meta) written by prepare.py: uint16 memmaps; one-line errors when missing/corrupt."""
     try:
-        tokens, _ = prepare.load_split(data_dir, split)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        fail(f"cannot read the {split} split in {data_dir!r} ({e}); run `python prepare.py` (or --synthetic) first")
-    return tokens
+        meta = prepare.load_meta(data_dir)
+        splits = [prepare.load_split(data_dir, split)[0] for split in ("train", "val")]
+    except (OSError, ValueError, KeyError) as e:  # missing files, bad JSON, shard/index disagreement
+        fail(f"cannot read the prepared data in {data_dir!r} ({type(e).__name__}: {e}); "
+             "run `python prepare.py` (or --synthetic) first")
+    return splits[0], splits[1], meta
 
 
 def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
@@ -316,10 +318,8 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # data and model
-    import prepare
     data_dir = resolve_data_dir(cfg.data_dir)
-    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-    meta = prepare.load_meta(data_dir)
+    train_tokens, val_tokens, meta = load_data(data_dir)
     vocab_size = meta["vocab_size"]
     if meta.get("synthetic"):
         print0(f"!!! note: {data_dir} holds a SYNTHETIC corpus (planted facts in pseudo-English), not books")

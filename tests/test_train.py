@@ -110,7 +110,7 @@ def test_train_torchrun_two_ranks_match_one(data_dir, tmp_path):
     (["configs/tiny.py", "--n_layer=three"], "n_layer must be int"),
     (["configs/tiny.py", "--lr=fast"], "lr must be float"),
     (["configs/tiny.py", "--stage=gist"], "stage must be one of base"),
-    (["configs/tiny.py", "--data_dir=/nonexistent/dir"], "cannot read the train split in '/nonexistent/dir'"),
+    (["configs/tiny.py", "--data_dir=/nonexistent/dir"], "cannot read the prepared data in '/nonexistent/dir'"),
 ], ids=["missing-file", "unknown-key", "wrong-type-int", "wrong-type-float", "bad-stage", "missing-data"])
 def test_train_bad_config_is_one_line_error(args, message):
     r = run(["train.py", *args])
@@ -168,3 +168,17 @@ def test_train_convergence_kernels_on_off_gpu(data_dir, tmp_path):
     kernels.set_backend("auto")
     assert len(logs["triton"]) == 200
     assert logs["triton"] == pytest.approx(logs["torch"], abs=2e-2)
+
+
+def test_train_corrupt_data_is_one_line_error(data_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    with open(bad / "train.bin", "r+b") as f:
+        f.truncate(1000)  # a shard cut short: disagrees with its index and meta.json
+    r = run(["train.py", *SMALL, f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}"])
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "train.bin" in r.stderr, r.stderr
+    (bad / "meta.json").write_text("{not json")
+    r = run(["train.py", *SMALL, f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}"])
+    assert r.returncode != 0 and "JSONDecodeError" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
