@@ -181,12 +181,15 @@ class GPT(nn.Module):
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head,
                        device or p.device, dtype or p.dtype)
 
-    def forward(self, idx=None, targets=None, *, embeds=None, mu=None, sigma=None, cache=None, reduction="mean"):
+    def forward(self, idx=None, targets=None, *, embeds=None, mu=None, sigma=None, cache=None, reduction="mean",
+                last_only=False):
         """Logits (and loss) for token ids `idx` (B, T) or input embeddings `embeds` (B, T, C).
 
         mu: (B, T) or (T,) positions (int or float; default: consecutive after the cache); sigma: same shape, spreads
         (default 0 = standard RoPE). targets: (B, T) ids, -1 ignored; reduction 'mean' or 'none' (per-entry NLL).
         Returns (logits (B, T, V) fp32, loss or None). With `cache`, the new entries are appended to it.
+        last_only (no targets): logits (B, 1, V) of the newest entry only, skipping the output head elsewhere (a
+        decode that re-reads many cached entries needs just the next-token distribution).
         """
         assert (idx is None) != (embeds is None), "pass exactly one of idx and embeds"
         x = self.wte(idx) if idx is not None else embeds
@@ -205,7 +208,8 @@ class GPT(nn.Module):
             x = block(x, mu, sigma, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x)).float()
+        assert not (last_only and targets is not None), "last_only computes no loss"
+        logits = self.lm_head(self.ln_f(x[:, -1:] if last_only else x)).float()
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

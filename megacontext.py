@@ -1,0 +1,618 @@
+"""MegaContext (DESIGN §2-§6): a frozen GPT reads a small working context that tiles an unbounded history with
+tokens and gists. Read top to bottom: config -> working context -> GistNet -> LensNet -> focus allocator -> the root
+module. Two concepts live next door, each in its own file so this one stays readable at one sitting: tree.py (the
+token and gist storage, on disk too) before it, and session.py (the runtime loop of DESIGN §7: ingest, refocus,
+decode over a reused KV cache, save and resume) after it.
+
+Coordinates: node (lod, k) covers tokens [k*K**lod, (k+1)*K**lod); LOD0 is a token, LOD1 a gist of K tokens, LOD2
+(the top) a gist of K LOD1 gists. Tensors hold the data (entry rows, gist rows); no Python object per node.
+
+Decisions where DESIGN and the issue are silent:
+- The allocator keeps `refocus_every` entries of headroom (it targets w_max - refocus_every), so the working context
+  never exceeds w_max between refocus steps and the KV cache has a fixed size of w_max entries.
+- One score per entry serves both directions (DESIGN §5): a gist's score is its expansion gain; a sibling group's
+  collapse loss is the mean score of its K members. New entries score 0 until the next refocus.
+- Budget-restoring collapses ignore `max_edits` and, when nothing else is legal, `cooldown`: the budget comes first.
+- Swap rate = share of the working context's entries that are new after a step (an expand makes K, a collapse 1).
+"""
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from model import GPT, MLP, GPTConfig, RMSNorm
+from tree import TOP
+
+
+@dataclass(frozen=True)
+class MegaContextConfig:
+    # tree and working context
+    block_k: int = 32  # K: tokens per LOD1 gist and LOD1 gists per LOD2 gist; a power of two in 2..64
+    w_max: int = 512  # budget: working-context entries the base model sees (a gist costs 1, like a token)
+    recent_tokens: int = 64  # protected tail: the newest tokens always stay raw (LOD0)
+    # focus allocator (DESIGN §6)
+    refocus_every: int = 0  # tokens between refocus steps; 0 = every K tokens. Also the allocator's headroom
+    max_edits: int = 4  # optional edits per refocus step (budget-restoring collapses come on top)
+    tau_expand: float = 0.0  # an expansion needs a score above this
+    tau_collapse: float = 0.5  # a group scoring below -tau_collapse is collapsed even without a paired expansion
+    hysteresis: float = 0.1  # a paired expand + collapses needs gain - loss above this margin
+    cooldown: int = 2  # refocus steps during which an edited node is not edited in the opposite direction
+    policy: str = "lens"  # 'lens' (LensNet scores) | 'recency' (static recency pyramid, no LensNet)
+    # positions (DESIGN §3)
+    sigma_scale: float = 1 / math.sqrt(12)  # gist sigma = sigma_scale * span: the std of a uniform position
+    rope: str = "gaussian"  # 'gaussian' | 'rope' (sigma = 0 everywhere) | 'gaussian_learned' (sigma_scale per level)
+    # GistNet (DESIGN §4)
+    gist_layers: int = 2  # bidirectional pre-norm blocks over one block of K entries
+    gist_heads: int = 4  # attention heads (and pooling queries); must divide the base model's n_embd
+    gist_pool: str = "query"  # 'mean' | 'query' (learned-query attention pooling, kernels.gist_pool) | 'cls'
+    gist_proj: str = "mlp"  # 'linear' | 'mlp' (residual): the projection back to the embedding space
+    gist_shared: bool = False  # one set of weights for every level instead of one per level
+    gist_dtype: str = "float32"  # storage of gists in the tree: 'float32' | 'float16'
+    # LensNet (DESIGN §5)
+    lens_layers: int = 2  # non-causal blocks over the working-context entries
+    lens_width: int = 256  # hidden width (entry embeddings are projected down to it)
+    lens_heads: int = 4  # attention heads
+    lens_queries: int = 4  # learned tail queries (the dual cross-attention)
+    lens_tail: int = 32  # newest entries whose mean seeds the tail queries
+
+    @property
+    def K(self) -> int:
+        return self.block_k
+
+    @property
+    def refocus_tokens(self) -> int:
+        return self.refocus_every or self.block_k
+
+    @property
+    def target(self) -> int:
+        """Entries the allocator leaves after a step: w_max minus the tokens that arrive before the next one."""
+        return self.w_max - self.refocus_tokens
+
+    def validate(self, n_embd: int | None = None) -> "MegaContextConfig":
+        """Raise ValueError (one line) on a config that cannot work; returns self."""
+        K = self.block_k
+        if not (isinstance(K, int) and 2 <= K <= 64 and K & (K - 1) == 0):
+            raise ValueError(f"block size K must be a power of two in 2..64, got {K}")
+        for key, allowed in dict(policy=("lens", "recency"), rope=("gaussian", "rope", "gaussian_learned"),
+                                 gist_pool=("mean", "query", "cls"), gist_proj=("linear", "mlp"),
+                                 gist_dtype=("float32", "float16")).items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        if min(self.recent_tokens, self.refocus_every, self.max_edits, self.cooldown) < 0:
+            raise ValueError("recent_tokens, refocus_every, max_edits and cooldown must be >= 0")
+        least = self.recent_tokens + TOP * (K - 1) + 1  # tail, ragged LOD0 and LOD1 runs before it, one top gist
+        if self.target < least:
+            raise ValueError(f"budget w_max={self.w_max} is too small: the protected tail ({self.recent_tokens}) plus "
+                             f"the coarsest tiling ({TOP}*(K-1)+1 = {least - self.recent_tokens}) plus the refocus "
+                             f"headroom ({self.refocus_tokens}) need w_max >= {least + self.refocus_tokens}")
+        for heads, width in ((self.gist_heads, n_embd or self.gist_heads), (self.lens_heads, self.lens_width)):
+            if width % heads:
+                raise ValueError(f"{heads} attention heads do not divide a width of {width} (gist_heads, lens_heads)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# working context
+
+
+def pyramid_bounds(cursor: int, K: int, recent: int, budget: int) -> list[int]:
+    """Level boundaries [b0, b1, ..] of the finest recency pyramid of <= budget entries: LOD0 covers [b0, cursor),
+    LOD1 [b1, b0), LOD2 [0, b1). b_l is a multiple of K**(l+1) (every node aligned); LOD0 holds w0 >= recent tokens,
+    and each coarser band holds about w0 - recent entries. Raises ValueError when even the coarsest tiling is over."""
+    def bounds(w0):
+        out, b = [], cursor - w0
+        for l in range(TOP):
+            b = max(0, b // K ** (l + 1) * K ** (l + 1))
+            out.append(b)
+            b -= (w0 - recent) * K ** (l + 1)
+        return out
+
+    def count(w0):
+        edges = [cursor] + bounds(w0) + [0]
+        return sum((edges[l] - edges[l + 1]) // K**l for l in range(TOP + 1))
+
+    if count(recent) > budget:
+        raise ValueError(f"a history of {cursor:,} tokens needs at least {count(recent)} entries (protected tail "
+                         f"{recent} + the coarsest tiling) but the budget leaves {budget}; raise the budget or K")
+    lo, hi = recent, max(recent, cursor)  # count() is non-decreasing in w0: the largest w0 that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid - 1)
+    return bounds(lo)
+
+
+def check_capacity(cursor: int, K: int, recent: int, budget: int):
+    """ValueError unless every history of up to `cursor` tokens has a legal tiling within `budget` entries. The
+    coarsest tiling is not monotone in the history length (a completed LOD2 gist replaces 2(K-1) entries), so this
+    bounds it from above: the tail, K-1 ragged LOD0 and LOD1 entries, and the LOD2 gists before the tail."""
+    worst = recent + TOP * (K - 1) + max(0, cursor - recent) // K**TOP
+    if worst > budget:
+        longest = (budget - recent - TOP * (K - 1) + 1) * K**TOP + recent - 1
+        raise ValueError(f"a history of {cursor:,} tokens may need {worst} working-context entries (protected tail "
+                         f"{recent} + coarsest tiling) but the budget leaves {budget}: this budget holds "
+                         f"{longest:,} tokens at K={K}; raise the budget or K")
+
+
+class InvariantError(AssertionError):
+    """A working-context invariant of DESIGN §2 is false; the message names the invariant and the entry."""
+
+
+class WorkingContext:
+    """The entries the base model reads: an exact tiling of history [0, cursor) by tree nodes, oldest first.
+
+    Each entry is a row of four int64 tensors (n,): lod, index (the node), born (allocator step at which the entry
+    got its level) and born_by (+1 made by an expand, -1 by a collapse, 0 appended). start, end, mu and sigma are
+    derived. `dirty`: entries [0, dirty) are unchanged since the owner last synced its KV cache with them.
+    """
+
+    def __init__(self, K: int, recent_tokens: int, w_max: int):
+        self.K, self.recent, self.w_max = K, recent_tokens, w_max
+        self.lod, self.index, self.born, self.born_by = (torch.zeros(0, dtype=torch.long) for _ in range(4))
+        self.cursor = 0  # tokens of history covered
+        self.dirty = 0
+
+    def __len__(self):
+        return self.lod.numel()
+
+    @property
+    def start(self):
+        return self.index * self.K**self.lod
+
+    @property
+    def end(self):
+        return (self.index + 1) * self.K**self.lod
+
+    @property
+    def protected_start(self) -> int:
+        """Tokens at or after this position must stay LOD0."""
+        return max(0, self.cursor - self.recent)
+
+    def positions(self, sigma_scale: torch.Tensor, first: int = 0):
+        """(mu float64, sigma float32) of entries first..: LOD0 mu = p, sigma = 0; a gist over [a, b) has
+        mu = (a + b - 1)/2 and sigma = sigma_scale[lod] * (b - a). sigma_scale: (TOP + 1,), zeros for plain RoPE."""
+        lod, index = self.lod[first:], self.index[first:]
+        span = self.K**lod
+        mu = (index * span).double() + (span - 1).double() / 2
+        sigma = sigma_scale.detach().float().cpu()[lod] * span.float() * (lod > 0)
+        return mu, sigma
+
+    def embeddings(self, tree, first: int = 0) -> torch.Tensor:
+        """Input embeddings (n - first, d) of entries first.. for the base model (tree: a tree.MegaContextTree)."""
+        return tree.node_embeddings(self.lod[first:], self.index[first:])
+
+    def _splice(self, i: int, j: int, lod, index, born, born_by):
+        """Replace entries [i, j) by new rows; only that slice changes, and the KV cache is stale from i on."""
+        rows = (lod, index, born, born_by)
+        self.lod, self.index, self.born, self.born_by = (
+            torch.cat([old[:i], torch.as_tensor(new, dtype=torch.long), old[j:]])
+            for old, new in zip((self.lod, self.index, self.born, self.born_by), rows))
+        self.dirty = min(self.dirty, i)
+
+    def append(self, n: int, now: int = 0):
+        """Cover n new tokens with LOD0 entries."""
+        self._splice(len(self), len(self), torch.zeros(n), torch.arange(self.cursor, self.cursor + n),
+                     torch.full((n,), now), torch.zeros(n))
+        self.cursor += n
+
+    def expand(self, i: int, now: int = 0):
+        """Replace gist entry i by its K children (K - 1 more entries)."""
+        if not 0 <= i < len(self):
+            raise ValueError(f"expand({i}): no entry {i} in a working context of {len(self)}")
+        l, k = int(self.lod[i]), int(self.index[i])
+        if l == 0:
+            raise ValueError(f"expand({i}): entry {i} is a LOD0 token and has no finer level")
+        K = self.K
+        self._splice(i, i + 1, torch.full((K,), l - 1), k * K + torch.arange(K), torch.full((K,), now),
+                     torch.ones(K))
+
+    def collapse(self, i: int, now: int = 0):
+        """Replace the K sibling entries i..i+K-1 by their parent (K - 1 fewer entries)."""
+        if not 0 <= i <= len(self) - self.K:
+            raise ValueError(f"collapse({i}): needs K={self.K} entries from {i}, the working context has {len(self)}")
+        l, k = int(self.lod[i]), int(self.index[i])
+        if l >= TOP:
+            raise ValueError(f"collapse({i}): LOD{l} is the top level and cannot collapse")
+        if k % self.K or not bool((self.lod[i:i + self.K] == l).all()):
+            raise ValueError(f"collapse({i}): entries {i}..{i + self.K - 1} are not the K siblings of one parent")
+        if (k // self.K + 1) * self.K ** (l + 1) > self.protected_start:
+            raise ValueError(f"collapse({i}): the parent would cover the protected tail (tokens >= "
+                             f"{self.protected_start} stay LOD0)")
+        self._splice(i, i + self.K, [l + 1], [k // self.K], [now], [-1])
+
+    def group_starts(self) -> torch.Tensor:
+        """Indices i where collapse(i) is legal: K same-level siblings of one parent, below the top level, whose
+        parent ends before the protected tail. (Exact tiling makes same level + aligned first index sufficient.)"""
+        K, n = self.K, len(self)
+        if n < K:
+            return torch.zeros(0, dtype=torch.long)
+        lod = self.lod
+        same = (lod.unfold(0, K, 1) == lod[:n - K + 1, None]).all(1)
+        first, lvl = self.index[:n - K + 1], lod[:n - K + 1]
+        ok = same & (first % K == 0) & (lvl < TOP) & ((first // K + 1) * K ** (lvl + 1) <= self.protected_start)
+        return ok.nonzero().flatten()
+
+    def legal_directions(self):
+        """(can_expand, can_collapse) bool (n,): gists can expand; members of a legal group can collapse."""
+        can_collapse = torch.zeros(len(self), dtype=torch.bool)
+        g = self.group_starts()
+        if g.numel():
+            can_collapse[(g[:, None] + torch.arange(self.K)).flatten()] = True
+        return self.lod > 0, can_collapse
+
+    def check_invariants(self, budget: int | None = None):
+        """Raise InvariantError unless DESIGN §2 holds: exact tiling of [0, cursor), well-formed aligned nodes,
+        at most `budget` (default w_max) entries, and the newest recent_tokens raw."""
+        n, lod = len(self), self.lod
+        if not all(t.dtype == torch.long and t.shape == (n,) for t in (self.index, self.born, self.born_by)):
+            raise InvariantError("alignment: entry tensors disagree in length or dtype")
+        if n and (int(lod.min()) < 0 or int(lod.max()) > TOP or int(self.index.min()) < 0):
+            raise InvariantError(f"alignment: levels must be in 0..{TOP} and node indices >= 0")
+        if n == 0:
+            if self.cursor:
+                raise InvariantError(f"tiling: no entries but the cursor is at {self.cursor}")
+            return
+        start, end = self.start, self.end
+        if int(start[0]) != 0:
+            raise InvariantError(f"tiling: entry 0 starts at token {int(start[0])}, not 0")
+        bad = (start[1:] != end[:-1]).nonzero()
+        if bad.numel():
+            i = int(bad[0]) + 1
+            kind = "gap" if start[i] > end[i - 1] else "overlap"
+            raise InvariantError(f"tiling: {kind} at entry {i} (LOD{int(lod[i])} node {int(self.index[i])}): starts "
+                                 f"at token {int(start[i])}, entry {i - 1} ends at {int(end[i - 1])}")
+        if int(end[-1]) != self.cursor:
+            raise InvariantError(f"tiling: the last entry ends at token {int(end[-1])}, the cursor is {self.cursor}")
+        budget = self.w_max if budget is None else budget
+        if n > budget:
+            raise InvariantError(f"budget: {n} entries > {budget}")
+        coarse = ((end > self.protected_start) & (lod > 0)).nonzero()
+        if coarse.numel():
+            i = int(coarse[0])
+            raise InvariantError(f"protected tail: entry {i} is LOD{int(lod[i])} over tokens [{int(start[i])}, "
+                                 f"{int(end[i])}) but tokens >= {self.protected_start} must stay LOD0")
+
+    @classmethod
+    def pyramid(cls, K: int, recent: int, w_max: int, cursor: int, budget: int, now: int = 0) -> "WorkingContext":
+        """The static recency pyramid over [0, cursor) within `budget` entries (the cold start)."""
+        wc = cls(K, recent, w_max)
+        edges = [cursor] + pyramid_bounds(cursor, K, recent, budget) + [0]
+        lod = [torch.full(((edges[l] - edges[l + 1]) // K**l,), l) for l in range(TOP, -1, -1)]
+        index = [torch.arange(edges[l + 1] // K**l, edges[l] // K**l) for l in range(TOP, -1, -1)]
+        lod, index = torch.cat(lod), torch.cat(index)
+        wc._splice(0, 0, lod, index, torch.full_like(lod, now), torch.zeros_like(lod))
+        wc.cursor, wc.dirty = cursor, 0
+        return wc
+
+    def level_map(self, width: int) -> str:
+        """The history as `width` characters, oldest left: the level of the entry at each column's middle token."""
+        if self.cursor == 0:
+            return ""
+        width = min(width, self.cursor)
+        mid = ((torch.arange(width) + 0.5) * self.cursor / width).long()
+        entry = torch.searchsorted(self.start, mid, right=True) - 1
+        return "".join(str(int(v)) for v in self.lod[entry])
+
+
+def recency_scores(wc: WorkingContext, budget: int) -> torch.Tensor:
+    """Scores (n,) of the static recency-pyramid policy: the entry's level minus the pyramid's level at its start
+    (> 0: too coarse, expand; < 0: too fine, collapse), plus a tie-break in [-0.5, 0] that prefers the newest
+    expansion and the oldest collapse. The allocator turns them into the pyramid's tiling."""
+    bounds = torch.tensor(pyramid_bounds(wc.cursor, wc.K, wc.recent, budget))
+    target = (wc.start[:, None] < bounds[None, :]).sum(1)
+    dist = (wc.cursor - wc.end).double()
+    newness = 1 - torch.log1p(dist) / math.log1p(max(wc.cursor, 1))  # 1 at the cursor, 0 at token 0
+    return (wc.lod - target).float() + 0.5 * (newness.float() - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GistNet (DESIGN §4)
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head attention of queries x over context c (self-attention when c is x); optional RoPE."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.q, self.kv = nn.Linear(d, d, bias=False), nn.Linear(d, 2 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, c, pos=None):
+        """x: (B, T, d), c: (B, S, d); pos: (T,) local positions for RoPE (self-attention only) -> (B, T, d)."""
+        B, T, d = x.shape
+        hs = d // self.n_head
+        q = self.q(x).view(B, T, self.n_head, hs)
+        k, v = self.kv(c).view(B, c.shape[1], 2, self.n_head, hs).unbind(2)
+        if pos is not None:
+            mu = pos.to(x.device, torch.float32).expand(B, T)
+            q, k = kernels.gauss_rope(q, k, mu, torch.zeros_like(mu))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, bidirectional: attention (with local RoPE when pos is given) then an MLP."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = RMSNorm(d), RMSNorm(d)
+        self.attn, self.mlp = Attention(d, n_head), MLP(GPTConfig(n_embd=d, mlp="swiglu"))
+
+    def forward(self, x, pos=None):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _init(module: nn.Module, n_layer: int):
+    """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+    for name, p in module.named_parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, 0.0, 0.02 / (math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 1))
+
+
+class GistLevel(nn.Module):
+    """One level's GistNet: K children (N, K, d) -> blocks -> pooling -> projection -> RMS matched to emb_rms."""
+
+    def __init__(self, cfg: MegaContextConfig, d: int):
+        super().__init__()
+        self.pool, H = cfg.gist_pool, cfg.gist_heads
+        self.blocks = nn.ModuleList([Block(d, H) for _ in range(cfg.gist_layers)])
+        _init(self.blocks, cfg.gist_layers)
+        # the query pools per head; zeros = uniform softmax = mean pooling until trained
+        self.query = nn.Parameter(torch.zeros(H, d // H)) if cfg.gist_pool == "query" else None
+        self.cls = nn.Parameter(torch.randn(d) * 0.02) if cfg.gist_pool == "cls" else None
+        if cfg.gist_proj == "linear":
+            self.proj = nn.Linear(d, d, bias=False)
+            nn.init.eye_(self.proj.weight)  # identity until trained: an untrained GistNet ~ normalised mean pooling
+        else:
+            self.proj = MLP(GPTConfig(n_embd=d, mlp="swiglu"))
+            nn.init.zeros_(self.proj.c_proj.weight)  # residual, zero at init for the same reason
+        self.gain = nn.Parameter(torch.ones(d))
+
+    def hidden(self, x):
+        """(N, K, d) -> (N, L, d) block outputs, L = K (+1 with a leading cls entry); bidirectional within a block."""
+        N, K, d = x.shape
+        pos = torch.arange(K, dtype=torch.float32)
+        if self.cls is not None:  # the cls entry sits at the block's centre
+            x = torch.cat([self.cls.expand(N, 1, d).to(x.dtype), x], 1)
+            pos = torch.cat([torch.tensor([(K - 1) / 2]), pos])
+        for block in self.blocks:
+            x = block(x, pos)
+        return x
+
+    def forward(self, x, emb_rms):
+        N, K, d = x.shape
+        h = self.hidden(x)
+        if self.pool == "cls":
+            y = h[:, 0]
+        elif self.pool == "query":
+            H = self.query.shape[0]
+            y = kernels.gist_pool(h.reshape(1, N * K, H, d // H), self.query.to(h.dtype), K).reshape(N, d)
+        else:
+            y = h.mean(1)
+        y = self.proj(y) if isinstance(self.proj, nn.Linear) else y + self.proj(y)
+        return F.rms_norm(y, (d,)) * (self.gain * emb_rms).to(y.dtype)
+
+
+class GistNet(nn.Module):
+    """Gists of complete blocks (DESIGN §4): forward(lod, x (N, K, d)) -> (N, d) in the base embedding space, with
+    the RMS of the base model's token embeddings (`emb_rms`). One GistLevel per level, or one shared."""
+
+    def __init__(self, cfg: MegaContextConfig, d: int, emb_rms: float):
+        super().__init__()
+        self.levels = nn.ModuleList([GistLevel(cfg, d) for _ in range(1 if cfg.gist_shared else TOP)])
+        self.register_buffer("emb_rms", torch.tensor(float(emb_rms)))
+
+    def level(self, lod: int) -> GistLevel:
+        assert 1 <= lod <= TOP, f"gists exist for LOD1..LOD{TOP}, not LOD{lod}"
+        return self.levels[min(lod, len(self.levels)) - 1]
+
+    def forward(self, lod: int, x):
+        return self.level(lod)(x, self.emb_rms)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LensNet (DESIGN §5)
+
+
+class LensBlock(nn.Module):
+    """Entries attend to each other; the tail queries attend to the entries; the entries attend back to the queries."""
+
+    def __init__(self, W: int, n_head: int):
+        super().__init__()
+        self.self_block = Block(W, n_head)
+        self.ln_q, self.ln_h, self.ln_b = RMSNorm(W), RMSNorm(W), RMSNorm(W)
+        self.to_ctx, self.from_ctx = Attention(W, n_head), Attention(W, n_head)
+
+    def forward(self, h, q):
+        h = self.self_block(h)
+        q = q + self.to_ctx(self.ln_q(q), self.ln_h(h))  # tail attends to context
+        return h + self.from_ctx(self.ln_b(h), self.ln_q(q)), q  # context attends back
+
+
+class LensNet(nn.Module):
+    """One signed score per working-context entry: > 0 expanding this gist is worth its K-1 entries of cost, < 0 its
+    sibling group can be collapsed cheaply. Non-causal and without positions beyond the features, so permuting the
+    non-tail entries permutes the scores."""
+
+    def __init__(self, cfg: MegaContextConfig, d: int):
+        super().__init__()
+        W, self.tail = cfg.lens_width, cfg.lens_tail
+        self.embed = nn.Linear(d, W, bias=False)  # the entry's (detached) input embedding, projected down
+        self.level = nn.Embedding(TOP + 1, W)
+        self.feat = nn.Linear(2, W)  # log(1 + distance to cursor), log(span)
+        self.queries = nn.Parameter(torch.randn(cfg.lens_queries, W) * 0.02)
+        self.blocks = nn.ModuleList([LensBlock(W, cfg.lens_heads) for _ in range(cfg.lens_layers)])
+        self.ln_f, self.head = RMSNorm(W), nn.Linear(W, 1)
+        _init(self, cfg.lens_layers)
+        nn.init.zeros_(self.head.bias)  # untrained scores are small and unbiased: no edits beyond the budget's
+
+    def forward(self, x, lod, dist, span):
+        """x: (B, n, d) entry embeddings; lod, dist (tokens from the entry's end to the cursor), span: (B, n).
+        Returns raw scores (B, n) fp32; mask illegal directions with `mask_scores`."""
+        feats = torch.stack([torch.log1p(dist.float()), torch.log(span.float())], -1).to(self.feat.weight.dtype)
+        h = self.embed(x.detach().to(self.embed.weight.dtype)) + self.level(lod) + self.feat(feats)
+        q = self.queries[None] + h[:, -self.tail:].mean(1, keepdim=True)  # seeded by the newest entries
+        for block in self.blocks:
+            h, q = block(h, q)
+        return self.head(self.ln_f(h)).squeeze(-1).float()
+
+
+def mask_scores(scores, can_expand, can_collapse):
+    """Illegal directions score 0: no positive score where an entry cannot expand, no negative one where it cannot
+    collapse (LOD0 never expands, the top level and incomplete or protected groups never collapse)."""
+    scores = torch.where(can_expand, scores, scores.clamp(max=0))
+    return torch.where(can_collapse, scores, scores.clamp(min=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# focus allocator (DESIGN §6)
+
+
+class FocusAllocator:
+    """Turns per-entry scores into legal edits of a WorkingContext under the budget, with telemetry.
+
+    A step: (1) collapse the cheapest legal groups until the context holds at most cfg.target entries (never by
+    dropping entries; ValueError if no legal collapse is left); (2) up to max_edits optional edits: the best
+    expansion above tau_expand, alone if it fits, else paired with the cheapest collapses that refund its K-1
+    entries, applied only if gain - loss > hysteresis; (3) groups below -tau_collapse collapse on their own.
+    A node edited in the last `cooldown` steps is not edited in the opposite direction.
+    """
+
+    def __init__(self, cfg: MegaContextConfig):
+        self.cfg, self.steps = cfg, 0
+        self.totals = dict(expands=0, collapses=0, forced=0, swap_rate=0.0, removed=0, residency=0)
+
+    def _group_scores(self, wc, scores, now, strict=True):
+        """(starts, mean member scores) of legal groups; strict drops groups holding a fresh expansion's child."""
+        g = wc.group_starts()
+        if not g.numel():
+            return g, scores[:0]
+        members = g[:, None] + torch.arange(wc.K)
+        if strict:
+            fresh = (wc.born_by[members] == 1) & (now - wc.born[members] <= self.cfg.cooldown)
+            keep = ~fresh.any(1)
+            g, members = g[keep], members[keep]
+        return g, scores[members].mean(1)
+
+    def _expand_candidate(self, wc, scores, now):
+        blocked = (wc.born_by == -1) & (now - wc.born <= self.cfg.cooldown)
+        s = torch.where((wc.lod > 0) & ~blocked, scores, torch.tensor(-math.inf))
+        i = int(s.argmax()) if len(s) else 0
+        return (i, float(s[i])) if len(s) and s[i] > self.cfg.tau_expand else (None, None)
+
+    def step(self, wc: WorkingContext, scores: torch.Tensor, budget_only: bool = False) -> dict:
+        """One allocator step on `wc` with scores (n,) aligned to its entries; returns this step's telemetry."""
+        cfg, K, now = self.cfg, wc.K, self.steps
+        self.steps += 1
+        assert scores.shape == (len(wc),), f"scores {tuple(scores.shape)} for {len(wc)} entries"
+        state = dict(scores=scores.detach().float().cpu().clone(), removed=[], expands=0, collapses=0, forced=0, new=0)
+
+        def edit(kind, i):
+            removed = slice(i, i + 1) if kind == "expand" else slice(i, i + K)
+            state["removed"].append(now - wc.born[removed])
+            new = 1 if kind == "collapse" else K
+            getattr(wc, kind)(i, now)
+            s = state["scores"]
+            state["scores"] = torch.cat([s[:removed.start], torch.zeros(new), s[removed.stop:]])
+            state[kind + "s"] += 1
+            state["new"] += new
+
+        while len(wc) > cfg.target:  # (1) the budget comes first
+            g, gs = self._group_scores(wc, state["scores"], now)
+            if not g.numel():
+                g, gs = self._group_scores(wc, state["scores"], now, strict=False)
+            if not g.numel():
+                raise ValueError(f"cannot meet the budget legally: {len(wc)} entries > {cfg.target} and no sibling "
+                                 f"group can collapse (history {wc.cursor:,} tokens, K={K})")
+            edit("collapse", int(g[gs.argmin()]))
+            state["forced"] += 1
+        left = 0 if budget_only else cfg.max_edits
+        while left > 0:  # (2) expansions, paired with collapses when they do not fit
+            e, gain = self._expand_candidate(wc, state["scores"], now)
+            if e is None:
+                break
+            need = len(wc) + K - 1 - cfg.target
+            c = max(0, -(-need // (K - 1)))
+            if 1 + c > left:
+                break
+            if c:
+                g, gs = self._group_scores(wc, state["scores"], now)
+                outside = (g > e) | (g + K <= e)  # a group holding e cannot pay for it
+                g, gs = g[outside], gs[outside]
+                order = gs.argsort()[:c]
+                if len(order) < c or gain - float(gs[order].sum()) <= cfg.hysteresis:
+                    break
+                for i in sorted(g[order].tolist(), reverse=True):  # back to front, so indices before stay valid
+                    edit("collapse", i)
+                    e -= (K - 1) if i < e else 0
+            edit("expand", e)
+            left -= 1 + c
+        while left > 0:  # (3) cheap collapses on their own, freeing room for later expansions
+            g, gs = self._group_scores(wc, state["scores"], now)
+            if not g.numel() or float(gs.min()) >= -cfg.tau_collapse:
+                break
+            edit("collapse", int(g[gs.argmin()]))
+            left -= 1
+        removed = torch.cat(state["removed"]) if state["removed"] else torch.zeros(0, dtype=torch.long)
+        t = dict(step=now, entries=len(wc), expands=state["expands"], collapses=state["collapses"],
+                 forced=state["forced"], edits=state["expands"] + state["collapses"],
+                 swap_rate=state["new"] / max(len(wc), 1), utilisation=len(wc) / cfg.w_max,
+                 residency=float(removed.float().mean()) if removed.numel() else None)
+        for key in ("expands", "collapses", "forced", "swap_rate"):
+            self.totals[key] += t[key]
+        self.totals["removed"] += removed.numel()
+        self.totals["residency"] += int(removed.sum())
+        return t
+
+    def summary(self) -> dict:
+        """Means over all steps so far: swap rate per step, residency (steps an entry kept its level) per removal."""
+        tot, n = self.totals, max(self.steps, 1)
+        residency = tot["residency"] / tot["removed"] if tot["removed"] else None
+        return dict(steps=self.steps, expands=tot["expands"], collapses=tot["collapses"], forced=tot["forced"],
+                    swap_rate=tot["swap_rate"] / n, residency=residency)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the root module
+
+
+class MegaContextModel(nn.Module):
+    """The one nn.Module root: the frozen base GPT, GistNet and LensNet (and learned sigma scales when asked)."""
+
+    def __init__(self, gpt: GPT, cfg: MegaContextConfig):
+        super().__init__()
+        self.cfg = cfg.validate(gpt.config.n_embd)
+        d = gpt.config.n_embd
+        self.gpt = gpt
+        emb_rms = gpt.wte.weight.detach().float().pow(2).mean(-1).sqrt().mean().item()
+        self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d)
+        scale = torch.full((TOP + 1,), cfg.sigma_scale)
+        if cfg.rope == "gaussian_learned":
+            self.sigma_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("sigma_scale", scale * (cfg.rope == "gaussian"))
+
+    def embed_tokens(self, ids):
+        """Token ids (n,) -> the base model's input embeddings (n, d)."""
+        return self.gpt.wte(ids.to(self.gpt.wte.weight.device))
+
+    def make_gists(self, lod: int, x):
+        """Children (N, K, d), on any device -> gists (N, d) on the model's device, in the embedding's dtype."""
+        p = self.gistnet.levels[0].gain
+        return self.gistnet(lod, x.to(p.device, p.dtype)).to(self.gpt.wte.weight.dtype)
+
+    def identity(self) -> str:
+        """sha256 over what a tree's contents depend on: the base config, its token embedding, K and GistNet."""
+        h = hashlib.sha256(json.dumps([asdict(self.gpt.config), self.cfg.block_k, self.cfg.gist_pool,
+                                       self.cfg.gist_proj, self.cfg.gist_shared]).encode())
+        tensors = [self.gpt.wte.weight] + [t for _, t in sorted(self.gistnet.state_dict().items())]
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,146 @@
+"""The MegaContext runtime loop (DESIGN §7): a streaming session over a tree, decoding with the frozen base model.
+
+    s = Session(model); s.ingest(prompt_ids); tok = s.step()   # refocuses every refocus_every tokens
+    s.save("run/tree"); s = Session.open(model, "run/tree")    # resume where it stopped
+
+Split from megacontext.py by concept: that file defines what the model is (working context, GistNet, LensNet,
+allocator); this one runs it (when to refocus, which KV entries to keep, how a session is saved and resumed).
+
+Decisions where DESIGN and the issue are silent:
+- `ingest` never runs LensNet: when the working context would pass w_max it makes room with budget-only collapses
+  chosen by the recency pyramid's scores, and an ingest of >= w_max tokens at once (a book) rebuilds the working
+  context as the recency pyramid (the cold start). `refocus` applies the configured policy; `step` calls it every
+  refocus_every tokens.
+- The KV cache holds the working context's entries in order; an edit at entry i truncates it to i and the next decode
+  re-reads entries i.. (the "forward in time" rule), so the unchanged prefix is never recomputed. Positions are
+  relative to the cache's origin; the cache is rebuilt when the cursor drifts ORIGIN_DRIFT tokens past it, so recent
+  entries keep full fp32 precision in sessions of any length.
+- A saved session stores its working context in the tree's meta.json (the one commit record), so save -> open ->
+  continue decodes exactly what an unsaved session would; opened with another budget it cold-starts instead.
+"""
+import numpy as np
+import torch
+
+from megacontext import (FocusAllocator, InvariantError, MegaContextModel, WorkingContext, check_capacity,
+                         mask_scores, recency_scores)
+from model import sample_next
+from tree import MegaContextTree
+
+ORIGIN_DRIFT = 2**16  # rebuild the KV cache when the cursor is this far past its position origin (fp32 angles)
+
+
+class Session:
+    """A streaming MegaContext session: the history in a tree, the base model reading a working context of it.
+
+    tree (MegaContextTree) and state (a saved session's `extra`) come from `Session.open`; a new session has none.
+    """
+
+    def __init__(self, model: MegaContextModel, tree: MegaContextTree | None = None, state: dict | None = None):
+        self.model, self.cfg = model, model.cfg
+        gpt, cfg = model.gpt, model.cfg
+        self.device = gpt.wte.weight.device
+        self.tree = tree or MegaContextTree(cfg.K, gpt.config.n_embd, gpt.config.vocab_size, model.identity(),
+                                            model.embed_tokens, model.make_gists, cfg.gist_dtype)
+        self.alloc = FocusAllocator(cfg)
+        self.wc = WorkingContext(cfg.K, cfg.recent_tokens, cfg.w_max)
+        self.cache = gpt.make_cache(1, cfg.w_max)
+        self.pending, self.last_logits, self.telemetry = 0, None, None
+        self.forwarded = 0  # entries run through the base model: decoded tokens plus re-reads after edits
+        if state and state.get("shape") == self._shape():  # the saved working context fits this budget
+            self.wc._splice(0, 0, *(torch.tensor(state["wc"][k]) for k in ("lod", "index", "born", "born_by")))
+            self.wc.cursor, self.pending, self.alloc.steps = len(self.tree), state["pending"], state["steps"]
+            self.alloc.totals.update(state["totals"])
+            try:
+                self.wc.check_invariants()
+            except InvariantError as e:
+                raise ValueError(f"the saved working context does not fit its tree ({e})") from None
+        elif len(self.tree):  # none saved, or for another budget: cold start
+            self.wc = WorkingContext.pyramid(cfg.K, cfg.recent_tokens, cfg.w_max, len(self.tree), cfg.target)
+        self.wc.dirty = 0
+
+    @torch.no_grad()
+    def ingest(self, tokens):
+        """Append token ids to the history. Raises ValueError, changing nothing, on ids outside the vocabulary or a
+        history the budget cannot hold even at the coarsest tiling."""
+        cfg, wc = self.cfg, self.wc
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        check_capacity(len(self.tree) + len(ids), cfg.K, cfg.recent_tokens, cfg.target)
+        self.tree.append(ids)
+        if len(ids) >= cfg.w_max:  # everything older would be collapsed anyway: rebuild as the pyramid
+            self.wc = WorkingContext.pyramid(cfg.K, cfg.recent_tokens, cfg.w_max, len(self.tree), cfg.target,
+                                             self.alloc.steps)
+        else:
+            left = len(ids)
+            while left:
+                if len(wc) >= cfg.w_max:
+                    self.alloc.step(wc, recency_scores(wc, cfg.target), budget_only=True)
+                take = min(left, cfg.w_max - len(wc))
+                wc.append(take, self.alloc.steps)
+                left -= take
+        self.pending += len(ids)
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        """Masked per-entry scores (n,) of the configured policy (recency until the tree has a gist)."""
+        wc = self.wc
+        if self.cfg.policy == "recency" or not (wc.lod > 0).any():
+            return recency_scores(wc, self.cfg.target)
+        x = self.tree.node_embeddings(wc.lod, wc.index)[None]
+        lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
+        raw = self.model.lensnet(x, lod, dist, span)[0].cpu()
+        return mask_scores(raw, *wc.legal_directions())
+
+    def refocus(self) -> dict:
+        """Score the working context and apply one allocator step; returns its telemetry."""
+        self.telemetry = self.alloc.step(self.wc, self.scores())
+        self.pending = 0
+        return self.telemetry
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        """Next-token logits (V,) fp32 after the whole history, reading the working context through the KV cache."""
+        wc, cache = self.wc, self.cache
+        if not len(wc):
+            raise ValueError("the history is empty: ingest at least one token before decoding")
+        first = min(wc.dirty, cache.length)
+        if cache.origin is not None and wc.cursor - float(cache.origin[0, 0]) > ORIGIN_DRIFT:
+            first = 0
+        if first == len(wc) and self.last_logits is not None:
+            return self.last_logits
+        cache.truncate(first)
+        if first == 0:
+            cache.origin = None  # the next forward sets a fresh origin at the newest entry
+        x = wc.embeddings(self.tree, first)[None]
+        mu, sigma = wc.positions(self.model.sigma_scale, first)
+        logits, _ = self.model.gpt(embeds=x, mu=mu[None].to(self.device), sigma=sigma[None].to(self.device),
+                                   cache=cache, last_only=True)
+        wc.dirty, self.forwarded = len(wc), self.forwarded + len(wc) - first
+        self.last_logits = logits[0, -1]
+        return self.last_logits
+
+    def step(self, temperature: float = 0.0, top_k=None, top_p=None, generator=None) -> int:
+        """Refocus if due, sample the next token over the working context, append it to the history; returns it."""
+        if self.pending >= self.cfg.refocus_tokens:
+            self.refocus()
+        tok = int(sample_next(self.logits()[None], temperature, top_k, top_p, generator)[0])
+        self.ingest([tok])
+        return tok
+
+    def _shape(self):
+        cfg = self.cfg
+        return [cfg.block_k, cfg.w_max, cfg.recent_tokens, cfg.refocus_tokens]
+
+    def save(self, path: str):
+        """Write the tree and this session's working context to directory `path` (appending if it came from there)."""
+        wc = {k: getattr(self.wc, k).tolist() for k in ("lod", "index", "born", "born_by")}
+        self.tree.save(path, extra=dict(shape=self._shape(), wc=wc, pending=self.pending, steps=self.alloc.steps,
+                                        totals=self.alloc.totals))
+
+    @classmethod
+    def open(cls, model: MegaContextModel, path: str, verify: bool = True) -> "Session":
+        """Resume a saved session. Raises tree.TreeError (a ValueError) for a missing, truncated or corrupt tree, or
+        one built by another model or K."""
+        gpt = model.gpt
+        tree, state = MegaContextTree.open(path, model.cfg.K, gpt.config.n_embd, gpt.config.vocab_size,
+                                           model.identity(), model.embed_tokens, model.make_gists, verify)
+        return cls(model, tree, state)

@@ -1,0 +1,644 @@
+"""megacontext.py: working-context invariants under random edits, the allocator (budget, anti-ping-pong, telemetry),
+GistNet, LensNet, Gaussian positions, the streaming session (KV reuse == from scratch, save -> open -> continue),
+bad input, and sample.py --mc end to end."""
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, assert_close
+
+import kernels
+from megacontext import (FocusAllocator, GistNet, InvariantError, LensNet, MegaContextConfig, MegaContextModel,
+                         WorkingContext, check_capacity, mask_scores, pyramid_bounds, recency_scores)
+from model import GPT, GPTConfig
+from session import Session
+from tree import TOP, TreeError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one thread is ~100x faster than two fighting over a loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_gpt(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**dict(vocab_size=97, block_size=64, n_layer=2, n_head=3, n_embd=48), **kw})).eval()
+
+
+def mc_config(**kw):
+    base = dict(block_k=8, w_max=64, recent_tokens=12, gist_heads=3, lens_width=32, lens_heads=2, lens_tail=8)
+    return MegaContextConfig(**{**base, **kw})
+
+
+def mc_model(gpt=None, **kw):
+    torch.manual_seed(1)
+    return MegaContextModel(gpt or tiny_gpt(), mc_config(**kw)).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# working context and allocator, no model: a seeded fuzzer
+
+
+def legal_collapse(wc, i):
+    """Independent oracle for collapse(i), written with Python lists."""
+    K, lod, idx = wc.K, wc.lod.tolist(), wc.index.tolist()
+    if not 0 <= i <= len(lod) - K:
+        return False
+    l, k = lod[i], idx[i]
+    siblings = all(lod[i + j] == l and idx[i + j] == k + j for j in range(K))
+    return siblings and k % K == 0 and l < TOP and (k // K + 1) * K ** (l + 1) <= max(0, wc.cursor - wc.recent)
+
+
+def snapshot(wc):
+    return [t.clone() for t in (wc.lod, wc.index, wc.born, wc.born_by)] + [wc.cursor]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(a, b))
+
+
+def fuzz_sequence(rng, K, n_ops=8):
+    """One random sequence of ingests, expands, collapses and allocator steps; invariants after every edit."""
+    R = rng.choice([0, 1, K - 1, K, 2 * K + 3])
+    refocus = rng.choice([1, K // 2, K])
+    w_max = R + 2 * (K - 1) + 1 + refocus + rng.randrange(0, 3 * K)
+    cfg = MegaContextConfig(block_k=K, w_max=w_max, recent_tokens=R, refocus_every=refocus,
+                            max_edits=rng.randrange(0, 5), cooldown=rng.randrange(0, 3),
+                            hysteresis=rng.choice([0.0, 0.1]), tau_collapse=rng.choice([0.5, 100.0])).validate()
+    cursor = rng.randrange(0, 4 * K * K)
+    try:
+        check_capacity(cursor, K, R, cfg.target)
+        wc = WorkingContext.pyramid(K, R, w_max, cursor, cfg.target)
+    except ValueError:
+        wc = WorkingContext(K, R, w_max)
+    wc.check_invariants(cfg.target)
+    alloc = FocusAllocator(cfg)
+    for _ in range(n_ops):
+        op, n = rng.random(), len(wc)
+        if op < 0.25:  # ingest, making room with budget steps as Session.ingest does
+            left = rng.randrange(1, 2 * K)
+            try:
+                check_capacity(wc.cursor + left, K, R, cfg.target)
+            except ValueError:
+                continue
+            while left:
+                if len(wc) >= w_max:
+                    alloc.step(wc, torch.randn(len(wc)), budget_only=True)
+                    assert len(wc) <= cfg.target
+                take = min(left, w_max - len(wc))
+                wc.append(take, alloc.steps)
+                left -= take
+                wc.check_invariants()
+        elif op < 0.45 and n:  # expand a random entry: legal iff it is a gist
+            i, before = rng.randrange(n), snapshot(wc)
+            if wc.lod[i] > 0:
+                wc.expand(i)
+                assert len(wc) == n + K - 1
+            else:
+                with pytest.raises(ValueError):
+                    wc.expand(i)
+                assert same(before, snapshot(wc))
+            wc.check_invariants(budget=10**9)  # a manual expand may pass the budget; the allocator restores it
+        elif op < 0.7 and n:  # collapse: a legal group half the time, a random index otherwise
+            groups = wc.group_starts().tolist()
+            i = rng.choice(groups) if groups and rng.random() < 0.5 else rng.randrange(-1, n + 1)
+            legal, before = legal_collapse(wc, i), snapshot(wc)
+            assert (i in groups) == legal
+            if legal:
+                wc.collapse(i)
+                assert len(wc) == n - K + 1
+            else:
+                with pytest.raises(ValueError):
+                    wc.collapse(i)
+                assert same(before, snapshot(wc))
+            wc.check_invariants(budget=10**9)
+        else:  # an allocator step with random (sometimes heavy-tailed) scores
+            scores = torch.randn(n) * rng.choice([0.05, 1.0, 10.0])
+            alloc.step(wc, scores)
+            wc.check_invariants(cfg.target)
+
+
+@pytest.mark.parametrize("K", [8, 32])
+def test_wc_fuzz_invariants(K):
+    """5,000 random sequences per K (10,000 over both): no edit or allocator step breaks an invariant; every illegal
+    edit raises and leaves the working context unchanged."""
+    rng = random.Random(K)
+    for _ in range(5000):
+        fuzz_sequence(rng, K)
+
+
+def test_wc_invariant_checker_catches_each_breakage():
+    K = 4
+    broken = {
+        "tiling: gap at entry": lambda w: w.index.__setitem__(-1, w.index[-1] + 1),
+        "tiling: overlap at entry": lambda w: w.index.__setitem__(-2, w.index[-2] - 1),
+        "tiling: entry 0 starts at token": lambda w: w._splice(0, 1, [], [], [], []),
+        "the cursor is": lambda w: setattr(w, "cursor", w.cursor + 1),
+        "alignment: levels must be": lambda w: w.lod.__setitem__(0, TOP + 1),
+        "budget: 28 entries > 27": lambda w: None,
+        "protected tail: entry": lambda w: setattr(w, "recent", 40),
+    }
+    for message, breakage in broken.items():
+        w = WorkingContext.pyramid(K, 4, 40, 100, 30)  # LOD2 [0, 48), LOD1 [48, 84), LOD0 [84, 100): 28 entries
+        w.check_invariants(budget=28)
+        breakage(w)
+        with pytest.raises(InvariantError, match=message):
+            w.check_invariants(budget=27 if message.startswith("budget") else None)
+
+
+def test_wc_illegal_edits_raise_with_reason():
+    K = 4
+    wc = WorkingContext.pyramid(K, 4, 40, 100, 30)  # LOD2 [0, 48), LOD1 [48, 84), LOD0 [84, 100)
+    lod = wc.lod.tolist()
+    with pytest.raises(ValueError, match="LOD0 token and has no finer level"):
+        wc.expand(len(wc) - 1)
+    with pytest.raises(ValueError, match="top level and cannot collapse"):
+        wc.collapse(0)
+    with pytest.raises(ValueError, match="no entry"):
+        wc.expand(len(wc))
+    with pytest.raises(ValueError, match="not the K siblings"):
+        wc.collapse(lod.index(0) - 2)  # two LOD1 gists and two tokens
+    with pytest.raises(ValueError, match="not the K siblings"):
+        wc.collapse(lod.index(1) + 1)  # four LOD1 gists, but not the children of one parent
+    wc.expand(0)  # LOD2 node 0 -> 4 LOD1 nodes: collapsible again
+    wc.collapse(0)
+    tail = WorkingContext(K, 8, 40)
+    tail.append(12)  # the newest 8 tokens, 4..11, are protected
+    with pytest.raises(ValueError, match=r"protected tail \(tokens >= 4 stay LOD0\)"):
+        tail.collapse(4)
+    tail.collapse(0)
+
+
+def test_wc_pyramid_is_monotone_and_fits():
+    rng = random.Random(0)
+    for _ in range(300):
+        K = rng.choice([2, 4, 8, 32])
+        R, cursor = rng.randrange(0, 3 * K), rng.randrange(0, 5 * K**3)
+        budget = R + 2 * (K - 1) + 1 + rng.randrange(0, 400)
+        try:
+            check_capacity(cursor, K, R, budget)
+        except ValueError:
+            continue
+        wc = WorkingContext.pyramid(K, R, budget, cursor, budget)
+        wc.check_invariants()
+        assert bool((wc.lod[1:] <= wc.lod[:-1]).all()), "older entries must be at least as coarse"
+        b0, b1 = pyramid_bounds(cursor, K, R, budget)
+        assert cursor - b0 >= min(R, cursor) and b0 % K == 0 and b1 % K**2 == 0
+        # the finest that fits: one more LOD0 token would add at most 2(K-1) entries, so less than that is left
+        assert b0 == 0 or len(wc) > budget - 2 * K, f"pyramid uses {len(wc)} of {budget} entries, b0={b0}"
+
+
+def test_allocator_budget_error_when_no_legal_collapse():
+    cfg = MegaContextConfig(block_k=4, w_max=40, recent_tokens=4, refocus_every=4)
+    wc = WorkingContext(4, 36, 40)  # its own tail protects everything
+    wc.append(40)
+    with pytest.raises(ValueError, match="cannot meet the budget legally"):
+        FocusAllocator(cfg).step(wc, torch.zeros(40))
+
+
+def full_pyramid(K=4, R=4, w_max=48, cursor=200, refocus=4, **kw):
+    """A working context at (not below) its target, so any expansion needs a paired collapse."""
+    cfg = MegaContextConfig(block_k=K, w_max=w_max, recent_tokens=R, refocus_every=refocus, **kw).validate()
+    wc = WorkingContext.pyramid(K, R, w_max, cursor, cfg.target)
+    assert cfg.target - len(wc) < K - 1
+    return cfg, wc
+
+
+def test_allocator_pairs_expansion_with_collapse_and_reports_telemetry():
+    cfg, wc = full_pyramid(max_edits=2, tau_collapse=100.0)
+    K, n = wc.K, len(wc)
+    alloc = FocusAllocator(cfg)
+    for _ in range(3):
+        assert alloc.step(wc, torch.zeros(n))["edits"] == 0  # nothing scores: nothing moves
+    e = int((wc.lod == 1).nonzero()[-1])  # the newest LOD1 gist
+    g = int(wc.group_starts()[0])  # the oldest legal group
+    scores = torch.zeros(n)
+    scores[e], scores[g:g + K] = 1.0, -1.0
+    node = (int(wc.lod[e]), int(wc.index[e]))
+    t = alloc.step(wc, scores)
+    assert (t["expands"], t["collapses"], t["forced"], t["edits"]) == (1, 1, 0, 2)
+    assert t["entries"] == n and t["utilisation"] == n / cfg.w_max
+    assert t["swap_rate"] == pytest.approx((K + 1) / n)
+    assert t["residency"] == 3.0  # every removed entry had kept its level for the 3 idle steps
+    assert node not in set(zip(wc.lod.tolist(), wc.index.tolist()))
+    s = alloc.summary()
+    assert s["steps"] == 4 and s["expands"] == 1 and s["collapses"] == 1 and s["residency"] == 3.0
+    # the same pair with gain - loss below the margin is refused
+    cfg2, wc2 = full_pyramid(max_edits=2, hysteresis=2.5, tau_collapse=100.0)
+    assert FocusAllocator(cfg2).step(wc2, scores)["edits"] == 0
+
+
+def run_adversary(cooldown, hysteresis, steps=40, noise=None):
+    """Scores that always favour undoing the previous step: the children of the last expansion score -5 (collapse
+    them), the parent made by the last collapse scores +5 (expand it); otherwise one gist +1 and one group -1.
+    Returns the list of (step, direction, node) edits."""
+    cfg, wc = full_pyramid(max_edits=2, cooldown=cooldown, hysteresis=hysteresis, tau_collapse=100.0)
+    K, alloc, edits = wc.K, FocusAllocator(cfg), []
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        if noise is not None:
+            scores = (torch.rand(len(wc), generator=gen) * 2 - 1) * noise
+        else:
+            scores = torch.zeros(len(wc))
+            fresh = wc.born == step - 1
+            scores[fresh & (wc.born_by == 1)] = -5.0
+            scores[fresh & (wc.born_by == -1)] = 5.0
+            if not fresh.any():
+                scores[int((wc.lod == 1).nonzero()[-1])] = 1.0
+                g = int(wc.group_starts()[0])
+                scores[g:g + K] = -1.0
+        before = set(zip(wc.lod.tolist(), wc.index.tolist()))
+        alloc.step(wc, mask_scores(scores, *wc.legal_directions()))
+        wc.check_invariants(cfg.target)
+        after = set(zip(wc.lod.tolist(), wc.index.tolist()))
+        edits += [(step, "expand", node) for node in before - after if node[0] > 0 and
+                  all((node[0] - 1, node[1] * K + j) in after for j in range(K))]
+        edits += [(step, "collapse", node) for node in after - before if node[0] > 0 and
+                  all((node[0] - 1, node[1] * K + j) in before for j in range(K))]
+    return edits
+
+
+def reversals(edits, window):
+    """Edits of a node in the opposite direction within `window` steps of the previous edit of that node."""
+    last, out = {}, 0
+    for step, kind, node in edits:
+        if node in last and last[node][1] != kind and step - last[node][0] <= window:
+            out += 1
+        last[node] = (step, kind)
+    return out
+
+
+def test_allocator_cooldown_and_hysteresis_stop_ping_pong():
+    free = run_adversary(cooldown=0, hysteresis=0.0)
+    assert reversals(free, window=1) >= 10, "the adversary must make an unprotected allocator ping-pong"
+    guarded = run_adversary(cooldown=3, hysteresis=0.0)
+    assert reversals(guarded, window=3) == 0 and len(guarded) > 0
+    # near-tied noisy scores: gain - loss <= 2 * 0.04 < 0.1, so hysteresis allows no pair at all
+    assert len(run_adversary(cooldown=0, hysteresis=0.0, noise=0.04)) > 10
+    assert run_adversary(cooldown=0, hysteresis=0.1, noise=0.04) == []
+
+
+def test_recency_policy_converges_to_pyramid():
+    cfg = MegaContextConfig(block_k=4, w_max=60, recent_tokens=6, refocus_every=4, tau_collapse=100.0)
+    wc = WorkingContext(4, 6, 60)
+    wc.append(40)
+    alloc = FocusAllocator(cfg)
+    for _ in range(200):  # decode: a token at a time, an allocator step every 4
+        wc.append(1, alloc.steps)
+        if wc.cursor % 4 == 0:
+            alloc.step(wc, recency_scores(wc, cfg.target))
+        wc.check_invariants()
+    assert bool((wc.lod[1:] <= wc.lod[:-1]).all()) and (wc.lod == 2).any() and (wc.lod == 1).any()
+    assert len(wc) >= cfg.target - 2 * (4 - 1)  # the budget is used, not wasted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GistNet and LensNet
+
+
+@pytest.mark.parametrize("pool", ["mean", "query", "cls"])
+@pytest.mark.parametrize("proj", ["linear", "mlp"])
+def test_gistnet_shape_scale_bidirectional(pool, proj):
+    cfg = mc_config(gist_pool=pool, gist_proj=proj)
+    net = GistNet(cfg, 48, emb_rms=0.37)
+    x = torch.randn(5, 8, 48)
+    for lod in (1, 2):
+        g = net(lod, x)
+        assert g.shape == (5, 48)
+        # 1e-3: rms_norm's eps (1.2e-7) is felt when the pooled vector is small (a fresh cls entry has rms ~0.02)
+        assert_close("gist rms", torch.full((5,), 0.37), g.pow(2).mean(-1).sqrt(), ratio=1e-3, atol=1e-3)
+    # bidirectional: the last entry of a block changes the hidden state (and so the contribution) of the first
+    level = net.level(1)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    first = 1 if pool == "cls" else 0
+    h, h2 = level.hidden(x), level.hidden(x2)
+    assert (h[:, first] - h2[:, first]).abs().max() > 1e-4
+    assert not torch.allclose(net(1, x), net(1, x2))
+
+
+def test_gistnet_query_pool_uses_gist_pool_and_starts_as_mean():
+    net = GistNet(mc_config(gist_pool="query"), 48, emb_rms=1.0)
+    level = net.level(1)
+    x = torch.randn(3, 8, 48)
+    h = level.hidden(x)
+
+    def finish(y):
+        y = level.proj(y) if isinstance(level.proj, torch.nn.Linear) else y + level.proj(y)
+        return torch.nn.functional.rms_norm(y, (48,)) * level.gain
+
+    assert_close("query=0 is mean pooling", finish(h.mean(1)), net(1, x), ratio=1e-5)
+    with torch.no_grad():
+        level.query.normal_()
+    pooled = kernels.gist_pool_ref(h.reshape(1, 24, 3, 16), level.query, 8).reshape(3, 48)
+    assert_close("learned query pooling", finish(pooled), net(1, x), ratio=1e-5)
+    assert (finish(h.mean(1)) - net(1, x)).abs().max() > 1e-3
+
+
+def test_gistnet_per_level_or_shared_weights():
+    shared, split = GistNet(mc_config(gist_shared=True), 48, 1.0), GistNet(mc_config(), 48, 1.0)
+    assert shared.level(1) is shared.level(2) and split.level(1) is not split.level(2)
+    x = torch.randn(2, 8, 48)
+    assert torch.equal(shared(1, x), shared(2, x)) and not torch.allclose(split(1, x), split(2, x))
+
+
+@pytest.mark.parametrize("pool", ["mean", "query", "cls"])
+def test_gistnet_and_lensnet_every_parameter_gets_a_gradient(pool):
+    """Through the base model's loss, as issue 5's stages will train them (and as the original code did not)."""
+    m = mc_model(gist_pool=pool, gist_proj="linear", rope="gaussian_learned").train()
+    x = m.gpt.wte(torch.randint(0, 97, (4 * 8 * 8,))).detach()
+    gists = m.gistnet(2, m.gistnet(1, x.view(-1, 8, 48)).view(-1, 8, 48))  # (4, 48): LOD1 then LOD2
+    mu = torch.arange(4) * 64 + 31.5
+    logits, _ = m.gpt(embeds=gists[None], mu=mu, sigma=m.sigma_scale[2] * 64 * torch.ones(4))
+    scores = m.lensnet(gists[None], torch.full((1, 4), 2), 256 - (mu[None] + 32.5), torch.full((1, 4), 64))
+    (logits.logsumexp(-1).mean() + scores.pow(2).mean()).backward()
+    params = [*m.gistnet.named_parameters(), *m.lensnet.named_parameters(), ("sigma_scale", m.sigma_scale)]
+    for name, p in params:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+def wc_features(wc, d=48, gen=None):
+    x = torch.randn(1, len(wc), d, generator=gen)
+    return x, wc.lod[None], (wc.cursor - wc.end)[None], (wc.end - wc.start)[None]
+
+
+def test_lensnet_masking_and_permutation():
+    torch.manual_seed(3)
+    wc = WorkingContext.pyramid(8, 12, 64, 900, 56)
+    lens = LensNet(mc_config(lens_tail=8), 48).eval()
+    x, lod, dist, span = wc_features(wc)
+    raw = lens(x, lod, dist, span)[0]
+    assert raw.shape == (len(wc),)
+    can_expand, can_collapse = wc.legal_directions()
+    s = mask_scores((raw - raw.mean()) * 100 + torch.randn(len(wc)), can_expand, can_collapse)
+    assert (s[wc.lod == 0] <= 0).all() and (s[wc.lod == TOP] >= 0).all() and (s[~can_collapse] >= 0).all()
+    assert (s[wc.lod == 0] < 0).any() and (s[wc.lod == TOP] > 0).any()  # legal directions survive
+    assert can_collapse.sum() % 8 == 0 and not can_collapse[-12:].any()  # whole groups, none in the tail
+    # non-causal, no positions beyond the features: permuting the non-tail entries permutes the scores
+    perm = torch.cat([torch.randperm(len(wc) - 8), torch.arange(len(wc) - 8, len(wc))])
+    out = lens(x[:, perm], lod[:, perm], dist[:, perm], span[:, perm])[0]
+    assert_close("permuted scores", raw[perm], out, ratio=1e-5)
+
+
+def test_lensnet_sign_on_constructed_case():
+    """The tail repeats one gist's content: after a short fit, that gist scores highest, and the allocator
+    expands it (positive = expand). The other gists are labelled -1 (collapse cheaply)."""
+    torch.manual_seed(0)
+    d, G, T = 16, 6, 4
+    cfg = MegaContextConfig(block_k=4, w_max=40, recent_tokens=4, refocus_every=4, lens_width=32, lens_heads=2,
+                            lens_layers=2, lens_tail=T, max_edits=1)
+    lens = LensNet(cfg, d)
+    lod = torch.tensor([1] * G + [0] * T)
+    span = torch.tensor([4] * G + [1] * T)
+    dist = torch.tensor([4 * (G - i) + T - 4 for i in range(G)] + list(range(T - 1, -1, -1)))
+
+    def batch(B, gen):
+        x = torch.randn(B, G + T, d, generator=gen)
+        hot = torch.randint(0, G, (B,), generator=gen)
+        x[:, G:] = x[torch.arange(B), hot][:, None] + 0.1 * torch.randn(B, T, d, generator=gen)
+        y = torch.full((B, G), -1.0)
+        y[torch.arange(B), hot] = 1.0
+        return x, y, hot
+
+    opt = torch.optim.Adam(lens.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        x, y, _ = batch(32, gen)
+        out = lens(x, lod.expand(32, -1), dist.expand(32, -1), span.expand(32, -1))[:, :G]
+        loss = (out - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lens.eval()
+    x, _, hot = batch(64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        s = lens(x, lod.expand(64, -1), dist.expand(64, -1), span.expand(64, -1))
+    assert (s[:, :G].argmax(1) == hot).float().mean() >= 0.9
+    # positive means expand: an allocator step expands the gist the tail points at
+    b = int((s[:, :G].argmax(1) == hot).nonzero()[0])
+    wc = WorkingContext(4, 4, 40)
+    wc.append(G * 4 + T)
+    for i in range(G):
+        wc.collapse(i, now=-10)  # long ago: out of cooldown
+    FocusAllocator(cfg).step(wc, mask_scores(s[b], *wc.legal_directions()))
+    assert int((wc.lod == 0).sum()) == T + 4 and int(wc.lod[int(hot[b])]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# positions and the session
+
+
+def test_positions_gaussian_rope_variants():
+    wc = WorkingContext.pyramid(8, 12, 200, 1000, 100)
+    start, end = wc.start.double(), wc.end.double()
+    history, logits = torch.randint(0, 97, (400,)).tolist(), {}
+    for rope in ("gaussian", "rope", "gaussian_learned"):
+        m = mc_model(rope=rope)  # the same seed: the same GistNet, so only the positions differ
+        s = Session(m)
+        s.ingest(history)
+        logits[rope] = s.logits()
+        mu, sigma = wc.positions(m.sigma_scale)
+        assert torch.equal(mu, (start + end - 1) / 2)  # span centre; LOD0: mu = p exactly
+        assert torch.equal(mu[wc.lod == 0], start[wc.lod == 0]) and (sigma[wc.lod == 0] == 0).all()
+        if rope == "rope":
+            assert (sigma == 0).all()
+        else:
+            want = (end - start) / math.sqrt(12)
+            assert_close("sigma", want[wc.lod > 0].float(), sigma[wc.lod > 0], ratio=1e-6)
+            assert sigma[wc.lod == 2][0] == pytest.approx(64 / math.sqrt(12), rel=1e-6)
+        assert isinstance(m.sigma_scale, torch.nn.Parameter) == (rope == "gaussian_learned")
+    assert torch.equal(logits["gaussian"], logits["gaussian_learned"])  # equal until sigma_scale is trained
+    assert (logits["gaussian"] - logits["rope"]).abs().max() > 1e-4  # the spreads reach the base model
+
+
+def scratch_logits(s):
+    """Next-token logits from one uncached forward over the explicit working context."""
+    mu, sigma = s.wc.positions(s.model.sigma_scale)
+    x = s.tree.node_embeddings(s.wc.lod, s.wc.index)[None]
+    with torch.no_grad():
+        return s.model.gpt(embeds=x, mu=mu[None], sigma=sigma[None])[0][0, -1]
+
+
+@pytest.mark.parametrize("policy", ["recency", "lens"])
+def test_session_kv_reuse_equals_from_scratch(policy):
+    m = mc_model(policy=policy)
+    with torch.no_grad():  # a decisive LensNet, so the lens policy edits too
+        m.lensnet.head.weight.mul_(300)
+    s = Session(m)
+    s.ingest(torch.randint(0, 97, (300,)).tolist())
+    partial = 0
+    for _ in range(70):
+        if s.pending >= s.cfg.refocus_tokens:
+            s.refocus()
+        partial += 0 < s.wc.dirty < s.cache.length  # an edit in the middle: the prefix before it is reused
+        assert_close("logits", scratch_logits(s), s.logits(), ratio=1e-5, atol=1e-4)
+        s.ingest([s.step()])  # two tokens per iteration: the sampled one and one more
+        s.wc.check_invariants()
+    assert partial >= 5, "edits in the middle must have truncated the cache (a reused prefix)"
+    assert s.alloc.summary()["collapses"] > 0
+
+
+def test_session_rebuilds_cache_when_positions_drift(monkeypatch):
+    """Positions are relative to the cache's origin; far from it the cache is rebuilt, with the same logits."""
+    import session as session_module
+    monkeypatch.setattr(session_module, "ORIGIN_DRIFT", 24)
+    s = Session(mc_model(policy="recency"))
+    s.ingest(torch.randint(0, 97, (100,)).tolist())
+    s.logits()
+    origins = set()
+    for _ in range(60):
+        s.step()
+        origins.add(float(s.cache.origin[0, 0]))
+        assert_close("logits", scratch_logits(s), s.logits(), ratio=1e-5, atol=1e-4)
+        assert s.wc.cursor - float(s.cache.origin[0, 0]) <= 24 + 1
+    assert len(origins) >= 2
+    with pytest.raises(ValueError, match="history is empty"):
+        Session(mc_model()).logits()
+
+
+def test_session_save_open_continue_equals_never_saved(tmp_path):
+    m = mc_model()
+    with torch.no_grad():
+        m.lensnet.head.weight.mul_(300)
+    a = Session(m)
+    a.ingest(torch.randint(0, 97, (333,)).tolist())
+    for _ in range(21):
+        a.step()
+    path = str(tmp_path / "session")
+    a.save(path)
+    b = Session.open(m, path)
+    assert b.wc.cursor == a.wc.cursor and torch.equal(b.wc.lod, a.wc.lod) and b.pending == a.pending
+    ta = [a.step() for _ in range(40)]
+    tb = [b.step() for _ in range(40)]
+    assert ta == tb and torch.equal(a.wc.index, b.wc.index)
+    assert_close("logits after resume", a.logits(), b.logits(), ratio=1e-5, atol=1e-4)
+    b.save(path)  # in-place append to the tree it came from
+    c = Session.open(m, path)
+    assert len(c.tree) == len(a.tree) and torch.equal(c.wc.index, a.wc.index)
+    assert [c.step() for _ in range(10)] == [a.step() for _ in range(10)]
+    # a differently configured session reopens the same tree with a cold-start pyramid
+    m2 = MegaContextModel(m.gpt, dataclasses.replace(m.cfg, w_max=80))
+    m2.gistnet.load_state_dict(m.gistnet.state_dict())
+    d = Session.open(m2, path)
+    d.wc.check_invariants()
+    assert d.wc.cursor == len(c.tree) - 10 and len(d.wc) <= 80
+
+
+def test_session_refuses_tree_of_another_model_or_K(tmp_path):
+    m = mc_model()
+    s = Session(m)
+    s.ingest(list(range(90)))
+    path = str(tmp_path / "t")
+    s.save(path)
+    before = open(os.path.join(path, "meta.json")).read()
+    with pytest.raises(TreeError, match="block size K=8, this session uses K=16"):
+        Session.open(mc_model(block_k=16, w_max=128), path)
+    other = mc_model()
+    with torch.no_grad():
+        other.gistnet.level(1).gain.mul_(2)  # another GistNet: other gists
+    with pytest.raises(TreeError, match="built by another model"):
+        Session.open(other, path)
+    assert open(os.path.join(path, "meta.json")).read() == before
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing():
+    with pytest.raises(ValueError, match="power of two"):
+        mc_config(block_k=12).validate()
+    with pytest.raises(ValueError, match="budget w_max=34 is too small"):
+        mc_config(w_max=34).validate()  # tail 12 + coarsest 2 * 7 + 1 + headroom 8 = 35
+    mc_config(w_max=35).validate()
+    with pytest.raises(ValueError, match="budget w_max=34 is too small"):
+        MegaContextModel(tiny_gpt(), mc_config(w_max=34))
+    s = Session(mc_model())
+    s.ingest(list(range(50)))
+    for _ in range(5):
+        s.step()
+    before = (len(s.tree), s.tree.n_nodes(1), snapshot(s.wc), s.pending)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 97\)"):
+        s.ingest([3, 97])
+    with pytest.raises(ValueError, match="raise the budget or K"):
+        s.ingest([1] * 4000)  # a budget of 64 (target 56) holds 1,995 tokens at K=8
+    assert before[:2] == (len(s.tree), s.tree.n_nodes(1)) and same(before[2], snapshot(s.wc)) and before[3] == s.pending
+
+
+def test_session_streams_a_long_history_and_stays_in_budget():
+    s = Session(mc_model(w_max=96, recent_tokens=16))
+    s.ingest(torch.randint(0, 97, (2500,)).tolist())  # >= w_max at once: the cold-start pyramid
+    s.wc.check_invariants()
+    assert (s.wc.lod == 2).any() and len(s.wc) <= s.cfg.target
+    for _ in range(3):
+        s.ingest(torch.randint(0, 97, (40,)).tolist())  # smaller chunks: budget steps make room
+        s.wc.check_invariants()
+    assert s.tree.n_nodes(1) == len(s.tree) // 8 and s.tree.n_nodes(2) == len(s.tree) // 64
+    levels = s.wc.level_map(30)
+    assert len(levels) == 30 and levels[0] == "2" and list(levels) == sorted(levels, reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py --mc end to end
+
+
+def run(args, **kw):
+    env = {**os.environ, "MC_KERNELS": "torch", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "60"}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          **kw)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny GPT saved in train.py's checkpoint format, with a synthetic corpus's tokenizer."""
+    import prepare
+    root = tmp_path_factory.mktemp("mc_sample")
+    data = str(root / "data")
+    prepare.main(["--synthetic", "--out", data, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64)
+    ckpt = str(root / "ckpt.pt")
+    torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg),
+                "config": {"data_dir": data}, "step": 0}, ckpt)
+    enc = prepare.load_tokenizer(data)
+    ordinary = enc.n_vocab - len(prepare.SPECIAL_TOKENS)  # special tokens sit at the top of the vocabulary
+    ids = [t for t in prepare.load_split(data, "train")[0][:6000].tolist() if t < ordinary]
+    book = root / "book.txt"
+    book.write_text(enc.decode(ids) + " The end of the book.")
+    return ckpt, str(book), root
+
+
+def test_sample_mc_end_to_end(checkpoint):
+    ckpt, book, root = checkpoint
+    tree = str(root / "tree")
+    common = ["sample.py", "--ckpt", ckpt, "--mc", "--budget", "160", "--block", "8", "--recent", "16"]
+    r = run(common + ["--prompt-file", book, "--max-new-tokens", "30", "--temperature", "0", "--tree", tree])
+    assert r.returncode == 0, r.stderr
+    status = [line for line in r.stderr.splitlines() if line.startswith("[mc] ") and "entries" in line]
+    assert len(status) >= 3, r.stderr  # a refocus line every 8 generated tokens
+    for line in status:
+        levels, used = line.split(" | ")[0][5:], int(line.split(" | ")[1].split("/")[0])
+        assert set(levels) <= set("012") and levels[0] == "2" and used <= 160 and "swap" in line
+    assert len(r.stdout.strip()) > 0 and "The end of the book" not in r.stdout  # a book is not echoed
+    n_first = json.load(open(os.path.join(tree, "meta.json")))["counts"][0]
+    assert n_first > 5000
+    # resume: the history grows from where it stopped; interactive lines are ingested and answered
+    r = run(common + ["--tree", tree, "--interactive", "--max-new-tokens", "5"], input="hello there\nmore\n")
+    assert r.returncode == 0, r.stderr
+    assert "resumed session" in r.stderr and len(r.stdout.strip().splitlines()) >= 2
+    assert json.load(open(os.path.join(tree, "meta.json")))["counts"][0] > n_first
+    # bad input: one line on stderr, exit 1, the saved tree untouched
+    before = {n: open(os.path.join(tree, n), "rb").read() for n in os.listdir(tree)}
+    for extra, message in [(["--block", "12"], "power of two"), (["--budget", "30"], "too small"),
+                           (["--block", "16", "--budget", "200"], "block size K=8, this session uses K=16")]:
+        r = run(common + ["--tree", tree, "--prompt", "x", "--max-new-tokens", "3"] + extra)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert message in r.stderr
+    assert before == {n: open(os.path.join(tree, n), "rb").read() for n in os.listdir(tree)}

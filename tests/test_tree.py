@@ -1,0 +1,232 @@
+"""tree.py: node arithmetic, gists made exactly when spans complete, and the on-disk format (atomic appends,
+memory-mapped open, truncated/corrupt/foreign trees refused with one line and nothing on disk changed)."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tree import TOP, MegaContextTree, TreeError, children, node_span, parent
+
+D, V = 6, 50
+
+
+def fake_embed(ids):
+    """Token id t -> a vector that identifies it: [t, t^2, 1, ...] (exact in fp32 for small t)."""
+    t = ids.double()
+    return torch.stack([t, t * t] + [torch.ones_like(t)] * (D - 2), -1).float()
+
+
+class Recorder:
+    """gist(lod, x) = sum of the K children + lod, recording every call so tests can see what was pooled."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, lod, x):
+        self.calls.append((lod, x.clone()))
+        return x.sum(1) + lod
+
+
+def make_tree(K=4, identity="model-a", gist=None, dtype="float32"):
+    return MegaContextTree(K, D, V, identity, fake_embed, gist or Recorder(), dtype)
+
+
+def dir_digest(path):
+    out = {}
+    for name in sorted(os.listdir(path)):
+        with open(os.path.join(path, name), "rb") as f:
+            out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def test_tree_node_arithmetic_round_trips():
+    for K in (2, 8, 32):
+        for lod in range(TOP + 1):
+            for k in (0, 1, K - 1, K, 12345):
+                a, b = node_span(lod, k, K)
+                assert (a, b) == (k * K**lod, (k + 1) * K**lod)
+                if lod < TOP:
+                    pl, pk = parent(lod, k, K)
+                    pa, pb = node_span(pl, pk, K)
+                    assert pa <= a and b <= pb and (lod, k) in children(pl, pk, K)
+                if lod > 0:
+                    kids = children(lod, k, K)
+                    child = K ** (lod - 1)
+                    assert [node_span(*c, K) for c in (kids[0], kids[-1])] == [(a, a + child), (b - child, b)]
+                    assert all(parent(*c, K) == (lod, k) for c in kids)
+    lod, idx = torch.tensor([0, 1, 2]), torch.tensor([5, 5, 5])
+    assert [t.tolist() for t in node_span(lod, idx, 4)] == [[5, 20, 80], [6, 24, 96]]  # tensors as well as ints
+
+
+def test_tree_gists_exactly_when_spans_complete():
+    """Partial blocks are never pooled; a gist appears with the last token of its span; chunking does not matter."""
+    K, n = 4, 4 * 4 * 2 + 4 + 3  # two LOD2 spans, one more block, a ragged 3-token tail
+    ids = np.random.default_rng(0).integers(0, V, n)
+    rec = Recorder()
+    tree = make_tree(K, gist=rec)
+    pos = 0
+    for chunk in (1, 2, 5, 3, 9, 7, 12):  # odd chunks that straddle block edges
+        tree.append(ids[pos:pos + chunk])
+        pos += chunk
+        assert (len(tree), tree.n_nodes(1), tree.n_nodes(2)) == (pos, pos // K, pos // K**2)
+    assert pos == n
+    for _, x in rec.calls:
+        assert x.shape[1:] == (K, D)  # whole blocks only
+    one = make_tree(K)
+    one.append(ids)
+    for lod in (1, 2):
+        every = np.arange(one.n_nodes(lod))
+        assert np.array_equal(one.gists(lod, every), tree.gists(lod, every))
+    assert np.array_equal(tree.tokens(0, n), ids)
+
+
+def test_tree_gist_depends_only_on_its_block():
+    K = 4
+    ids = np.random.default_rng(1).integers(0, V, 3 * K**2)
+    a, b = make_tree(K), make_tree(K)
+    a.append(ids)
+    changed = ids.copy()
+    changed[K + 2] = (changed[K + 2] + 1) % V  # a token of block 1 (in LOD2 node 0)
+    b.append(changed)
+    g1a, g1b = a.gists(1, np.arange(3 * K)), b.gists(1, np.arange(3 * K))
+    assert np.array_equal(g1a[0], g1b[0]) and np.array_equal(g1a[2:], g1b[2:])
+    assert not np.array_equal(g1a[1], g1b[1])
+    g2a, g2b = a.gists(2, np.arange(3)), b.gists(2, np.arange(3))
+    assert not np.array_equal(g2a[0], g2b[0]) and np.array_equal(g2a[1:], g2b[1:])
+    # LOD2 node k is made from exactly its K LOD1 children: (sum of children) + 2 with the recording gist
+    for k in range(3):
+        assert np.allclose(g2a[k], g1a[k * K:(k + 1) * K].sum(0) + 2)
+    # LOD1 node k is made from exactly tokens [kK, (k+1)K)
+    emb = fake_embed(torch.from_numpy(ids)).numpy()
+    assert np.allclose(g1a, emb.reshape(-1, K, D).sum(1) + 1)
+
+
+def test_tree_node_embeddings_gather_mixed_levels():
+    K = 4
+    tree = make_tree(K)
+    ids = np.arange(2 * K**2 + 3) % V
+    tree.append(ids)
+    lod, index = torch.tensor([2, 1, 1, 0, 0]), torch.tensor([0, 4, 5, 24, 34])
+    x = tree.node_embeddings(lod, index)
+    assert x.shape == (5, D)
+    assert torch.equal(x[0], torch.from_numpy(tree.gists(2, [0])[0]))
+    assert torch.equal(x[2], torch.from_numpy(tree.gists(1, [5])[0]))
+    assert torch.equal(x[3:], fake_embed(torch.tensor([ids[24], ids[34]])))
+
+
+def test_tree_rejects_tokens_outside_vocab_unchanged():
+    tree = make_tree()
+    tree.append([1, 2, 3])
+    for bad in ([1, V], [-1], [5, 6, 7, V + 3]):
+        with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 50\)"):
+            tree.append(bad)
+        assert len(tree) == 3 and tree.n_nodes(1) == 0
+
+
+def test_tree_save_open_append_round_trip(tmp_path):
+    """save -> open (memory-mapped) -> append -> save (in-place append) -> open: contents equal an in-memory tree."""
+    K, path = 4, str(tmp_path / "t")
+    ids = np.random.default_rng(2).integers(0, V, 200)
+    ref = make_tree(K)
+    ref.append(ids)
+    tree = make_tree(K)
+    tree.append(ids[:77])
+    tree.save(path, extra={"note": "first"})
+    tree, extra = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert extra == {"note": "first"} and isinstance(tree.levels[1].disk, np.memmap) and len(tree) == 77
+    tree.append(ids[77:150])
+    tree.save(path)
+    tree.append(ids[150:])  # unsaved rows live in RAM next to the mapped ones
+    for lod in (1, 2):
+        idx = np.arange(ref.n_nodes(lod))[::-1].copy()  # any order, across the disk/RAM boundary
+        assert np.array_equal(tree.gists(lod, idx), ref.gists(lod, idx))
+    tree.save(path)
+    again, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert np.array_equal(again.tokens(0, 200), ids)
+    for lod in (1, 2):
+        every = np.arange(ref.n_nodes(lod))
+        assert np.array_equal(again.gists(lod, every), ref.gists(lod, every))
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    assert meta["counts"] == [200, 50, 12] and meta["K"] == K and meta["d"] == D and meta["identity"] == "model-a"
+    assert os.path.getsize(os.path.join(path, "lod1.bin")) == 50 * D * 4
+
+
+def test_tree_crash_mid_append_leaves_consistent_tree(tmp_path):
+    """Bytes past the committed rows (an append that crashed before meta.json) are ignored, then overwritten."""
+    K, path = 4, str(tmp_path / "t")
+    tree = make_tree(K)
+    tree.append(np.arange(40) % V)
+    tree.save(path)
+    for name in ("tokens.bin", "lod1.bin"):
+        with open(os.path.join(path, name), "ab") as f:
+            f.write(b"\x13" * 37)  # half-written rows of a crashed append
+    tree, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert len(tree) == 40 and np.array_equal(tree.tokens(0, 40), np.arange(40) % V)
+    tree.append([1, 2, 3, 4])
+    tree.save(path)
+    tree, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert np.array_equal(tree.tokens(36, 44), [36, 37, 38, 39, 1, 2, 3, 4])
+    assert os.path.getsize(os.path.join(path, "tokens.bin")) == 44 * 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "is truncated"), ("flip", r"is corrupt \(crc32 mismatch"), ("meta", "meta.json is corrupt"),
+    ("missing", "meta.json missing"), ("K", "block size K=4, this session uses K=8"),
+    ("model", "built by another model"), ("dim", "built by another model"),
+], ids=["truncated", "corrupted-byte", "corrupt-meta", "missing", "other-K", "other-model", "other-width"])
+def test_tree_open_refuses_damaged_or_foreign_tree(tmp_path, damage, message):
+    K, path = 4, str(tmp_path / "t")
+    tree = make_tree(K)
+    tree.append(np.arange(100) % V)
+    tree.save(path)
+    lod1 = os.path.join(path, "lod1.bin")
+    if damage == "truncate":
+        with open(lod1, "r+b") as f:
+            f.truncate(os.path.getsize(lod1) - 5)
+    elif damage == "flip":
+        with open(lod1, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0x40]))
+    elif damage == "meta":
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            f.write('{"format_version": 1, "K": ')
+    elif damage == "missing":
+        os.remove(os.path.join(path, "meta.json"))
+    before = dir_digest(path)
+    K_open, d_open, ident = (8 if damage == "K" else K), (D + 2 if damage == "dim" else D), \
+        ("model-b" if damage == "model" else "model-a")
+    with pytest.raises(TreeError, match=message) as e:
+        MegaContextTree.open(path, K_open, d_open, V, ident, fake_embed, Recorder())
+    assert "\n" not in str(e.value)
+    assert dir_digest(path) == before
+
+
+def test_tree_save_refuses_directory_of_another_tree(tmp_path):
+    path = str(tmp_path / "t")
+    a, b = make_tree(), make_tree()
+    a.append([1, 2, 3])
+    a.save(path)
+    before = dir_digest(path)
+    b.append([4, 5])
+    with pytest.raises(TreeError, match="already holds a MegaContext tree"):
+        b.save(path)
+    assert dir_digest(path) == before
+    b.save(str(tmp_path / "other"))  # elsewhere it is fine, and "save as" copies a mapped tree whole
+    a.save(str(tmp_path / "copy"))
+    copy, _ = MegaContextTree.open(str(tmp_path / "copy"), 4, D, V, "model-a", fake_embed, Recorder())
+    assert np.array_equal(copy.tokens(0, 3), [1, 2, 3])
+
+
+def test_tree_float16_storage(tmp_path):
+    tree = make_tree(dtype="float16")
+    tree.append(np.arange(64) % V)
+    tree.save(str(tmp_path / "t"))
+    back, _ = MegaContextTree.open(str(tmp_path / "t"), 4, D, V, "model-a", fake_embed, Recorder())
+    assert back.gists(1, [0]).dtype == np.float16 and os.path.getsize(str(tmp_path / "t" / "lod1.bin")) == 16 * D * 2
+    with pytest.raises(ValueError, match="gist dtype"):
+        make_tree(dtype="bfloat16")
