@@ -44,10 +44,11 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF")
     p.add_argument("--mc", action="store_true", help="MegaContext: unbounded history in a gist tree")
-    p.add_argument("--budget", type=int, default=512, help="--mc: working-context entries (w_max)")
-    p.add_argument("--block", type=int, default=32, help="--mc: block size K, a power of two in 2..64")
-    p.add_argument("--recent", type=int, default=64, help="--mc: newest tokens always kept raw")
-    p.add_argument("--policy", default="lens", choices=["lens", "recency"], help="--mc: focus policy")
+    # --mc settings default to the checkpoint's MegaContext config (training stages), else MegaContextConfig's
+    p.add_argument("--budget", type=int, default=None, help="--mc: working-context entries (w_max)")
+    p.add_argument("--block", type=int, default=None, help="--mc: block size K, a power of two in 2..64")
+    p.add_argument("--recent", type=int, default=None, help="--mc: newest tokens always kept raw")
+    p.add_argument("--policy", default=None, choices=["lens", "recency"], help="--mc: focus policy")
     p.add_argument("--tree", default=None, help="--mc: session directory, resumed when it exists, saved on exit")
     args = p.parse_args(argv)
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or args.max_new_tokens < 0:
@@ -103,8 +104,8 @@ def mc_model(ckpt, args, gpt):
     """The checkpoint's MegaContext config and weights when it has them (training stages), else untrained nets."""
     fields = {f.name for f in dataclasses.fields(MegaContextConfig)}
     saved = {k: v for k, v in ckpt.get("mc_config", {}).items() if k in fields}
-    cfg = MegaContextConfig(**{**saved, "block_k": args.block, "w_max": args.budget, "recent_tokens": args.recent,
-                               "policy": args.policy})
+    given = {"block_k": args.block, "w_max": args.budget, "recent_tokens": args.recent, "policy": args.policy}
+    cfg = MegaContextConfig(**{**saved, **{k: v for k, v in given.items() if v is not None}})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # untrained nets are identical on every run, so the model identity of a tree holds
         mc = MegaContextModel(gpt, cfg)
