@@ -2,7 +2,7 @@
 # Every GPU measurement in one command, for one H100 (or any CUDA GPU):
 #   bash bench/run_gpu.sh          # needs data/pg/tokenizer.json (python prepare.py, here or carried)
 # 1. the GPU test tier (real shapes, bf16, autotune), 2. the kernel benchmarks (pytest-benchmark JSON),
-# 3. training throughput of configs/small.py and configs/medium.py (tokens/s, MFU). Results go to bench/results/
+# 3. training throughput of configs/small.py and configs/medium.py (tokens/s, MFU), 4. MegaContext decode latency. Results go to bench/results/
 # (and to $OUT too when it is set, as on the device machine). Throughput only needs the tokenizer: the corpus is a
 # synthetic one tokenized with it, so the vocabulary (and so the cost per token) is the real one.
 set -uo pipefail
@@ -16,5 +16,7 @@ mkdir -p data/throughput && cp data/pg/tokenizer.json data/throughput/
 python prepare.py --synthetic --out data/throughput --syn-docs 64 --syn-chars 200000 >/dev/null
 python bench/train_throughput.py configs/small.py --data_dir=data/throughput --steps=60
 python bench/train_throughput.py configs/medium.py --data_dir=data/throughput --steps=30 --grad_accum=4
-[ -n "${OUT:-}" ] && cp bench/results/*"${tag}"* bench/results/train_*.json "$OUT"/ 2>/dev/null
+python bench/decode_latency.py configs/small.py --device cuda --policy lens
+python bench/decode_latency.py configs/small.py --device cuda --policy recency
+[ -n "${OUT:-}" ] && cp bench/results/*"${tag}"* bench/results/train_*.json bench/results/decode_latency_*.json "$OUT"/ 2>/dev/null
 exit 0
