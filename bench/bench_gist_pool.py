@@ -11,7 +11,6 @@ import functools
 import pytest
 import torch
 
-import kernels
 from kernels.gist_pool import gist_pool, gist_pool_ref
 
 SHAPES = [  # (B, T, H, D, K)
@@ -24,14 +23,6 @@ SHAPES = [  # (B, T, H, D, K)
 @functools.cache
 def _compiled():
     return torch.compile(gist_pool_ref, dynamic=False)
-
-
-@pytest.fixture
-def triton_backend():
-    prev = kernels.backend()
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend(prev)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])

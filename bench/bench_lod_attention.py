@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
 from kernels.lod_attention import lod_attention, lod_attention_ref, lod_visibility
 from kernels.rope import gauss_rope_ref
 
@@ -95,14 +94,6 @@ def _flex(q, k, v, start, end, lod, K, W0, W1):
     fa = torch.compile(flex_attention)
     return lambda qq, kk, vv: fa(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), block_mask=bm
                                  ).transpose(1, 2)
-
-
-@pytest.fixture
-def triton_backend():
-    prev = kernels.backend()
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend(prev)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])

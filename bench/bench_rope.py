@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-import kernels
 from kernels.rope import gauss_rope, gauss_rope_ref
 
 SHAPES = [  # (B, T, Hq, Hk, D)
@@ -32,14 +31,6 @@ def _compiled():
 
 def _triton_qk(q, k, mu, sigma):
     return gauss_rope(q, k, mu, sigma)
-
-
-@pytest.fixture
-def triton_backend():
-    prev = kernels.backend()
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend(prev)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])

@@ -74,3 +74,13 @@ def record(benchmark, fn, nbytes: float = None, flops: float = None, flops_ceili
 def bench_record(benchmark):
     """record() bound to this test's benchmark; a fixture, so bench files need not import a module named conftest."""
     return lambda fn, **kw: record(benchmark, fn, **kw)
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the Triton kernels (interpreted on CPU) for one test, then restore the previous backend."""
+    import kernels
+    previous = kernels.backend()
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend(previous)

@@ -76,3 +76,13 @@ def _poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
     yield
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the Triton kernels (interpreted on CPU) for one test, then restore the previous backend."""
+    import kernels
+    previous = kernels.backend()
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend(previous)

@@ -6,18 +6,9 @@ import pytest
 import torch
 from conftest import assert_close
 
-import kernels
 from kernels.gist_pool import gist_pool, gist_pool_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def triton_backend():
-    prev = kernels.backend()
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend(prev)
 
 
 def gist_pool_oracle(x, query, K):

@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-import kernels
-from conftest import GPU, assert_close
+from conftest import assert_close
 from kernels.lod_attention import lod_attention, lod_attention_ref, lod_visibility
 
 SIGMA_SCALE = 1 / math.sqrt(12)
@@ -138,14 +137,6 @@ def dense_ref(q, k, v, mu, sigma, vis, base=10000.0):
     s = torch.einsum("bihd,bjhd->bhij", rope(q), kr) / math.sqrt(D)
     p = torch.softmax(s.masked_fill(~vis[:, None], float("-inf")), -1)
     return torch.einsum("bhij,bjhd->bihd", p, vr)
-
-
-@pytest.fixture
-def triton_backend():
-    old = kernels.backend()
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend(old)
 
 
 def run_case(B, T, H, Hk, D, K, W0, W1, dtype, focus=None, fb=128, layout=None, check_grads=True):

@@ -12,14 +12,6 @@ from kernels.rope import gauss_rope, gauss_rope_ref
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def triton_backend():
-    prev = kernels.backend()
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend(prev)
-
-
 def rope_oracle(x, mu, sigma, base=10000.0):
     """Band by band in float64 complex arithmetic: (x_j + i x_{j+D/2}) * a_j * exp(i w_j mu)."""
     D = x.shape[-1]
