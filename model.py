@@ -35,6 +35,9 @@ class GPTConfig:
     rope_base: float = 10000.0  # w_j = rope_base ** (-2j / head_dim)
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (kernels.lod_attention, RoPE fused; no-cache forwards)
     dropout: float = 0.0
+    lora_rank: int = 0  # low-rank adapters on the attention's qkv projection (training stage lora); 0 = none
+    lora_layers: str = "all"  # blocks that get adapters: 'all' or comma-separated indices, e.g. '2,3'
+    lora_alpha: float = 16.0  # adapter scale alpha / rank (LoRA)
 
 
 class RMSNorm(nn.Module):
@@ -80,8 +83,17 @@ class KVCache:
         return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
 
 
+def lora_blocks(config: GPTConfig) -> set[int]:
+    """Indices of the blocks that carry LoRA adapters."""
+    if config.lora_rank <= 0:
+        return set()
+    if config.lora_layers == "all":
+        return set(range(config.n_layer))
+    return {int(i) for i in config.lora_layers.split(",") if i.strip()}
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, lora: bool = False):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         assert config.attn in ("sdpa", "lod"), f"attn must be 'sdpa' or 'lod', got {config.attn!r}"
@@ -92,13 +104,22 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout
+        self.lora_a = self.lora_b = None
+        if lora:  # W x + (alpha / r) B A x; B = 0 at init, so an adapted model starts as the base model exactly
+            self.lora_a = nn.Parameter(torch.randn(config.lora_rank, config.n_embd) / math.sqrt(config.n_embd))
+            self.lora_b = nn.Parameter(torch.zeros(3 * config.n_embd, config.lora_rank))
+            self.lora_scale = config.lora_alpha / config.lora_rank
 
-    def forward(self, x, mu, sigma, cache=None, layer=0):
+    def forward(self, x, mu, sigma, cache=None, layer=0, pyramid=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hs)
+        qkv = self.c_attn(x)
+        if self.lora_a is not None:
+            qkv = qkv + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hs)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.attn == "lod" and cache is None:  # causal over entries (W0 = inf), Gaussian RoPE fused into the loads
-            y = kernels.lod_attention(q, k, v, mu, sigma, rope_base=self.rope_base)
+        if pyramid is not None or (self.attn == "lod" and cache is None):  # RoPE fused into the kernel's loads
+            assert cache is None, "pyramid metadata is for cache-free (training) forwards"
+            y = kernels.lod_attention(q, k, v, mu, sigma, **(pyramid or {}), rope_base=self.rope_base)
             return self.c_proj(y.reshape(B, T, C))
         q, k = kernels.gauss_rope(q, k, mu, sigma, self.rope_base)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -131,14 +152,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, lora: bool = False):
         super().__init__()
         self.ln_1, self.ln_2 = RMSNorm(config.n_embd), RMSNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, lora)
         self.mlp = MLP(config)
 
-    def forward(self, x, mu, sigma, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mu, sigma, cache, layer)
+    def forward(self, x, mu, sigma, cache=None, layer=0, pyramid=None):
+        x = x + self.attn(self.ln_1(x), mu, sigma, cache, layer, pyramid)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -148,12 +169,13 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        lora = lora_blocks(config)
+        self.blocks = nn.ModuleList([Block(config, i in lora) for i in range(config.n_layer)])
         self.ln_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
+        self.apply(self._init_weights)  # (nn.Linear/Embedding only: LoRA parameters keep their own init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -182,7 +204,7 @@ class GPT(nn.Module):
                        device or p.device, dtype or p.dtype)
 
     def forward(self, idx=None, targets=None, *, embeds=None, mu=None, sigma=None, cache=None, reduction="mean",
-                last_only=False):
+                last_only=False, pyramid=None):
         """Logits (and loss) for token ids `idx` (B, T) or input embeddings `embeds` (B, T, C).
 
         mu: (B, T) or (T,) positions (int or float; default: consecutive after the cache); sigma: same shape, spreads
@@ -190,6 +212,8 @@ class GPT(nn.Module):
         Returns (logits (B, T, V) fp32, loss or None). With `cache`, the new entries are appended to it.
         last_only (no targets): logits (B, 1, V) of the newest entry only, skipping the output head elsewhere (a
         decode that re-reads many cached entries needs just the next-token distribution).
+        pyramid: dict(start, end, lod, K, W0, W1) passed to kernels.lod_attention in every layer: each entry attends
+        under its own pyramid (one-pass gist training, DESIGN §8.3); entries in the training layout for Triton.
         """
         assert (idx is None) != (embeds is None), "pass exactly one of idx and embeds"
         x = self.wte(idx) if idx is not None else embeds
@@ -205,7 +229,7 @@ class GPT(nn.Module):
         sigma = torch.zeros_like(mu) if sigma is None else sigma.float().expand(B, T)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, mu, sigma, cache, i)
+            x = block(x, mu, sigma, cache, i, pyramid)
         if cache is not None:
             cache.length += T
         assert not (last_only and targets is not None), "last_only computes no loss"

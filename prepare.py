@@ -170,7 +170,8 @@ def load_split(data_dir, split):
     offsets = np.load(os.path.join(data_dir, f"{split}.idx.npy"))  # tiny: n_docs + 1 int64
     info = load_meta(data_dir)["splits"].get(split, {})  # a shard meta.json does not list is stale (other corpus)
     if not offsets[-1] == len(tokens) == info.get("n_tokens"):
-        raise ValueError(f"{data_dir}/{split}.bin: shard, index and meta.json disagree; rerun prepare.py --splits {split}")
+        raise ValueError(f"{data_dir}/{split}.bin: shard, index and meta.json disagree; "
+                         f"rerun prepare.py --splits {split}")
     return tokens, offsets
 
 
@@ -290,7 +291,8 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
         except (OSError, ValueError):  # none yet, or unreadable: it is rewritten below either way
             old = {}
         if all(old.get(k) == meta[k] for k in ("tokenizer_sha256", "source", "synthetic_config", "max_docs")):
-            meta["splits"], meta["facts"] = old["splits"], old.get("facts", {})  # same corpus + tokenizer: keep other splits
+            # same corpus + tokenizer: keep the other splits
+            meta["splits"], meta["facts"] = old["splits"], old.get("facts", {})
             timing = old.get("timing", {}) | timing
         for s in splits:
             t0, texts = time.time(), [d["text"] for d in docs[s]]

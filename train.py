@@ -8,7 +8,18 @@
 
 Stages: `base` pretrains the GPT on the book corpus, position-ready (DESIGN §3): each sequence is cut into chunks whose
 positions are shifted by random gaps (PoSE), so relative distances up to `max_position` are trained at the cost of
-`block_size`. The MegaContext stages (gist, lens, lora, alt) plug into STAGES below.
+`block_size`. The MegaContext stages start from a base checkpoint (`base_ckpt`); their losses live in stages.py:
+
+    python train.py configs/tiny.py --out_dir=out/base                                     # base
+    python train.py configs/tiny_gist.py --base_ckpt=out/base/ckpt.pt --out_dir=out/gist   # gist (JT1)
+    python train.py configs/tiny_lens.py --base_ckpt=out/base/ckpt.pt --gist_ckpt=out/gist/ckpt.pt \
+        --out_dir=out/lens                                                                 # lens (JT2)
+    python train.py configs/tiny_lora.py --base_ckpt=out/base/ckpt.pt --gist_ckpt=out/lens/ckpt.pt \
+        --out_dir=out/lora                                                                 # lora (JT3)
+
+DDP wraps the one MegaContext root (stages.StageModel holds MegaContextModel and computes the stage's loss); each
+stage trains only its parameters (stages.TRAINED). MC checkpoints add `mc_config`, `gistnet`, `lensnet` and `lora`,
+so sample.py --mc and the next stage read them; `model` holds the GPT with its adapters (model_args has lora_rank).
 
 `grad_accum` is the number of micro-batches in one optimizer step summed over all ranks, so one GPU reproduces an
 8-GPU run's global batch with the same config. Checkpoints (out_dir/ckpt.pt) are written atomically and resume is
@@ -33,10 +44,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import kernels
 import prepare
 from configs import ConfigError, load_config
+import stages
+from megacontext import MegaContextConfig, MegaContextModel
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("base",)  # issue 5 adds "gist", "lens", "lora", "alt": each a loss function over a batch, see stage_loss()
+STAGES = ("base", "gist", "lens", "lora", "alt")  # the MegaContext stages' losses live in stages.py
+MC_STAGES = ("gist", "lens", "lora")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 spec peaks, for MFU
 
 
@@ -89,6 +103,37 @@ class TrainConfig:
     save_checkpoint: bool = True  # write out_dir/ckpt.pt at each eval and at the end
     wandb: str = "off"  # 'off' | 'offline' | 'online' (needs the wandb package; no network here)
     wandb_project: str = "megacontext"  # wandb project name
+    # MegaContext stages (mirrors the MegaContextConfig fields they need; DESIGN §2-§5)
+    base_ckpt: str = ""  # base-stage checkpoint the MC stages start from (its GPT is frozen, shape from its model_args)
+    gist_ckpt: str = ""  # checkpoint whose GistNet (and LensNet, if any) lens/lora start from; '' = base_ckpt's
+    block_k: int = 32  # K: tokens per LOD1 gist, LOD1 gists per LOD2 gist
+    w_max: int = 512  # working-context budget in entries (lens, lora)
+    recent_tokens: int = 64  # protected tail: the newest tokens stay raw
+    rope: str = "gaussian"  # gist positions: 'gaussian' | 'rope' (sigma = 0) | 'gaussian_learned'
+    horizon: int = 64  # H: tokens after the working context whose NLL is scored (dNLL@H, lens labels, lora task)
+    gist_layers: int = 2  # GistNet blocks per level
+    gist_heads: int = 4  # GistNet heads (divide n_embd)
+    gist_pool: str = "query"  # GistNet pooling: 'mean' | 'query' | 'cls'
+    gist_proj: str = "mlp"  # GistNet projection: 'linear' | 'mlp'
+    gist_shared: bool = False  # one GistNet for both levels
+    gist_w0_max: int = 256  # gist: W0 (raw window, tokens) drawn uniformly from K, 2K, .. up to this per micro-batch
+    gist_w1_max: int = 8  # gist: W1 (LOD1 window, blocks) drawn uniformly from 0..this (0 = LOD2 right after LOD0)
+    lens_layers: int = 2  # LensNet blocks
+    lens_width: int = 256  # LensNet width
+    lens_heads: int = 4  # LensNet heads
+    lens_queries: int = 4  # LensNet tail queries
+    lens_tail: int = 32  # newest entries that seed the tail queries
+    lens_candidates: int = 16  # lens: candidate edits (expansions + collapses) labelled per working context
+    lens_rank_weight: float = 1.0  # lens: weight of the pairwise ranking term next to the regression
+    lora_rank: int = 8  # lora: adapter rank (4-16)
+    lora_layers: str = "all"  # lora: blocks with adapters, 'all' or comma-separated indices
+    lora_alpha: float = 16.0  # lora: adapter scale alpha / rank
+    keep_alive: float = 0.1  # lora: weight of the gist (substitutability) loss next to the task NLL
+    alt_cycles: int = 3  # alt: at most this many gist -> lens -> lora cycles
+    alt_gist_iters: int = 200  # alt: optimizer steps of each gist phase
+    alt_lens_iters: int = 200  # alt: optimizer steps of each lens phase
+    alt_lora_iters: int = 200  # alt: optimizer steps of each lora phase
+    alt_min_delta: float = 0.005  # alt: stop when a cycle lowers the lora phase's val loss (NLL at budget) less
 
     def validate(self):
         choices = dict(stage=STAGES, init_from=("scratch", "resume"), device=("auto", "cpu", "cuda"),
@@ -105,10 +150,36 @@ class TrainConfig:
         for key in ("block_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.stage == "base":
+            return
+        if not self.base_ckpt:
+            raise ConfigError(f"stage {self.stage!r} needs base_ckpt=<a base-stage checkpoint>")
+        for key in ("base_ckpt", "gist_ckpt"):
+            if self.init_from == "scratch" and getattr(self, key) and not os.path.isfile(getattr(self, key)):
+                raise ConfigError(f"{key} not found: {getattr(self, key)}")
+        try:
+            self.mc_config().validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not 0 < self.horizon < self.block_size:
+            raise ConfigError(f"horizon={self.horizon} must be in 1..block_size-1={self.block_size - 1}")
+        if self.stage in ("lens", "lora", "alt") and self.block_size - self.horizon < self.w_max:
+            raise ConfigError(f"the history (block_size - horizon = {self.block_size - self.horizon} tokens) fits "
+                              f"the budget w_max={self.w_max} raw: nothing to expand or collapse; raise block_size")
+        if self.stage == "alt" and min(self.alt_cycles, self.alt_gist_iters, self.alt_lens_iters,
+                                       self.alt_lora_iters) <= 0:
+            raise ConfigError("alt_cycles and alt_{gist,lens,lora}_iters must be positive")
+        if self.stage in ("lora", "alt") and not 1 <= self.lora_rank <= 64:
+            raise ConfigError(f"lora_rank must be in 1..64, got {self.lora_rank}")
+
+    def mc_config(self) -> MegaContextConfig:
+        names = {f.name for f in dataclasses.fields(MegaContextConfig)}
+        return MegaContextConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        names = {f.name for f in dataclasses.fields(GPTConfig)}
+        names = {f.name for f in dataclasses.fields(GPTConfig)} - {"lora_rank", "lora_layers", "lora_alpha"}
         return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        # (adapters are added by the lora stage only: build_mc)
 
 
 def print0(*args, **kwargs):
@@ -252,11 +323,76 @@ def check_same_shape(ckpt: dict, model_args: dict, path: str):
 # stages
 
 
-def stage_loss(model, batch, cfg: TrainConfig):
-    """The training loss of one micro-batch. Issue 5's stages (gist, lens, lora, alt) add their branch here."""
+def stage_loss(model, batch, cfg: TrainConfig, gen: torch.Generator):
+    """(loss, stats) of one micro-batch; `gen` (the batch's generator) draws the stage's randomness (W0, budgets)."""
     x, y, mu = batch
-    _, loss = model(x, y, mu=mu)
-    return loss
+    if cfg.stage == "base":
+        return model(x, y, mu=mu)[1], {}
+    return model(x, y, gen, cfg.stage)
+
+
+def build_mc(cfg: TrainConfig, ckpt: dict | None, device):
+    """(StageModel, model_args) for an MC stage: the base GPT (+ adapters for lora) from base_ckpt, or everything
+    from `ckpt` on resume; GistNet/LensNet from gist_ckpt (or base_ckpt). One-line errors before any compute."""
+    base = load_checkpoint(cfg.base_ckpt) if ckpt is None else ckpt
+    model_args = dict(base["model_args"])
+    if cfg.stage == "lora" and ckpt is None:
+        model_args.update(lora_rank=cfg.lora_rank, lora_layers=cfg.lora_layers, lora_alpha=cfg.lora_alpha)
+    gpt = GPT(GPTConfig(**model_args))
+    missing, unexpected = gpt.load_state_dict(base["model"], strict=False)
+    if unexpected or any(".lora_" not in k for k in missing):
+        fail(f"{cfg.base_ckpt} does not match its model_args (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        mc = MegaContextModel(gpt, cfg.mc_config())
+    except ValueError as e:
+        fail(str(e))
+    source = base if ckpt is not None else load_checkpoint(cfg.gist_ckpt) if cfg.gist_ckpt else base
+    if cfg.stage in ("lens", "lora") and "gistnet" not in source:
+        fail(f"stage {cfg.stage!r} needs a trained GistNet: set gist_ckpt=<a gist-stage checkpoint> "
+             f"({cfg.gist_ckpt or cfg.base_ckpt} has none)")
+    for name in ("gistnet", "lensnet", "sigma_scale"):
+        if name in source:
+            try:
+                getattr(mc, name).load_state_dict(source[name]) if name != "sigma_scale" else \
+                    mc.sigma_scale.data.copy_(source[name])
+            except RuntimeError as e:
+                fail(f"the {name} in the checkpoint does not fit this config ({str(e).splitlines()[0][:160]})")
+    if cfg.stage == "lora" and "lensnet" not in source:
+        print0("!!! note: no trained LensNet in the checkpoint: lora's allocator refocuses with untrained scores")
+    trained = stages.set_trainable(mc, cfg.stage)
+    print0(f"{cfg.stage}: training {sum(p.numel() for p in mc.parameters() if p.requires_grad):,} parameters "
+           f"({len(trained)} tensors under {sorted({n.split('.')[0] for n in trained})}); the rest frozen")
+    model = stages.StageModel(mc, cfg, teacher_fits=cfg.block_size <= model_args["block_size"]).to(device)
+    model.lens_trained = cfg.stage == "lens" or "lensnet" in source  # an untrained LensNet is not saved
+    return model, model_args
+
+
+def mc_checkpoint_extras(model) -> dict:
+    """What sample.py --mc and the next stage read: the MC config, GistNet, LensNet (once trained), the adapters
+    (also inside `model`, so sample.py builds the adapted GPT from model_args alone)."""
+    mc = model.mc
+    lora = {k: v for k, v in mc.gpt.state_dict().items() if ".lora_" in k}
+    lens = {"lensnet": mc.lensnet.state_dict()} if model.lens_trained else {}
+    return {"mc_config": dataclasses.asdict(mc.cfg), "gistnet": mc.gistnet.state_dict(),
+            "sigma_scale": mc.sigma_scale.detach().clone(), **lens, **({"lora": lora} if lora else {})}
+
+
+def evaluate_mc(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool) -> dict:
+    """The stage's eval on eval_iters fixed val batches per rank (stages.evaluate), averaged over ranks."""
+    raw = model.module if ddp else model
+    batches = []
+    for i in range(cfg.eval_iters):
+        gen = batch_generator(cfg.seed + 99991, 0, rank * cfg.eval_iters + i)
+        x, y, _ = get_batch(tokens, cfg, gen, device, gaps=False)
+        batches.append((x, y, gen))
+    with ctx:
+        out = stages.evaluate(raw, cfg.stage, batches)
+    if ddp:
+        keys = sorted(out)
+        t = torch.tensor([out[k] for k in keys], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        out = dict(zip(keys, t.tolist()))
+    return out
 
 
 @torch.no_grad()
@@ -287,11 +423,45 @@ def evaluate(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool)
     return out
 
 
-def main(argv):
+def run_alt(cfg: TrainConfig, argv) -> float:
+    """alt: gist -> lens -> lora cycles. Each phase is a full stage run in out_dir/cycle<c>_<stage> that starts from
+    the previous phase's checkpoint (GPT with adapters, GistNet, LensNet) and checkpoints at its end; a finished phase
+    is skipped and an interrupted one resumed, so a killed alt run continues where it stopped. Stops early when a
+    cycle lowers the lora phase's val loss (horizon NLL under allocator-built working contexts) by < alt_min_delta."""
+    prev, last_val, val = cfg.base_ckpt, None, float("inf")
+    for cycle in range(cfg.alt_cycles):
+        for stage in ("gist", "lens", "lora"):
+            out, iters = os.path.join(cfg.out_dir, f"cycle{cycle}_{stage}"), getattr(cfg, f"alt_{stage}_iters")
+            path = os.path.join(out, "ckpt.pt")
+            ckpt = load_checkpoint(path) if os.path.exists(path) else None
+            if ckpt is not None and ckpt["step"] >= iters:
+                val = ckpt["best_val_loss"]
+            else:
+                val = main(argv + [f"--stage={stage}", f"--out_dir={out}", f"--base_ckpt={prev}", f"--gist_ckpt={prev}",
+                                   f"--max_iters={iters}", f"--init_from={'resume' if ckpt else 'scratch'}",
+                                   "--save_checkpoint=True"], nested=True)
+            print0(f"alt: cycle {cycle} {stage} done, val loss {val:.4f} ({path})")
+            if int(os.environ.get("RANK", 0)) == 0:
+                with open(os.path.join(cfg.out_dir, "alt.jsonl"), "a") as f:
+                    f.write(json.dumps({"cycle": cycle, "stage": stage, "val_loss": val, "ckpt": path}) + "\n")
+            prev = path
+        if last_val is not None and last_val - val < cfg.alt_min_delta:
+            print0(f"alt: val loss at budget plateaued ({last_val:.4f} -> {val:.4f}); stopping after cycle {cycle}")
+            break
+        last_val = val
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return val
+
+
+def main(argv, nested: bool = False):
     try:
         cfg = load_config(TrainConfig, argv)
     except ConfigError as e:
         fail(str(e))
+    if cfg.stage == "alt":
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        return run_alt(cfg, argv)
 
     # compute: DDP when launched by torchrun (RANK in the environment)
     ddp = "RANK" in os.environ
@@ -301,7 +471,7 @@ def main(argv):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("device='cuda' but no CUDA device is available")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if ddp:
+    if ddp and not dist.is_initialized():  # (alt runs its phases in one process group)
         if use_cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
@@ -328,14 +498,22 @@ def main(argv):
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
-        check_same_shape(ckpt, model_args, ckpt_path)
+        if cfg.stage == "base":
+            check_same_shape(ckpt, model_args, ckpt_path)
     elif os.path.exists(ckpt_path) and cfg.save_checkpoint:
         fail(f"{ckpt_path} exists; pass --init_from=resume to continue it or choose another --out_dir")
-    model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+    if cfg.stage == "base":
+        model = GPT(GPTConfig(**model_args)).to(device)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        gpt = model
+    else:
+        model, model_args = build_mc(cfg, ckpt, device)
+        gpt = model.mc.gpt
+    # GPT's AdamW grouping over the parameters that require grads (a stage's frozen ones are skipped)
+    optimizer = GPT.configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     step, best_val = 0, float("inf")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
         rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0]
@@ -364,7 +542,7 @@ def main(argv):
             wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), mode=cfg.wandb,
                                    dir=cfg.out_dir)
     print0(kernels.banner())
-    print0(f"{cfg.stage}: {raw_model.num_params() / 1e6:.2f}M params (non-embedding), world={world}, accum={accum}, "
+    print0(f"{cfg.stage}: {gpt.num_params() / 1e6:.2f}M params (non-embedding), world={world}, accum={accum}, "
            f"tokens/step={cfg.batch_size * cfg.block_size * cfg.grad_accum:,}, device={device}, dtype={dtype}")
 
     def log(record):
@@ -382,12 +560,14 @@ def main(argv):
     while True:
         last = step >= cfg.max_iters
         if (step % cfg.eval_interval == 0 or last) and step != resumed_at:
-            ev = evaluate(model, val_tokens, cfg, device, ctx, rank, ddp)
+            ev = (evaluate if cfg.stage == "base" else evaluate_mc)(model, val_tokens, cfg, device, ctx, rank, ddp)
             best_val = min(best_val, ev["val_loss"])
             gap = ""
-            if cfg.eval_gap > 0:
+            if cfg.eval_gap > 0 and cfg.stage == "base":
                 gap = (f" | 2nd half {ev['val_loss_tail']:.4f}, "
                        f"after a {cfg.eval_gap:.0e} gap {ev['val_loss_tail_gap']:.4f}")
+            if cfg.stage != "base":
+                gap = " | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if k != "val_loss")
             print0(f"step {step}: val loss {ev['val_loss']:.4f}{gap}")
             log({"step": step, **ev, "time": time.time() - t_start})
             rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None}]
@@ -396,9 +576,10 @@ def main(argv):
                 dist.all_gather_object(gathered, rngs[0])
                 rngs = gathered
             if master and cfg.save_checkpoint and step > 0:
-                save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                extras = mc_checkpoint_extras(raw_model) if cfg.stage != "base" else {}
+                save_atomic({"model": gpt.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                              "best_val_loss": best_val, "config": dataclasses.asdict(cfg), "model_args": model_args,
-                             "rng": rngs, "data_position": step}, ckpt_path)
+                             "rng": rngs, "data_position": step, **extras}, ckpt_path)
         if last:
             break
 
@@ -406,16 +587,19 @@ def main(argv):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, stats_sum = torch.zeros((), device=device), {}
         for micro in range(accum):
             gen = batch_generator(cfg.seed, step, rank * accum + micro)
-            batch = get_batch(train_tokens, cfg, gen, device, gaps=cfg.pose)
+            batch = get_batch(train_tokens, cfg, gen, device, gaps=cfg.pose and cfg.stage == "base")
             if ddp:
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:
-                loss = stage_loss(model, batch, cfg) / accum
+                loss, stats = stage_loss(model, batch, cfg, gen)
+                loss = loss / accum
             loss.backward()
             loss_sum += loss.detach()
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -429,19 +613,19 @@ def main(argv):
                 torch.cuda.synchronize(device)
             dt = time.time() - t_last
             tok_s = tokens_per_step * (step - step_last) / dt
-            mfu = raw_model.estimate_mfu(tok_s / world, peak) if peak else None
+            mfu = gpt.estimate_mfu(tok_s / world, peak) if peak and cfg.stage == "base" else None
             eta = (cfg.max_iters - step) * dt / (step - step_last)
             print0(f"step {step}/{cfg.max_iters} | loss {loss_sum.item():.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                    f"mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | eta {eta / 60:.1f}m")
             log({"step": step, "loss": loss_sum.item(), "lr": lr, "tok_per_s": tok_s, "mfu": mfu,
-                 "time": time.time() - t_start})
+                 "time": time.time() - t_start, **stats_sum, **stages.TIMER.pop()})
             t_last, step_last = time.time(), step
 
     if master:
         log_file.close()
         if wandb_run is not None:
             wandb_run.finish()
-    if ddp:
+    if ddp and not nested:
         dist.destroy_process_group()
     return best_val
 

@@ -1,0 +1,208 @@
+"""The MegaContext training stages (stages.py through train.py) end to end on a synthetic corpus: gist learns and is
+compared with mean pooling, lens labels have the right sign, each stage trains exactly its parameters, sample.py
+reads the checkpoints, resume is exact, and impossible stage configs fail at start with one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare
+import stages
+import train
+from configs import load_config
+from conftest import ROOT
+from megacontext import WorkingContext
+from model import GPT
+
+PY = sys.executable
+MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--eval_iters=2"]
+# MC stages on the base above: K=8 so a 128-token sequence holds 16 LOD1 and 2 LOD2 gists
+MC = ["--block_size=128", "--block_k=8", "--recent_tokens=16", "--w_max=48", "--horizon=16", "--gist_w0_max=32",
+      "--gist_w1_max=2", "--lens_width=32", "--lens_tail=8", "--lens_candidates=8", "--lora_rank=4",
+      "--eval_iters=1", "--log_interval=1", "--warmup_iters=2"]
+
+
+def run(args):
+    env = {**os.environ, "MC_KERNELS": "torch", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([PY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synthetic"))
+    prepare.main(["--synthetic", "--out", out, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(data_dir, tmp_path_factory):
+    """A 60-step base model (it must use some context for gists to matter): its checkpoint path."""
+    out = str(tmp_path_factory.mktemp("base"))
+    train.main(["configs/tiny.py", *MODEL, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=60",
+                "--eval_interval=60", "--warmup_iters=5", "--lr=3e-3", "--batch_size=8", "--log_interval=30",
+                "--eval_gap=0"])
+    return os.path.join(out, "ckpt.pt")
+
+
+def mc_args(stage, data_dir, base, out, **kw):
+    args = [f"configs/tiny_{stage}.py", *MC, f"--data_dir={data_dir}", f"--base_ckpt={base}", f"--out_dir={out}"]
+    return args + [f"--{k}={v}" for k, v in kw.items()]
+
+
+@pytest.fixture(scope="module")
+def gist(data_dir, base, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gist"))
+    train.main(mc_args("gist", data_dir, base, out, max_iters=30, eval_interval=30, batch_size=4, lr=3e-3))
+    return out
+
+
+def test_gist_stage_learns_and_beats_mean_pooling(gist):
+    log = read_log(gist)
+    evals = [r for r in log if "dnll_lod1_gist" in r]
+    assert [r["step"] for r in evals] == [0, 30]
+    first, last = evals[0], evals[-1]
+    for key in ("dnll_lod1_gist", "dnll_lod1_mean", "dnll_lod2_gist", "dnll_lod2_mean", "val_loss"):
+        assert key in last
+    assert last["dnll_lod1_gist"] < first["dnll_lod1_gist"], (first, last)
+    assert last["dnll_lod1_gist"] < last["dnll_lod1_mean"], last  # GistNet beats the naive mean-pooled gists
+    steps = [r for r in log if "loss" in r]
+    assert all(k in steps[-1] for k in ("dnll", "tok_per_s", "time_base", "time_gistnet"))
+    ckpt = torch.load(os.path.join(gist, "ckpt.pt"), weights_only=False)
+    assert {"mc_config", "gistnet", "model", "optimizer", "rng"} <= set(ckpt) and "lensnet" not in ckpt
+
+
+def test_lens_labels_sign_on_constructed_case():
+    """One gist obviously matters (expanding it lowers the horizon NLL), collapses hurt: its label is the largest and
+    positive, collapse labels are negative, and ranking by labels puts it first."""
+    wc = WorkingContext.pyramid(4, 4, 64, 200, 24)
+    gists = (wc.lod > 0).nonzero().flatten().tolist()
+    key = gists[len(gists) // 2]
+    key_node = (int(wc.lod[key]), int(wc.index[key]))
+
+    def nll_fn(variants):
+        out = []
+        for lod, index in variants:
+            nodes = set(zip(lod.tolist(), index.tolist()))
+            out.append(1.0 - 0.5 * (key_node not in nodes and len(lod) > len(wc)) + 0.3 * (len(lod) < len(wc)))
+        return torch.tensor(out)
+
+    cands, labels = stages.lens_labels(wc, nll_fn, 1000, torch.Generator().manual_seed(0))
+    assert ("expand", key) in cands and any(kind == "collapse" for kind, _ in cands)
+    y = dict(zip(cands, labels.tolist()))
+    assert y[("expand", key)] == pytest.approx(0.5 / 3) and max(y, key=y.get) == ("expand", key)
+    assert all(v == pytest.approx(-0.1) for (kind, _), v in y.items() if kind == "collapse")
+    assert stages.spearman(labels, labels) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("stage", ["gist", "lens", "lora"])
+def test_stage_trains_exactly_its_parameters(stage, data_dir, base, gist, tmp_path):
+    """One optimizer step changes exactly the stage's parameters; they are the optimizer's, and the checkpoint
+    holds them (GistNet, LensNet, LoRA)."""
+    src = os.path.join(gist, "ckpt.pt")
+    args = mc_args(stage, data_dir, base, str(tmp_path), batch_size=2, gist_w1_max=0,
+                   **({"gist_ckpt": src} if stage != "gist" else {}))
+    cfg = load_config(train.TrainConfig, args)
+    model, _ = train.build_mc(cfg, None, torch.device("cpu"))
+    opt = GPT.configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cpu")
+    before = {n: p.detach().clone() for n, p in model.mc.named_parameters()}
+    tokens = train.load_data(data_dir)[0]
+    gen = train.batch_generator(cfg.seed, 0, 0)
+    loss, _ = train.stage_loss(model, train.get_batch(tokens, cfg, gen, "cpu", gaps=False), cfg, gen)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.mc.named_parameters() if not torch.equal(p, before[n])}
+    names = set(before)
+    want = {"gist": {n for n in names if n.startswith("gistnet.")},
+            "lens": {n for n in names if n.startswith("lensnet.")},
+            "lora": {n for n in names if n.startswith("gistnet.") or ".lora_" in n}}[stage]
+    assert changed == want, f"unexpected: {sorted(changed - want)[:4]}, unchanged: {sorted(want - changed)[:4]}"
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for n, p in model.mc.named_parameters() if n in want}
+    extras = train.mc_checkpoint_extras(model)
+    assert "mc_config" in extras and "gistnet" in extras
+    assert ("lensnet" in extras) == (stage == "lens") and ("lora" in extras) == (stage == "lora")
+    if stage == "lora":
+        assert len(extras["lora"]) == 2 * 2 and all(".lora_" in k for k in extras["lora"])
+
+
+def test_lens_then_lora_end_to_end_and_sample_loads(data_dir, base, gist, tmp_path):
+    lens, lora = str(tmp_path / "lens"), str(tmp_path / "lora")
+    train.main(mc_args("lens", data_dir, base, lens, gist_ckpt=os.path.join(gist, "ckpt.pt"), max_iters=4,
+                       eval_interval=4, batch_size=2))
+    evals = [r for r in read_log(lens) if "lens_spearman" in r]
+    assert [r["step"] for r in evals] == [0, 4]
+    assert all(k in evals[-1] for k in ("label_mean", "label_std", "label_pos", "val_loss"))
+    steps = [r for r in read_log(lens) if "loss" in r]
+    assert all(k in steps[-1] for k in ("lens_reg", "lens_rank", "label_mean", "time_lensnet", "time_base"))
+    train.main(mc_args("lora", data_dir, base, lora, gist_ckpt=os.path.join(lens, "ckpt.pt"), max_iters=2,
+                       eval_interval=2, batch_size=2))
+    ckpt = torch.load(os.path.join(lora, "ckpt.pt"), weights_only=False)
+    assert ckpt["model_args"]["lora_rank"] == 4 and {"lora", "lensnet", "gistnet"} <= set(ckpt)
+    assert all(k in [r for r in read_log(lora) if "loss" in r][-1] for k in ("task_nll", "time_allocator"))
+    r = run(["sample.py", f"--ckpt={lora}/ckpt.pt", "--mc", "--max-new-tokens=5", "--prompt=the key is",
+             "--budget=48", "--block=8", "--recent=16"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_alt_cycles_chain_phases_and_skip_finished_ones(data_dir, base, tmp_path):
+    """alt runs gist -> lens -> lora per cycle, each phase from the previous phase's checkpoint, logs every phase to
+    alt.jsonl; a rerun skips the finished phases (no new training) and reports the same values."""
+    args = mc_args("gist", data_dir, base, str(tmp_path), alt_cycles=2, alt_gist_iters=2, alt_lens_iters=2,
+                   alt_lora_iters=2, batch_size=2, eval_interval=2, alt_min_delta=-1e9) + ["--stage=alt"]
+    train.main(args)
+    with open(tmp_path / "alt.jsonl") as f:
+        phases = [json.loads(line) for line in f]
+    assert [(p["cycle"], p["stage"]) for p in phases] == [(c, s) for c in range(2) for s in ("gist", "lens", "lora")]
+    lens1 = torch.load(tmp_path / "cycle1_lens" / "ckpt.pt", weights_only=False)
+    lora0 = torch.load(tmp_path / "cycle0_lora" / "ckpt.pt", weights_only=False)
+    gist1 = torch.load(tmp_path / "cycle1_gist" / "ckpt.pt", weights_only=False)
+    assert lens1["config"]["base_ckpt"].endswith("cycle1_gist/ckpt.pt")  # each phase starts from the one before
+    assert gist1["model_args"]["lora_rank"] == 4  # cycle 1 keeps the adapters cycle 0's lora phase trained
+    assert all(torch.equal(gist1["model"][k], lora0["model"][k]) for k in lora0["lora"])
+    mtime = os.path.getmtime(tmp_path / "cycle1_lora" / "ckpt.pt")
+    train.main(args)  # everything finished: nothing retrains
+    assert os.path.getmtime(tmp_path / "cycle1_lora" / "ckpt.pt") == mtime
+    with open(tmp_path / "alt.jsonl") as f:
+        again = [json.loads(line) for line in f][6:]
+    assert [p["val_loss"] for p in again] == [p["val_loss"] for p in phases]
+
+
+def test_gist_resume_is_exact(data_dir, base, tmp_path):
+    common = lambda out, n: mc_args("gist", data_dir, base, out, max_iters=n, eval_interval=2, batch_size=2,  # noqa
+                                    lr=1e-3, min_lr=1e-3)
+    b, c = str(tmp_path / "interrupted"), str(tmp_path / "straight")
+    train.main(common(b, 2))
+    train.main(common(b, 4) + ["--init_from=resume"])
+    train.main(common(c, 4))
+    lb = {r["step"]: r["loss"] for r in read_log(b) if "loss" in r}
+    lc = {r["step"]: r["loss"] for r in read_log(c) if "loss" in r}
+    assert sorted(lb) == [1, 2, 3, 4] and lb == lc
+    gb, gc = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["gistnet"] for d in (b, c))
+    assert all(torch.equal(gb[k], gc[k]) for k in gc)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["configs/tiny_gist.py", "--base_ckpt="], "stage 'gist' needs base_ckpt=<a base-stage checkpoint>"),
+    (["configs/tiny_gist.py", "--base_ckpt=/nonexistent/ckpt.pt"], "base_ckpt not found: /nonexistent/ckpt.pt"),
+    (["configs/tiny_lens.py", "--gist_ckpt="], "stage 'lens' needs a trained GistNet: set gist_ckpt="),
+    (["configs/tiny_gist.py", "--w_max=20"], "budget w_max=20 is too small: the protected tail (16)"),
+    (["configs/tiny_gist.py", "--horizon=128"], "horizon=128 must be in 1..block_size-1=127"),
+    (["configs/tiny_lens.py", "--gist_ckpt=", "--block_size=64", "--horizon=32"], "fits the budget w_max=48 raw"),
+    (["configs/tiny_gist.py", "--stage=alt", "--alt_cycles=0"], "alt_cycles and alt_{gist,lens,lora}_iters must be"),
+])
+def test_stage_config_errors_are_one_line(extra, message, data_dir, base, tmp_path):
+    args = [*MC, f"--data_dir={data_dir}", f"--base_ckpt={base}", f"--out_dir={tmp_path}"]
+    r = run(["train.py", extra[0], *args, *extra[1:]])
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not os.path.exists(os.path.join(tmp_path, "log.jsonl"))  # failed before any compute
