@@ -210,6 +210,7 @@ class GPT(nn.Module):
         mu: (B, T) or (T,) positions (int or float; default: consecutive after the cache); sigma: same shape, spreads
         (default 0 = standard RoPE). targets: (B, T) ids, -1 ignored; reduction 'mean' or 'none' (per-entry NLL).
         Returns (logits (B, T, V) fp32, loss or None). With `cache`, the new entries are appended to it.
+        reduction='none': (None, loss (B, T)), the head run only at entries with a target (>= 0; 0 loss elsewhere).
         last_only (no targets): logits (B, 1, V) of the newest entry only, skipping the output head elsewhere (a
         decode that re-reads many cached entries needs just the next-token distribution).
         pyramid: dict(start, end, lod, K, W0, W1) passed to kernels.lod_attention in every layer: each entry attends
@@ -233,6 +234,11 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         assert not (last_only and targets is not None), "last_only computes no loss"
+        if targets is not None and reduction == "none":  # per-entry losses: the head runs only where a target is
+            keep = targets >= 0
+            loss = x.new_zeros(B, T, dtype=torch.float32)
+            loss[keep] = F.cross_entropy(self.lm_head(self.ln_f(x[keep])).float(), targets[keep], reduction="none")
+            return None, loss
         logits = self.lm_head(self.ln_f(x[:, -1:] if last_only else x)).float()
         if targets is None:
             return logits, None

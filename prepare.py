@@ -43,6 +43,13 @@ SPECIAL_TOKENS = {  # token -> role. Changing this dict changes every id: retrai
 BOS = "<|bos|>"
 
 
+def passkey_text(value: str) -> tuple[str, str, str]:
+    """(needle, question, answer cue) of the pass-key task: train.py plants them in training text (passkey_rate),
+    bench/longctx.py in held-out books; the answer after the cue is f" {value}"."""
+    return (f" The pass key is {value}. Remember it. {value} is the pass key. ", " What is the pass key?",
+            " The pass key is")
+
+
 # ----------------------------------------------------------------------------------------------------- data in
 def read_books(path, max_docs=None):
     """List of {"id", "author", "title", "text"} from one xz JSON Lines file; ValueError names file and line."""

@@ -410,7 +410,8 @@ def set_trainable(mc: MegaContextModel, stage: str):
 
 
 def evaluate(stage_model: StageModel, stage: str, batches) -> dict:
-    """Sums and counts of each metric over `batches` [(x, y, gen)] -> means (a dict of floats)."""
+    """Sums and counts of each metric over `batches` [(x, y, gen)]: {name: (sum, count)} (a metric may be missing
+    where nothing was countable, e.g. Spearman over < 2 candidates)."""
     mc, cfg = stage_model.mc, stage_model.cfg
     acc = defaultdict(lambda: [0.0, 0])
     mc.eval()
@@ -421,4 +422,4 @@ def evaluate(stage_model: StageModel, stage: str, batches) -> dict:
             acc[k][0] += s
             acc[k][1] += n
     mc.train()
-    return {k: s / n for k, (s, n) in acc.items() if n}
+    return {k: tuple(v) for k, v in acc.items()}

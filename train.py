@@ -26,6 +26,7 @@ so sample.py --mc and the next stage read them; `model` holds the GPT with its a
 exact: the batch of step s depends only on (seed, s), and model, optimizer and RNG state are saved.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -50,7 +51,6 @@ from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("base", "gist", "lens", "lora", "alt")  # the MegaContext stages' losses live in stages.py
-MC_STAGES = ("gist", "lens", "lora")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 spec peaks, for MFU
 
 
@@ -66,6 +66,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # data
     data_dir: str = "data/pg"  # output of prepare.py: tokenizer.json, {train,val}.bin, meta.json
+    passkey_rate: float = 0.0  # share of sequences (train and val) with a planted pass key: plant_passkeys()
     # model (mirrors GPTConfig)
     block_size: int = 1024  # training sequence length in tokens
     n_layer: int = 6  # transformer blocks
@@ -150,6 +151,8 @@ class TrainConfig:
         for key in ("block_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.passkey_rate <= 1:
+            raise ConfigError(f"passkey_rate must be in [0, 1], got {self.passkey_rate}")
         if self.stage == "base":
             return
         if not self.base_ckpt:
@@ -259,14 +262,45 @@ def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig) -> to
 
 
 def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool):
-    """(x, y, mu): B random windows of block_size + 1 tokens, with PoSE positions when `gaps`."""
+    """(x, y, mu): B random windows of block_size + 1 tokens (pass keys planted at `passkey_rate`), with PoSE
+    positions when `gaps`."""
     B, T = cfg.batch_size, cfg.block_size
     if len(tokens) <= T + 1:
         fail(f"split has {len(tokens)} tokens, fewer than block_size + 1 = {T + 1}")
     ix = torch.randint(len(tokens) - T - 1, (B,), generator=gen).tolist()
     xy = torch.from_numpy(np.stack([tokens[i:i + T + 1].astype(np.int64) for i in ix]))
+    if cfg.passkey_rate > 0:
+        plant_passkeys(xy, tokenizer(cfg.data_dir), gen, cfg)
     mu = pose_positions(B, T, gen, cfg) if gaps else torch.arange(T).repeat(B, 1)
     return (t.to(device, non_blocking=True) for t in (xy[:, :-1], xy[:, 1:], mu))
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(data_dir: str):
+    return prepare.load_tokenizer(data_dir)
+
+
+def plant_passkeys(xy, enc, gen: torch.Generator, cfg: TrainConfig):
+    """Overwrite each row of xy (B, n) with probability passkey_rate: the pass-key needle (prepare.passkey_text) at a
+    uniform depth, the question and answer cue ending at n - horizon, the answer right after. So the answer is the
+    first thing a lens/lora horizon scores while the question sits in the raw tail, as at retrieval time; every stage
+    trains retrieval over every distance the sequence holds. Returns xy (changed in place)."""
+    n = xy.shape[1]
+    for b in range(xy.shape[0]):
+        if torch.rand((), generator=gen).item() >= cfg.passkey_rate:
+            continue
+        value = str(int(torch.randint(10000, 100000, (), generator=gen)))
+        needle, question, cue = (enc.encode_ordinary(s) for s in prepare.passkey_text(value))
+        ask, answer = question + cue, enc.encode_ordinary(f" {value}.")
+        end = n - cfg.horizon  # the question ends here
+        room = end - len(ask) - len(needle)
+        if room < 0 or len(answer) > cfg.horizon:
+            fail(f"passkey_rate > 0 needs block_size - horizon >= {len(ask) + len(needle) - 1} and horizon >= "
+                 f"{len(answer)} (block_size={cfg.block_size}, horizon={cfg.horizon})")
+        at = int(torch.randint(0, room + 1, (), generator=gen))
+        xy[b, at:at + len(needle)] = torch.tensor(needle)
+        xy[b, end - len(ask):end + len(answer)] = torch.tensor(ask + answer)
+    return xy
 
 
 def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -378,7 +412,7 @@ def mc_checkpoint_extras(model) -> dict:
 
 
 def evaluate_mc(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool) -> dict:
-    """The stage's eval on eval_iters fixed val batches per rank (stages.evaluate), averaged over ranks."""
+    """The stage's eval on eval_iters fixed val batches per rank (stages.evaluate), pooled over ranks."""
     raw = model.module if ddp else model
     batches = []
     for i in range(cfg.eval_iters):
@@ -386,13 +420,15 @@ def evaluate_mc(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bo
         x, y, _ = get_batch(tokens, cfg, gen, device, gaps=False)
         batches.append((x, y, gen))
     with ctx:
-        out = stages.evaluate(raw, cfg.stage, batches)
-    if ddp:
-        keys = sorted(out)
-        t = torch.tensor([out[k] for k in keys], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.AVG)
-        out = dict(zip(keys, t.tolist()))
-    return out
+        acc = stages.evaluate(raw, cfg.stage, batches)
+    if ddp:  # ranks may have counted different metrics: reduce (sum, count) over the union of their names
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, sorted(acc))
+        keys = sorted(set().union(*names))
+        t = torch.tensor([acc.get(k, (0.0, 0)) for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        acc = dict(zip(keys, t.tolist()))
+    return {k: s / n for k, (s, n) in acc.items() if n}
 
 
 @torch.no_grad()
@@ -450,6 +486,7 @@ def run_alt(cfg: TrainConfig, argv) -> float:
             break
         last_val = val
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     return val
 
@@ -490,6 +527,10 @@ def main(argv, nested: bool = False):
     # data and model
     data_dir = resolve_data_dir(cfg.data_dir)
     train_tokens, val_tokens, meta = load_data(data_dir)
+    cfg = dataclasses.replace(cfg, data_dir=data_dir)  # the config logged and saved names the data actually read
+    if cfg.passkey_rate > 0:  # the needle and question fit a sequence: one-line error now, not mid-run
+        plant_passkeys(torch.zeros(1, cfg.block_size + 1, dtype=torch.long), tokenizer(data_dir), torch.Generator(),
+                       dataclasses.replace(cfg, passkey_rate=1.0))
     vocab_size = meta["vocab_size"]
     if meta.get("synthetic"):
         print0(f"!!! note: {data_dir} holds a SYNTHETIC corpus (planted facts in pseudo-English), not books")
@@ -626,6 +667,7 @@ def main(argv, nested: bool = False):
         if wandb_run is not None:
             wandb_run.finish()
     if ddp and not nested:
+        dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()
     return best_val
 

@@ -299,8 +299,7 @@ def make_retrieval(hay, enc, kind: str, history: int, depth: float, rng, query_f
     query_first), token lists except ids (np.int64) and value (str)."""
     if kind == "passkey":
         value = str(int(rng.integers(10000, 100000)))
-        needle = f" The pass key is {value}. Remember it. {value} is the pass key. "
-        question, cue = " What is the pass key?", " The pass key is"
+        needle, question, cue = prepare.passkey_text(value)
         others = []
     else:
         words = rng.permutation(KV_WORDS)[:distractors + 1]

@@ -176,6 +176,21 @@ def test_alt_cycles_chain_phases_and_skip_finished_ones(data_dir, base, tmp_path
     assert [p["val_loss"] for p in again] == [p["val_loss"] for p in phases]
 
 
+def test_gist_torchrun_two_ranks_match_one(data_dir, base, tmp_path):
+    """The gist stage under 2-process gloo DDP with grad_accum=2 takes the same steps as 1 process accumulating 2
+    micro-batches (the random W0/W1 of a micro-batch come from its global index, not its rank)."""
+    ddp_out, one_out = str(tmp_path / "ddp"), str(tmp_path / "one")
+    common = lambda out: mc_args("gist", data_dir, base, out, max_iters=2, eval_interval=2, batch_size=2,  # noqa
+                                 grad_accum=2)
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common(ddp_out)])
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
+    assert "world=2, accum=1" in r.stdout
+    train.main(common(one_out))
+    ddp = [r["loss"] for r in read_log(ddp_out) if "loss" in r]
+    one = [r["loss"] for r in read_log(one_out) if "loss" in r]
+    assert len(ddp) == 2 and ddp == pytest.approx(one, rel=1e-4)
+
+
 def test_gist_resume_is_exact(data_dir, base, tmp_path):
     common = lambda out, n: mc_args("gist", data_dir, base, out, max_iters=n, eval_interval=2, batch_size=2,  # noqa
                                     lr=1e-3, min_lr=1e-3)
