@@ -1,6 +1,6 @@
 """Pass-key retrieval at CPU scale (issue 5's demonstration): a tiny position-ready base trained on book text with
 planted pass keys, then the gist and lens stages, then retrieval at 8x the base's context (2,048 tokens) with a
-budget of a quarter of that history (512 entries). The whole chain, about 25 minutes on 2 cores:
+budget of a quarter of that history (512 entries). The whole chain: 19 minutes on 2 cores (README has the figures):
 
     bash bench/passkey_demo.sh
 
