@@ -21,6 +21,7 @@ Decisions where DESIGN and the issue are silent:
   The baseline 'mean' replaces GistNet by the plain mean of the children's embeddings (LOD2 = mean of LOD1 means).
 - The pyramid's gist entries are computed under their own pyramid (DESIGN §8.3 approximation).
 """
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -39,20 +40,15 @@ class Timer:
     def __init__(self):
         self.total = defaultdict(float)
 
+    @contextlib.contextmanager
     def __call__(self, part):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                timer.total[part] += time.perf_counter() - self.t
-        return _Span()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.total[part] += time.perf_counter() - t
 
     def pop(self) -> dict:
         out = {f"time_{k}": v for k, v in self.total.items()}

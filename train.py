@@ -387,8 +387,10 @@ def build_mc(cfg: TrainConfig, ckpt: dict | None, device):
     for name in ("gistnet", "lensnet", "sigma_scale"):
         if name in source:
             try:
-                getattr(mc, name).load_state_dict(source[name]) if name != "sigma_scale" else \
+                if name == "sigma_scale":
                     mc.sigma_scale.data.copy_(source[name])
+                else:
+                    getattr(mc, name).load_state_dict(source[name])
             except RuntimeError as e:
                 fail(f"the {name} in the checkpoint does not fit this config ({str(e).splitlines()[0][:160]})")
     if cfg.stage == "lora" and "lensnet" not in source:

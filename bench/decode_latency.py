@@ -66,6 +66,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def pick_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda -> a torch.device (auto: CUDA when there is one)."""
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def timed(device, fn, *args, **kwargs):
     """(fn(*args, **kwargs), seconds), synchronising the device around it."""
     sync(device)
@@ -110,8 +115,7 @@ def main(argv):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(args.device)
     tcfg = load_config(TrainConfig, [args.config])
     torch.manual_seed(0)
     gpt = GPT(tcfg.gpt_config(args.vocab)).to(device).eval()

@@ -55,7 +55,7 @@ sys.path[:0] = [REPO, HERE]
 
 import kernels  # noqa: E402
 import prepare  # noqa: E402
-from decode_latency import baseline, timed  # noqa: E402
+from decode_latency import baseline, pick_device, timed  # noqa: E402
 from megacontext import MegaContextConfig, MegaContextModel, check_capacity  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sample import mc_model  # noqa: E402
@@ -560,8 +560,7 @@ def main(argv):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
     mc_saved = ckpt.get("mc_config", {})
     args.block = args.block or mc_saved.get("block_k", 32)

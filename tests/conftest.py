@@ -86,3 +86,13 @@ def triton_backend():
     kernels.set_backend("triton")
     yield
     kernels.set_backend(previous)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small synthetic corpus (512-id tokenizer, 8 documents with planted facts) prepared once per session; tests
+    that damage data copy it first."""
+    import prepare
+    out = str(tmp_path_factory.mktemp("synthetic"))
+    prepare.main(["--synthetic", "--out", out, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
+    return out

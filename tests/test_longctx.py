@@ -25,13 +25,6 @@ TINY = ["--histories", "256,512", "--budgets", "64,512", "--docs", "2", "--horiz
         "--depths", "0.5", "--trials", "1", "--decode", "4", "--max-full", "4096", "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synthetic"))
-    prepare.main(["--synthetic", "--out", out, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
-    return out
-
-
 def save_ckpt(path, data_dir, mc=False):
     """A random tiny GPT in train.py's checkpoint format; with mc, also GistNet/LensNet weights and mc_config."""
     cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64)

@@ -596,20 +596,18 @@ def run(args, **kw):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, data_dir):
     """A random tiny GPT saved in train.py's checkpoint format, with a synthetic corpus's tokenizer."""
     import prepare
     root = tmp_path_factory.mktemp("mc_sample")
-    data = str(root / "data")
-    prepare.main(["--synthetic", "--out", data, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64)
     ckpt = str(root / "ckpt.pt")
     torch.save({"model": GPT(cfg).state_dict(), "model_args": dataclasses.asdict(cfg),
-                "config": {"data_dir": data}, "step": 0}, ckpt)
-    enc = prepare.load_tokenizer(data)
+                "config": {"data_dir": data_dir}, "step": 0}, ckpt)
+    enc = prepare.load_tokenizer(data_dir)
     ordinary = enc.n_vocab - len(prepare.SPECIAL_TOKENS)  # special tokens sit at the top of the vocabulary
-    ids = [t for t in prepare.load_split(data, "train")[0][:6000].tolist() if t < ordinary]
+    ids = [t for t in prepare.load_split(data_dir, "train")[0][:6000].tolist() if t < ordinary]
     book = root / "book.txt"
     book.write_text(enc.decode(ids) + " The end of the book.")
     return ckpt, str(book), root

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import prepare
 import stages
 import train
 from configs import load_config
@@ -34,13 +33,6 @@ def run(args):
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synthetic"))
-    prepare.main(["--synthetic", "--out", out, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,6 @@ def sha(path):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synthetic"))
-    prepare.main(["--synthetic", "--out", out, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
-    return out
-
-
-@pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     """One short training run shared by the tests that need a trained model (about 20 s on 2 cores)."""
     out = str(tmp_path_factory.mktemp("trained"))
