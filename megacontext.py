@@ -10,8 +10,9 @@ Coordinates: node (lod, k) covers tokens [k*K**lod, (k+1)*K**lod); LOD0 is a tok
 Decisions where DESIGN and the issue are silent:
 - The allocator keeps `refocus_every` entries of headroom (it targets w_max - refocus_every), so the working context
   never exceeds w_max between refocus steps and the KV cache has a fixed size of w_max entries.
-- One score per entry serves both directions (DESIGN §5): a gist's score is its expansion gain; a sibling group's
-  collapse loss is the mean score of its K members. New entries score 0 until the next refocus.
+- One score per entry serves both directions (DESIGN §5): an entry's score is the value of its detail. A gist's score
+  is its expansion gain; a sibling group's collapse loss is the mean score of its K members (low = cheap, below
+  -tau_collapse = collapsing helps). New entries score 0 until the next refocus.
 - Budget-restoring collapses ignore `max_edits` and, when nothing else is legal, `cooldown`: the budget comes first.
 - Swap rate = share of the working context's entries that are new after a step (an expand makes K, a collapse 1).
 """
@@ -38,9 +39,10 @@ class MegaContextConfig:
     # focus allocator (DESIGN §6)
     refocus_every: int = 0  # tokens between refocus steps; 0 = every K tokens. Also the allocator's headroom
     max_edits: int = 4  # optional edits per refocus step (budget-restoring collapses come on top)
-    tau_expand: float = 0.0  # an expansion needs a score above this
-    tau_collapse: float = 0.5  # a group scoring below -tau_collapse is collapsed even without a paired expansion
-    hysteresis: float = 0.1  # a paired expand + collapses needs gain - loss above this margin
+    # scores are in label units (stages.normalise: nats / the context's label spread); recency scores use them too
+    tau_expand: float = 1.0  # an expansion needs a score above this
+    tau_collapse: float = 1.0  # a group scoring below -tau_collapse is collapsed even without a paired expansion
+    hysteresis: float = 0.5  # a paired expand + collapses needs gain - loss above this margin
     cooldown: int = 2  # refocus steps during which an edited node is not edited in the opposite direction
     policy: str = "lens"  # 'lens' (LensNet scores) | 'recency' (static recency pyramid, no LensNet)
     # positions (DESIGN §3)
@@ -298,15 +300,18 @@ class WorkingContext:
         return "".join(str(int(v)) for v in self.lod[entry])
 
 
+RECENCY_UNIT = 3.0  # one level of mismatch with the pyramid, in the allocator's score units (> tau_expand + 1)
+
+
 def recency_scores(wc: WorkingContext, budget: int) -> torch.Tensor:
-    """Scores (n,) of the static recency-pyramid policy: the entry's level minus the pyramid's level at its start
-    (> 0: too coarse, expand; < 0: too fine, collapse), plus a tie-break in [-0.5, 0] that prefers the newest
+    """Scores (n,) of the static recency-pyramid policy: RECENCY_UNIT x (the entry's level minus the pyramid's level at
+    its start) (> 0: too coarse, expand; < 0: too fine, collapse), plus a tie-break in [-1, 0] that prefers the newest
     expansion and the oldest collapse. The allocator turns them into the pyramid's tiling."""
     bounds = torch.tensor(pyramid_bounds(wc.cursor, wc.K, wc.recent, budget))
     target = (wc.start[:, None] < bounds[None, :]).sum(1)
     dist = (wc.cursor - wc.end).double()
     newness = 1 - torch.log1p(dist) / math.log1p(max(wc.cursor, 1))  # 1 at the cursor, 0 at token 0
-    return (wc.lod - target).float() + 0.5 * (newness.float() - 1)
+    return RECENCY_UNIT * (wc.lod - target).float() + (newness.float() - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,10 +441,22 @@ class LensBlock(nn.Module):
         return h + self.from_ctx(self.ln_b(h), self.ln_q(q)), q  # context attends back
 
 
+def child_nodes(lod, index, K: int):
+    """(lod, index) (n, K) of each entry's K children (its own node repeated for a LOD0 entry, which has none)."""
+    j = torch.arange(K)
+    gist = (lod > 0)[:, None]
+    return (torch.where(gist, lod[:, None] - 1, lod[:, None]).expand(-1, K),
+            torch.where(gist, index[:, None] * K + j, index[:, None].expand(-1, K)))
+
+
 class LensNet(nn.Module):
-    """One signed score per working-context entry: > 0 expanding this gist is worth its K-1 entries of cost, < 0 its
-    sibling group can be collapsed cheaply. Non-causal and without positions beyond the features, so permuting the
-    non-tail entries permutes the scores."""
+    """One score per working-context entry, the value of its detail: a gist's score is its expansion gain, a sibling
+    group's mean score the loss of collapsing it. Non-causal and without positions beyond the features, so permuting
+    the non-tail entries permutes the scores.
+
+    Besides its own embedding, each gist shows LensNet its K children (one level down, what an expansion would
+    reveal), max-pooled after a projection: a coarse gist averages away a rare token (a needle's marker is 1/64 of a
+    LOD2 gist at K = 8), while the child that holds it stands out. Cost: K x the entries, independent of the history."""
 
     def __init__(self, cfg: MegaContextConfig, d: int):
         super().__init__()
@@ -451,24 +468,23 @@ class LensNet(nn.Module):
         self.blocks = nn.ModuleList([LensBlock(W, cfg.lens_heads) for _ in range(cfg.lens_layers)])
         self.ln_f, self.head = RMSNorm(W), nn.Linear(W, 1)
         _init(self, cfg.lens_layers)
+        self.child = nn.Linear(d, W, bias=False)  # each child's embedding, projected, then max-pooled
+        nn.init.normal_(self.child.weight, 0.0, 0.02)
         nn.init.zeros_(self.head.bias)  # untrained scores are small and unbiased: no edits beyond the budget's
 
-    def forward(self, x, lod, dist, span):
-        """x: (B, n, d) entry embeddings; lod, dist (tokens from the entry's end to the cursor), span: (B, n).
-        Returns raw scores (B, n) fp32; mask illegal directions with `mask_scores`."""
+    def forward(self, x, lod, dist, span, children=None):
+        """x: (B, n, d) entry embeddings; lod, dist (tokens from the entry's end to the cursor), span: (B, n);
+        children: (B, n, K, d) embeddings of each entry's children (child_nodes; rows of LOD0 entries are ignored).
+        Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal group's mean)."""
         feats = torch.stack([torch.log1p(dist.float()), torch.log(span.float())], -1).to(self.feat.weight.dtype)
         h = self.embed(x.detach().to(self.embed.weight.dtype)) + self.level(lod) + self.feat(feats)
+        if children is not None:
+            preview = self.child(children.detach().to(self.child.weight.dtype)).amax(2)  # (B, n, W)
+            h = h + torch.where((lod > 0)[..., None], preview, torch.zeros_like(preview))
         q = self.queries[None] + h[:, -self.tail:].mean(1, keepdim=True)  # seeded by the newest entries
         for block in self.blocks:
             h, q = block(h, q)
         return self.head(self.ln_f(h)).squeeze(-1).float()
-
-
-def mask_scores(scores, can_expand, can_collapse):
-    """Illegal directions score 0: no positive score where an entry cannot expand, no negative one where it cannot
-    collapse (LOD0 never expands, the top level and incomplete or protected groups never collapse)."""
-    scores = torch.where(can_expand, scores, scores.clamp(max=0))
-    return torch.where(can_collapse, scores, scores.clamp(min=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

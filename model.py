@@ -33,6 +33,7 @@ class GPTConfig:
     qk_norm: bool = True  # RMSNorm on q and k per head: stabilises attention logits at large positions
     tie_embeddings: bool = True  # share wte with lm_head
     rope_base: float = 10000.0  # w_j = rope_base ** (-2j / head_dim)
+    rope_heads: int = 0  # heads rotated by (Gaussian) RoPE; the others are position-free (NoPE); 0 = all heads
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (kernels.lod_attention, RoPE fused; no-cache forwards)
     dropout: float = 0.0
     lora_rank: int = 0  # low-rank adapters on the attention's qkv projection (training stage lora); 0 = none
@@ -99,6 +100,8 @@ class CausalSelfAttention(nn.Module):
         assert config.attn in ("sdpa", "lod"), f"attn must be 'sdpa' or 'lod', got {config.attn!r}"
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
         self.rope_base, self.attn = config.rope_base, config.attn
+        self.rope_heads = config.rope_heads or config.n_head
+        assert 0 < self.rope_heads <= self.n_head, f"rope_heads must be in 0..n_head, got {config.rope_heads}"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
@@ -119,9 +122,12 @@ class CausalSelfAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if pyramid is not None or (self.attn == "lod" and cache is None):  # RoPE fused into the kernel's loads
             assert cache is None, "pyramid metadata is for cache-free (training) forwards"
+            if self.rope_heads < self.n_head:  # rotate here, so the kernel's fused rotation must be the identity
+                q, k = self.rotate(q, k, mu, sigma)
+                mu, sigma = torch.zeros_like(mu), torch.zeros_like(sigma)
             y = kernels.lod_attention(q, k, v, mu, sigma, **(pyramid or {}), rope_base=self.rope_base)
             return self.c_proj(y.reshape(B, T, C))
-        q, k = kernels.gauss_rope(q, k, mu, sigma, self.rope_base)
+        q, k = self.rotate(q, k, mu, sigma)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         past = cache.length if cache is not None else 0
         if cache is not None:
@@ -132,6 +138,16 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+    def rotate(self, q, k, mu, sigma):
+        """Gaussian RoPE on the first rope_heads heads of q and k (B, T, nh, hs); NoPE heads pass unchanged: they
+        match content at any distance, where every rotated band of a far key has an arbitrary phase."""
+        r = self.rope_heads
+        if r == self.n_head:
+            return kernels.gauss_rope(q, k, mu, sigma, self.rope_base)
+        qr, kr = kernels.gauss_rope(q[:, :, :r], k[:, :, :r], mu, sigma, self.rope_base)
+        return torch.cat([qr, q[:, :, r:]], 2), torch.cat([kr, k[:, :, r:]], 2)
 
 
 class MLP(nn.Module):

@@ -34,20 +34,13 @@ SPECIAL_TOKENS = {  # token -> role. Changing this dict changes every id: retrai
     "<|bos|>": "document boundary, prepended to every document in the shards (it also ends the previous one)",
     "<|eot|>": "end of an answer or generated turn in benchmark/task prompts; never in the shards",
     "<|pad|>": "batch padding, always loss-masked; never in the shards",
-    "<|passkey|>": "opens a passkey span in retrieval prompts",
-    "<|/passkey|>": "closes a passkey span",
-    "<|key|>": "precedes the key of a key-value pair",
-    "<|value|>": "precedes the value of a key-value pair",
-    "<|query|>": "precedes the retrieval question",
+    "<|passkey|>": "opens a pass-key needle (retrieval.py); also the pass-key question's last token",
+    "<|/passkey|>": "closes a pass-key needle",
+    "<|key|>": "opens a key-value needle: <|key|> key value... <|value|>",
+    "<|value|>": "closes a key-value needle",
+    "<|query|>": "opens a retrieval question",
 }
 BOS = "<|bos|>"
-
-
-def passkey_text(value: str) -> tuple[str, str, str]:
-    """(needle, question, answer cue) of the pass-key task: train.py plants them in training text (passkey_rate),
-    bench/longctx.py in held-out books; the answer after the cue is f" {value}"."""
-    return (f" The pass key is {value}. Remember it. {value} is the pass key. ", " What is the pass key?",
-            " The pass key is")
 
 
 # ----------------------------------------------------------------------------------------------------- data in

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from megacontext import (FocusAllocator, InvariantError, MegaContextModel, WorkingContext, check_capacity,
-                         mask_scores, recency_scores)
+                         child_nodes, recency_scores)
+from tree import TOP
 from model import sample_next
 from tree import MegaContextTree
 
@@ -81,19 +82,31 @@ class Session:
 
     @torch.no_grad()
     def scores(self) -> torch.Tensor:
-        """Masked per-entry scores (n,) of the configured policy (recency until the tree has a gist)."""
+        """Per-entry scores (n,) of the configured policy (recency until the tree has a gist)."""
         wc = self.wc
         if self.cfg.policy == "recency" or not (wc.lod > 0).any():
             return recency_scores(wc, self.cfg.target)
         x = self.tree.node_embeddings(wc.lod, wc.index)[None]
+        child_lod, child_index = child_nodes(wc.lod, wc.index, wc.K)
+        children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1)).view(1, len(wc), wc.K, -1)
         lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
-        raw = self.model.lensnet(x, lod, dist, span)[0].cpu()
-        return mask_scores(raw, *wc.legal_directions())
+        return self.model.lensnet(x, lod, dist, span, children)[0].cpu()
 
-    def refocus(self) -> dict:
-        """Score the working context and apply one allocator step; returns its telemetry."""
-        self.telemetry = self.alloc.step(self.wc, self.scores())
+    def refocus(self, until_stable: bool = False, scorer=None) -> dict:
+        """Score the working context and apply one allocator step; returns its telemetry. until_stable: repeat until a
+        step changes nothing (at most TOP + 1 steps: a zoom from the top level down to tokens, then a check), as
+        after a question arrives; the telemetry then sums the steps' edits and carries `steps`. scorer(wc) -> scores
+        (n,) replaces the policy's (a diagnostic, e.g. bench/longctx.py's oracle arm)."""
+        score = self.scores if scorer is None else lambda: scorer(self.wc)
+        t = self.telemetry = self.alloc.step(self.wc, score())
+        steps, edits = 1, dict(expands=t["expands"], collapses=t["collapses"], edits=t["edits"])
+        while until_stable and t["edits"] and steps < TOP + 1:
+            t = self.telemetry = self.alloc.step(self.wc, score())
+            steps += 1
+            edits = {k: v + t[k] for k, v in edits.items()}
         self.pending = 0
+        if until_stable:
+            self.telemetry = {**t, **edits, "steps": steps}
         return self.telemetry
 
     @torch.no_grad()

@@ -22,15 +22,19 @@ Decisions where DESIGN and the issue are silent:
 - The pyramid's gist entries are computed under their own pyramid (DESIGN §8.3 approximation).
 """
 import contextlib
+import functools
 import math
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megacontext import FocusAllocator, MegaContextModel, WorkingContext, mask_scores
+import prepare
+import retrieval
+from megacontext import FocusAllocator, MegaContextModel, WorkingContext, child_nodes
 from tree import TOP
 
 
@@ -108,7 +112,8 @@ def pyramid_logits(mc: MegaContextModel, x, W0: int, W1: int | None, pool: str =
 
 
 def nll(logits, y):
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    """Per-position NLL (B, T); 0 where y is -1 (no target: a retrieval drill's needle contents)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none").view(y.shape)
 
 
 def gist_loss(mc: MegaContextModel, x, y, cfg, gen: torch.Generator, teacher_fits: bool):
@@ -121,33 +126,34 @@ def gist_loss(mc: MegaContextModel, x, y, cfg, gen: torch.Generator, teacher_fit
     if not bool(seen.any()):
         return logits.sum() * 0, {}
     logp = F.log_softmax(logits[:, seen].float(), -1)
+    if not teacher_fits:  # longer than the base's block: its full-context distribution is no teacher there
+        return F.nll_loss(logp.flatten(0, 1), y[:, seen].flatten(), ignore_index=-1), {}
     with torch.no_grad(), TIMER("base"):
         full, _ = mc.gpt(x)  # the base model's full-context distribution: the teacher
     full = full[:, seen].float()
-    stats = {"dnll": (nll(logits[:, seen], y[:, seen]) - nll(full, y[:, seen])).mean().detach()}
-    if teacher_fits:
-        pt = F.log_softmax(full, -1)
-        loss = (pt.exp() * (pt - logp)).sum(-1).mean()
-    else:
-        loss = F.nll_loss(logp.flatten(0, 1), y[:, seen].flatten())
-    return loss, stats
+    scored = y[:, seen] >= 0
+    stats = {"dnll": (nll(logits[:, seen], y[:, seen]) - nll(full, y[:, seen]))[scored].mean().detach()}
+    pt = F.log_softmax(full, -1)
+    return (pt.exp() * (pt - logp)).sum(-1).mean(), stats
 
 
 @torch.no_grad()
 def gist_eval(mc: MegaContextModel, x, y, cfg) -> dict:
     """dNLL@H per level (GistNet and mean pooling) on one batch, as sums and counts: W0 = horizon, and the coarsest
-    level seen is LOD1 (W1 = inf) or LOD2 (W1 = 0)."""
+    level seen is LOD1 (W1 = inf) or LOD2 (W1 = 0). Within the base's block only, where its full-context NLL is the
+    reference; positions without a target (-1) are not counted."""
+    x, y = x[:, :mc.gpt.config.block_size], y[:, :mc.gpt.config.block_size]
     full, _ = mc.gpt(x)
     base = nll(full, y)
     out = {}
     for level, W1 in ((1, None), (2, 0)):
         for pool in ("gist", "mean"):
             logits, b0, b1 = pyramid_logits(mc, x, cfg.horizon, W1, pool)
-            at = (b0 > 0) if level == 1 else (b1 > 0)
-            d = (nll(logits, y) - base)[:, at]
+            at = ((b0 > 0) if level == 1 else (b1 > 0))[None] & (y >= 0)
+            d = (nll(logits, y) - base)[at]
             out[f"dnll_lod{level}_{pool}"] = (d.sum().item(), d.numel())
             if level == 1 and pool == "gist":
-                n = nll(logits, y)[:, at]
+                n = nll(logits, y)[at]
                 out["val_loss"] = (n.sum().item(), n.numel())
     return out
 
@@ -162,12 +168,19 @@ def node_tables(mc: MegaContextModel, emb):
         return [emb] + [g[0] for g in make_gists(mc, emb[None])]
 
 
+def node_rows(tables, lod, index):
+    """Input embeddings (*lod.shape, d) of nodes (lod, index) from the per-level tables of node_tables."""
+    flat_lod, flat_index = lod.reshape(-1), index.reshape(-1)
+    x = torch.zeros(len(flat_lod), tables[0].shape[-1], dtype=tables[0].dtype, device=tables[0].device)
+    for level in range(len(tables)):
+        at = flat_lod == level
+        x[at.to(x.device)] = tables[level][flat_index[at].to(x.device)]
+    return x.view(*lod.shape, -1)
+
+
 def entry_rows(mc: MegaContextModel, lod, index, tables):
     """Input embeddings (n, d) and positions mu, sigma (n,) of working-context entries (lod, index)."""
-    x = torch.zeros(len(lod), tables[0].shape[-1], dtype=tables[0].dtype, device=tables[0].device)
-    for level in range(TOP + 1):
-        at = lod == level
-        x[at.to(x.device)] = tables[level][index[at].to(x.device)]
+    x = node_rows(tables, lod, index)
     span = mc.cfg.K ** lod
     mu = (index * span).double() + (span - 1).double() / 2
     sigma = mc.sigma_scale.detach().float().cpu()[lod] * span.float() * (lod > 0)
@@ -185,20 +198,25 @@ def sample_wc(mc: MegaContextModel, cursor: int, gen: torch.Generator) -> Workin
 
 
 def edited(wc: WorkingContext, kind: str, i: int):
-    """(lod, index) of `wc` after expanding entry i or collapsing the group starting at i (wc is not changed)."""
+    """(lod, index) of `wc` after one edit (wc is not changed): 'expand' entry i into its K children, 'zoom' entry i
+    all the way down to its tokens, or 'collapse' the group of K siblings starting at i into their parent."""
     K, lod, index = wc.K, wc.lod, wc.index
-    if kind == "expand":
-        l, k = int(lod[i]), int(index[i])
-        return (torch.cat([lod[:i], torch.full((K,), l - 1), lod[i + 1:]]),
-                torch.cat([index[:i], k * K + torch.arange(K), index[i + 1:]]))
     l, k = int(lod[i]), int(index[i])
-    return torch.cat([lod[:i], torch.tensor([l + 1]), lod[i + K:]]), torch.cat([index[:i], torch.tensor([k // K]),
-                                                                                index[i + K:]])
+    if kind == "collapse":
+        return (torch.cat([lod[:i], torch.tensor([l + 1]), lod[i + K:]]),
+                torch.cat([index[:i], torch.tensor([k // K]), index[i + K:]]))
+    down = 1 if kind == "expand" else l
+    n = K**down
+    return (torch.cat([lod[:i], torch.full((n,), l - down), lod[i + 1:]]),
+            torch.cat([index[:i], k * n + torch.arange(n), index[i + 1:]]))
 
 
-def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int):
-    """Mean NLL (R,) of the `future` tokens (H,) after each working context in `variants` [(lod, index)], in one
-    right-padded batched forward: row = entries, then future[:-1] as raw tokens; entry n-1 predicts future[0]."""
+def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int, chunk: int = 32):
+    """Summed NLL (R,) of the `future` tokens (H,) after each working context in `variants` [(lod, index)], in
+    right-padded batched forwards of `chunk` rows: row = entries, then future[:-1] raw; entry n-1 predicts future[0]."""
+    if len(variants) > chunk:
+        return torch.cat([horizon_nll(mc, variants[i:i + chunk], tables, future, cursor, chunk)
+                          for i in range(0, len(variants), chunk)])
     H = len(future)
     fut_emb, dev = mc.gpt.wte(future[:-1]), future.device
     rows, mus, sigmas, targets = [], [], [], []
@@ -216,43 +234,61 @@ def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int):
     with TIMER("base"):
         _, loss = mc.gpt(embeds=torch.stack(rows), targets=torch.stack(targets).to(dev), mu=torch.stack(mus).to(dev),
                          sigma=torch.stack(sigmas).to(dev), reduction="none")
-    return loss.sum(1) / H
+    return loss.sum(1)
 
 
-def lens_features(wc: WorkingContext, x):
-    """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span."""
+def lens_features(wc: WorkingContext, tables):
+    """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, children's embeddings."""
+    x, children = node_rows(tables, wc.lod, wc.index), node_rows(tables, *child_nodes(wc.lod, wc.index, wc.K))
     dev = x.device
-    return x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev)
+    return (x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev),
+            children[None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # lens (JT2)
 
 
-def lens_labels(wc: WorkingContext, nll_fn, n_cand: int, gen: torch.Generator):
-    """Candidates [(kind, i)] (legal expansions and group collapses, at most n_cand, sampled) and their labels
-    (NLL(WC) - NLL(variant)) / (K - 1); nll_fn([(lod, index)]) -> mean horizon NLL (R,) of each variant."""
-    expands = [("expand", int(i)) for i in (wc.lod > 0).nonzero().flatten()]
-    collapses = [("collapse", int(i)) for i in wc.group_starts()]
-    cands = expands + collapses
-    if len(cands) > n_cand:
-        cands = [cands[i] for i in torch.randperm(len(cands), generator=gen)[:n_cand].tolist()]
-    if not cands:
-        return [], torch.zeros(0)
-    losses = nll_fn([(wc.lod, wc.index)] + [edited(wc, kind, i) for kind, i in cands]).float()
-    return cands, (losses[0] - losses[1:]) / (wc.K - 1)
+def candidates(wc: WorkingContext):
+    """Every legal edit [(kind, i)]: each gist zoomed to its tokens ('zoom': the credit of a coarse gist is that of the
+    zoom it starts) and each group of K siblings that may collapse ('collapse')."""
+    return ([("zoom", int(i)) for i in (wc.lod > 0).nonzero().flatten()] +
+            [("collapse", int(i)) for i in wc.group_starts()])
+
+
+def counterfactual_labels(wc: WorkingContext, cands, nll_fn):
+    """Raw labels (nats, summed over the scored tokens) of each candidate: a zoom's gain NLL(WC) - NLL(zoomed), a
+    collapse's loss NLL(collapsed) - NLL(WC). nll_fn([(lod, index)]) -> summed NLL (R,) of each variant."""
+    losses = nll_fn([(wc.lod, wc.index)] + [edited(wc, kind, i) for kind, i in cands]).float().cpu()
+    sign = torch.tensor([1.0 if kind == "zoom" else -1.0 for kind, _ in cands])
+    return sign * (losses[0] - losses[1:])
+
+
+def attention_labels(wc: WorkingContext, cands, mass):
+    """Raw labels of the cheaper teacher (DeepSeek-V3.2's indexer): the base model's attention mass, under full
+    context, from the scored tokens onto each candidate's span (mass: (cursor,) per history token)."""
+    csum = torch.cat([torch.zeros(1), mass.float().cpu().cumsum(0)])
+    span = lambda i, n: float(csum[wc.end[i + n - 1]] - csum[wc.start[i]])  # noqa: E731
+    return torch.tensor([span(i, 1 if kind == "zoom" else wc.K) for kind, i in cands])
+
+
+def normalise(raw, floor: float):
+    """Labels in the allocator's units: raw / max(std over the context's candidates, floor). A needle's zoom stands
+    out by many units, while in a context where nothing matters (all |raw| << floor) every label stays near 0."""
+    return raw / max(float(raw.std()) if len(raw) > 1 else 0.0, floor)
 
 
 def candidate_scores(scores, cands, K):
-    """The score each candidate is judged by: the entry's own for an expansion, its group's mean for a collapse."""
-    return torch.stack([scores[i] if kind == "expand" else scores[i:i + K].mean() for kind, i in cands])
+    """The score each candidate is judged by: the entry's own for a zoom (its gain), its group's mean for a collapse
+    (its loss; the allocator collapses the lowest)."""
+    return torch.stack([scores[i] if kind == "zoom" else scores[i:i + K].mean() for kind, i in cands])
 
 
-def lens_loss_terms(pred, label, rank_weight: float):
-    """Regression to the labels plus a pairwise logistic ranking term over the candidates of one context."""
-    reg = F.mse_loss(pred, label)
-    diff = label[:, None] - label[None, :]
-    pairs = diff > 1e-6  # i should outrank j
+def lens_loss_terms(pred, label, rank_weight: float, margin: float = 0.5):
+    """Huber regression to the normalised labels plus a pairwise logistic term over the pairs of candidates of the
+    same kind whose labels differ by more than `margin` units (closer pairs are ties and carry no ranking signal)."""
+    reg = F.huber_loss(pred, label)
+    pairs = (label[:, None] - label[None, :]) > margin  # i should outrank j
     rank = F.softplus(-(pred[:, None] - pred[None, :]))[pairs].mean() if bool(pairs.any()) else pred.sum() * 0
     return reg + rank_weight * rank, reg, rank
 
@@ -266,33 +302,96 @@ def spearman(a, b) -> float:
     return (ra @ rb).item() / den if den > 0 else float("nan")
 
 
+def lens_prompt(x_row, cfg, rng: np.random.Generator, needles):
+    """One lens example from the book window x_row (T + 1,): (history ids, scored ids, needle position or -1), the
+    history max(T/4, 2 w_max)..T tokens long. A share cfg.lens_retrieval holds a needle (pass key or kv with distractors, half each)
+    beyond the newest w_max + recent tokens, asked at the history's end, and scores its answer; the rest scores the
+    `horizon` book tokens after the history."""
+    n = int(rng.integers(min(len(x_row), max(len(x_row) // 4, 2 * cfg.w_max)), len(x_row) + 1))
+    x_row = x_row[len(x_row) - n:]
+    if rng.random() >= cfg.lens_retrieval:
+        return x_row[:n - cfg.horizon], x_row[n - cfg.horizon:], -1
+    kind = retrieval.KINDS[int(rng.integers(2))]
+    reach = (cfg.w_max + cfg.recent_tokens + 16) / n  # the needle sits before the newest w_max + tail tokens
+    p = retrieval.make_prompt(x_row, needles, kind, n - 5, rng.uniform(0, max(0.0, 1 - reach)), rng)  # answers <= 5
+    return p["ids"], np.asarray(p["answer"]), p["needle_at"]
+
+
+def sample_lens_wc(mc: MegaContextModel, cursor: int, needle_at: int, rng: np.random.Generator, gen):
+    """A recency pyramid at a random budget (sample_wc), half the time zoomed one level at one coarse gist (the
+    needle's, if any, two times in three), so LensNet also sees the states on the way down to a needle."""
+    wc = sample_wc(mc, cursor, gen)
+    coarse = (wc.lod >= 2).nonzero().flatten()
+    if len(coarse) and rng.random() < 0.5:
+        hit = coarse[(wc.start[coarse] <= needle_at) & (wc.end[coarse] > needle_at)]
+        i = int(hit[0]) if len(hit) and rng.random() < 2 / 3 else int(coarse[rng.integers(len(coarse))])
+        wc.expand(i)
+    return wc
+
+
+@torch.no_grad()
+def attention_mass(gpt, ids, scored: int):
+    """Attention mass (len(ids) - scored,) of the last `scored` query positions of `ids` onto each earlier token,
+    averaged over layers and heads, under full context (one forward with attention probabilities kept)."""
+    masses = []
+
+    def keep(module, args, out):
+        x, mu, sigma = args[:3]
+        B, T, C = x.shape
+        q, k, _ = module.c_attn(x).view(B, T, 3, module.n_head, module.head_dim).unbind(2)
+        q, k = module.rotate(module.q_norm(q), module.k_norm(k), mu, sigma)
+        att = torch.einsum("bqhd,bkhd->bhqk", q[:, -scored - 1:-1], k) / module.head_dim**0.5
+        causal = torch.arange(T, device=x.device)[None, :] <= torch.arange(T - scored - 1, T - 1, device=x.device)[:, None]
+        masses.append(att.masked_fill(~causal, -math.inf).softmax(-1)[0].sum(1).mean(0))  # (T,)
+    hooks = [b.attn.register_forward_hook(keep) for b in gpt.blocks]
+    try:
+        gpt(torch.as_tensor(ids, device=gpt.wte.weight.device)[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(masses).mean(0)[:len(ids) - scored]
+
+
 def lens_contexts(mc, x, y, cfg, gen):
-    """Yield (wc, tables, candidates, labels) per sequence: history x[:c], future y[c-1:c-1+H] = x[c:c+H]."""
-    c = x.shape[1] - cfg.horizon + 1
-    for b in range(x.shape[0]):
-        tables = node_tables(mc, mc.gpt.wte(x[b, :c]))
-        wc = sample_wc(mc, c, gen)
-        future = y[b, c - 1:c - 1 + cfg.horizon]
-        with torch.no_grad():
-            cands, labels = lens_labels(wc, lambda v: horizon_nll(mc, v, tables, future, c), cfg.lens_candidates, gen)
-        yield wc, tables, cands, labels.to(x.device)
-
-
-def lens_loss(mc: MegaContextModel, x, y, cfg, gen):
-    losses, stats = [], defaultdict(list)
-    for wc, tables, cands, labels in lens_contexts(mc, x, y, cfg, gen):
+    """Yield (wc, tables, candidates, normalised labels, needle position) per window of the batch (lens_prompt)."""
+    rng = np.random.default_rng(int(torch.randint(2**62, (), generator=gen)))
+    rows = torch.cat([x, y[:, -1:]], 1).cpu().numpy()
+    for row in rows:
+        ids, scored, needle_at = lens_prompt(row, cfg, rng, _needles(cfg.data_dir))
+        c, future = len(ids), torch.as_tensor(scored, device=x.device)  # a question is the history's end
+        tables = node_tables(mc, mc.gpt.wte(torch.as_tensor(ids, device=x.device)))
+        wc = sample_lens_wc(mc, c, needle_at, rng, gen)
+        cands = candidates(wc)
         if not cands:
             continue
-        ex, _, _ = entry_rows(mc, wc.lod, wc.index, tables)
+        with torch.no_grad():
+            if cfg.lens_teacher == "attention":
+                raw = attention_labels(wc, cands, attention_mass(mc.gpt, np.concatenate([ids, scored]), len(scored)))
+            else:
+                raw = counterfactual_labels(wc, cands, lambda v: horizon_nll(mc, v, tables, future, c))
+        yield wc, tables, cands, normalise(raw, cfg.lens_label_floor).to(x.device), needle_at
+
+
+def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
+    """LensNet's loss on the batch's freshly labelled contexts plus cfg.lens_replay earlier ones from `replay` (the
+    newest cfg.lens_buffer, kept as LensNet inputs): a label costs a base forward per candidate, a LensNet pass is
+    cheap, so each label is learned from several times. (The buffer is not checkpointed: after a resume it refills.)"""
+    fresh = [(lens_features(wc, tables), cands, labels) for wc, tables, cands, labels, _ in
+             lens_contexts(mc, x, y, cfg, gen)]
+    pick = torch.randperm(len(replay), generator=gen)[:cfg.lens_replay].tolist() if replay else []
+    batch = fresh + [replay[i] for i in pick]
+    replay.extend(fresh)
+    del replay[:-cfg.lens_buffer]
+    losses, stats = [], defaultdict(list)
+    for feats, cands, labels in batch:
         with TIMER("lensnet"):
-            scores = mc.lensnet(*lens_features(wc, ex))[0]
-        pred = candidate_scores(scores, cands, wc.K)
+            scores = mc.lensnet(*feats)[0]
+        pred = candidate_scores(scores, cands, mc.cfg.K)
         loss, reg, rank = lens_loss_terms(pred, labels, cfg.lens_rank_weight)
         losses.append(loss)
         stats["lens_reg"].append(reg.detach())
         stats["lens_rank"].append(rank.detach())
-        stats["label_mean"].append(labels.mean())
-        stats["label_pos"].append((labels > 0).float().mean())
+        stats["label_max"].append(labels.max())
     if not losses:
         return sum(p.sum() * 0 for p in mc.lensnet.parameters()), {}
     return torch.stack(losses).mean(), {k: torch.stack(v).mean() for k, v in stats.items()}
@@ -300,21 +399,29 @@ def lens_loss(mc: MegaContextModel, x, y, cfg, gen):
 
 @torch.no_grad()
 def lens_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
-    """Spearman rank correlation between LensNet scores and labels per held-out context, and label statistics."""
+    """Per held-out context: Spearman rank correlation of scores and labels, the loss, and, where a needle was planted,
+    whether the best-scored zoom is the gist that holds it (lens_needle_top1)."""
     out = defaultdict(lambda: [0.0, 0])
-    for wc, tables, cands, labels in lens_contexts(mc, x, y, cfg, gen):
-        if len(cands) < 2:
-            continue
-        ex, _, _ = entry_rows(mc, wc.lod, wc.index, tables)
-        pred = candidate_scores(mc.lensnet(*lens_features(wc, ex))[0], cands, wc.K)
-        rho = spearman(pred.cpu(), labels.cpu())
+    for wc, tables, cands, labels, needle_at in lens_contexts(mc, x, y, cfg, gen):
+        pred = candidate_scores(mc.lensnet(*lens_features(wc, tables))[0], cands, wc.K)
         loss, _, _ = lens_loss_terms(pred, labels, cfg.lens_rank_weight)
-        for key, v in (("lens_spearman", rho), ("val_loss", loss.item()), ("label_mean", labels.mean().item()),
-                       ("label_std", labels.std().item()), ("label_pos", (labels > 0).float().mean().item())):
+        metrics = {"lens_spearman": spearman(pred.cpu(), labels.cpu()), "val_loss": loss.item()}
+        zooms = [j for j, (kind, _) in enumerate(cands) if kind == "zoom"]
+        holder = [j for j in zooms if wc.start[cands[j][1]] <= needle_at < wc.end[cands[j][1]]]
+        if needle_at >= 0 and holder:
+            best = zooms[int(pred[zooms].argmax())]
+            metrics["lens_needle_top1"] = float(best == holder[0])
+            metrics["label_needle_top1"] = float(zooms[int(labels[zooms].argmax())] == holder[0])
+        for key, v in metrics.items():
             if not math.isnan(v):
                 out[key][0] += v
                 out[key][1] += 1
     return {k: tuple(v) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _needles(data_dir: str) -> retrieval.Needles:
+    return retrieval.Needles(prepare.load_tokenizer(data_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,11 +432,10 @@ def allocator_wc(mc: MegaContextModel, cursor: int, tables, gen, telemetry=None)
     """A recency pyramid at a random budget, refocused once by the allocator with (frozen) LensNet scores; the
     allocator's step telemetry (swap rate, utilisation, ...) is appended to `telemetry` when given."""
     wc = sample_wc(mc, cursor, gen)
-    x, _, _ = entry_rows(mc, wc.lod, wc.index, tables)
     with torch.no_grad(), TIMER("lensnet"):
-        scores = mc.lensnet(*lens_features(wc, x))[0].cpu()
+        scores = mc.lensnet(*lens_features(wc, tables))[0].cpu()
     with TIMER("allocator"):
-        t = FocusAllocator(mc.cfg).step(wc, mask_scores(scores, *wc.legal_directions()))
+        t = FocusAllocator(mc.cfg).step(wc, scores)
     if telemetry is not None:
         telemetry.append(t)
     return wc
@@ -342,7 +448,7 @@ def lora_loss(mc: MegaContextModel, x, y, cfg, gen, teacher_fits: bool):
     for b in range(x.shape[0]):
         tables = node_tables(mc, mc.gpt.wte(x[b, :c]).detach())
         wc = allocator_wc(mc, c, tables, gen, tel)
-        task.append(horizon_nll(mc, [(wc.lod, wc.index)], tables, y[b, c - 1:c - 1 + cfg.horizon], c)[0])
+        task.append(horizon_nll(mc, [(wc.lod, wc.index)], tables, y[b, c - 1:c - 1 + cfg.horizon], c)[0] / cfg.horizon)
     task = torch.stack(task).mean()
     keep, stats = gist_loss(mc, x, y, cfg, gen, teacher_fits) if cfg.keep_alive > 0 else (task * 0, {})
     alloc = {f"alloc_{k}": sum(t[k] for t in tel) / len(tel) for k in ("swap_rate", "utilisation", "edits")}
@@ -357,7 +463,7 @@ def lora_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     for b in range(x.shape[0]):
         tables = node_tables(mc, mc.gpt.wte(x[b, :c]))
         wc = allocator_wc(mc, c, tables, gen)
-        total += horizon_nll(mc, [(wc.lod, wc.index)], tables, y[b, c - 1:c - 1 + cfg.horizon], c)[0].item()
+        total += horizon_nll(mc, [(wc.lod, wc.index)], tables, y[b, c - 1:c - 1 + cfg.horizon], c)[0].item() / cfg.horizon
     return {"val_loss": (total, x.shape[0])}
 
 
@@ -372,12 +478,13 @@ class StageModel(nn.Module):
     def __init__(self, mc: MegaContextModel, cfg, teacher_fits: bool):
         super().__init__()
         self.mc, self.cfg, self.teacher_fits = mc, cfg, teacher_fits
+        self.replay = []  # lens: labelled contexts that later steps learn from again (lens_loss)
 
     def forward(self, x, y, gen, stage):
         if stage == "gist":
             loss, stats = gist_loss(self.mc, x, y, self.cfg, gen, self.teacher_fits)
         elif stage == "lens":
-            loss, stats = lens_loss(self.mc, x, y, self.cfg, gen)
+            loss, stats = lens_loss(self.mc, x, y, self.cfg, gen, self.replay)
         else:
             loss, stats = lora_loss(self.mc, x, y, self.cfg, gen, self.teacher_fits)
         # every trained parameter joins the graph (a zero term), so a batch that does not reach one (no position sees

@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 import prepare
+import retrieval
 from configs import ConfigError, load_config
 import stages
 from megacontext import MegaContextConfig, MegaContextModel
@@ -66,7 +67,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # data
     data_dir: str = "data/pg"  # output of prepare.py: tokenizer.json, {train,val}.bin, meta.json
-    passkey_rate: float = 0.0  # share of sequences (train and val) with a planted pass key: plant_passkeys()
+    # retrieval training mix (retrieval.py; issue 9): copying first, then drills, short windows first
+    retrieval_mix: float = 0.0  # share of training windows that are retrieval drills (needles, then questions + answers)
+    retrieval_needles: int = 3  # kv needles per drill window (a pass key joins half of the windows)
+    retrieval_questions: int = 2  # questions per drill window, each needle asked at most once
+    retrieval_weight: float = 5.0  # loss weight of the answer tokens (and of copied spans)
+    copy_steps: int = 0  # the first steps copy random spans to later places, no PoSE gaps (the induction head forms)
+    short_block: int = 0  # the first short_steps steps use windows of this many tokens (same tokens per step); 0 = off
+    short_steps: int = 0  # steps at short_block
     # model (mirrors GPTConfig)
     block_size: int = 1024  # training sequence length in tokens
     n_layer: int = 6  # transformer blocks
@@ -76,6 +84,7 @@ class TrainConfig:
     qk_norm: bool = True  # RMSNorm q and k per head
     tie_embeddings: bool = True  # share the token embedding with the output head
     rope_base: float = 10000.0  # rotary base
+    rope_heads: int = 0  # heads with (Gaussian) RoPE; the rest are position-free (NoPE: content matching at any distance)
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (pyramidal attention kernel, causal, RoPE fused)
     dropout: float = 0.0  # dropout on embeddings
     # position-ready training (PoSE, DESIGN §3)
@@ -124,7 +133,11 @@ class TrainConfig:
     lens_heads: int = 4  # LensNet heads
     lens_queries: int = 4  # LensNet tail queries
     lens_tail: int = 32  # newest entries that seed the tail queries
-    lens_candidates: int = 16  # lens: candidate edits (expansions + collapses) labelled per working context
+    lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's)
+    lens_retrieval: float = 0.67  # lens: share of contexts with a needle beyond the raw window, asked at the end
+    lens_label_floor: float = 0.5  # lens: labels are nats / max(std over the context's candidates, this floor)
+    lens_replay: int = 24  # lens: earlier labelled contexts learned from again each step, besides the fresh batch
+    lens_buffer: int = 512  # lens: the newest labelled contexts kept for replay
     lens_rank_weight: float = 1.0  # lens: weight of the pairwise ranking term next to the regression
     lora_rank: int = 8  # lora: adapter rank (4-16)
     lora_layers: str = "all"  # lora: blocks with adapters, 'all' or comma-separated indices
@@ -139,6 +152,7 @@ class TrainConfig:
     def validate(self):
         choices = dict(stage=STAGES, init_from=("scratch", "resume"), device=("auto", "cpu", "cuda"),
                        dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), attn=("sdpa", "lod"),
+                       lens_teacher=("counterfactual", "attention"),
                        schedule=("cosine", "wsd"),
                        wandb=("off", "offline", "online"))
         for key, allowed in choices.items():
@@ -151,8 +165,10 @@ class TrainConfig:
         for key in ("block_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        if not 0 <= self.passkey_rate <= 1:
-            raise ConfigError(f"passkey_rate must be in [0, 1], got {self.passkey_rate}")
+        if not 0 <= self.retrieval_mix <= 1:
+            raise ConfigError(f"retrieval_mix must be in [0, 1], got {self.retrieval_mix}")
+        if self.short_steps and not 0 < self.short_block <= self.block_size:
+            raise ConfigError(f"short_block={self.short_block} must be in 1..block_size={self.block_size}")
         if self.stage == "base":
             return
         if not self.base_ckpt:
@@ -261,46 +277,46 @@ def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig) -> to
     return pos
 
 
-def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool):
-    """(x, y, mu): B random windows of block_size + 1 tokens (pass keys planted at `passkey_rate`), with PoSE
-    positions when `gaps`."""
-    B, T = cfg.batch_size, cfg.block_size
+def window(cfg: TrainConfig, step: int | None) -> tuple[int, int]:
+    """(sequence length, micro-batch size) at `step` (None: evaluation): in the base stage, short_block windows for
+    the first short_steps steps, with the batch scaled so that every step trains on the same number of tokens."""
+    if cfg.stage == "base" and step is not None and step < cfg.short_steps:
+        return cfg.short_block, max(1, cfg.batch_size * cfg.block_size // cfg.short_block)
+    return cfg.block_size, cfg.batch_size
+
+
+def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool, step: int | None = None):
+    """(x, y, mu, w): B random windows of T + 1 tokens (window(cfg, step)) with PoSE positions when `gaps`. With the
+    retrieval mix (retrieval.py) a share of them become drills, or, in the first copy_steps steps, copied-span windows;
+    w (B, T) holds the per-target loss weights then (0 where y is -1), else None."""
+    T, B = window(cfg, step)
     if len(tokens) <= T + 1:
-        fail(f"split has {len(tokens)} tokens, fewer than block_size + 1 = {T + 1}")
+        fail(f"split has {len(tokens)} tokens, fewer than a window + 1 = {T + 1}")
     ix = torch.randint(len(tokens) - T - 1, (B,), generator=gen).tolist()
-    xy = torch.from_numpy(np.stack([tokens[i:i + T + 1].astype(np.int64) for i in ix]))
-    if cfg.passkey_rate > 0:
-        plant_passkeys(xy, tokenizer(cfg.data_dir), gen, cfg)
+    xy = np.stack([tokens[i:i + T + 1].astype(np.int64) for i in ix])
+    w = None
+    copying = cfg.stage == "base" and step is not None and step < cfg.copy_steps
+    if (cfg.retrieval_mix > 0 or copying) and cfg.stage in ("base", "gist"):  # the stages that train on the text
+        rng = np.random.default_rng(int(torch.randint(2**62, (), generator=gen)))
+        w = np.ones_like(xy, dtype=np.float32)
+        for b in range(B):
+            if copying:
+                w[b] = retrieval.copy_spans(xy[b], rng, cfg.retrieval_weight)
+            elif rng.random() < cfg.retrieval_mix:
+                w[b] = retrieval.plant_drills(xy[b], rng, needles(cfg.data_dir), cfg.retrieval_needles,
+                                              cfg.retrieval_questions, cfg.retrieval_weight)
+        w = torch.from_numpy(w[:, 1:])
+    xy = torch.from_numpy(xy)
+    x, y = xy[:, :-1], xy[:, 1:].clone()
+    if w is not None:
+        y[w == 0] = -1
     mu = pose_positions(B, T, gen, cfg) if gaps else torch.arange(T).repeat(B, 1)
-    return (t.to(device, non_blocking=True) for t in (xy[:, :-1], xy[:, 1:], mu))
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in (x, y, mu, w))
 
 
 @functools.lru_cache(maxsize=4)
-def tokenizer(data_dir: str):
-    return prepare.load_tokenizer(data_dir)
-
-
-def plant_passkeys(xy, enc, gen: torch.Generator, cfg: TrainConfig):
-    """Overwrite each row of xy (B, n) with probability passkey_rate: the pass-key needle (prepare.passkey_text) at a
-    uniform depth, the question and answer cue ending at n - horizon, the answer right after. So the answer is the
-    first thing a lens/lora horizon scores while the question sits in the raw tail, as at retrieval time; every stage
-    trains retrieval over every distance the sequence holds. Returns xy (changed in place)."""
-    n = xy.shape[1]
-    for b in range(xy.shape[0]):
-        if torch.rand((), generator=gen).item() >= cfg.passkey_rate:
-            continue
-        value = str(int(torch.randint(10000, 100000, (), generator=gen)))
-        needle, question, cue = (enc.encode_ordinary(s) for s in prepare.passkey_text(value))
-        ask, answer = question + cue, enc.encode_ordinary(f" {value}.")
-        end = n - cfg.horizon  # the question ends here
-        room = end - len(ask) - len(needle)
-        if room < 0 or len(answer) > cfg.horizon:
-            fail(f"passkey_rate > 0 needs block_size - horizon >= {len(ask) + len(needle) - 1} and horizon >= "
-                 f"{len(answer)} (block_size={cfg.block_size}, horizon={cfg.horizon})")
-        at = int(torch.randint(0, room + 1, (), generator=gen))
-        xy[b, at:at + len(needle)] = torch.tensor(needle)
-        xy[b, end - len(ask):end + len(answer)] = torch.tensor(ask + answer)
-    return xy
+def needles(data_dir: str) -> retrieval.Needles:
+    return retrieval.Needles(prepare.load_tokenizer(data_dir))
 
 
 def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -359,10 +375,13 @@ def check_same_shape(ckpt: dict, model_args: dict, path: str):
 
 def stage_loss(model, batch, cfg: TrainConfig, gen: torch.Generator):
     """(loss, stats) of one micro-batch; `gen` (the batch's generator) draws the stage's randomness (W0, budgets)."""
-    x, y, mu = batch
-    if cfg.stage == "base":
+    x, y, mu, w = batch
+    if cfg.stage != "base":
+        return model(x, y, gen, cfg.stage)
+    if w is None:
         return model(x, y, mu=mu)[1], {}
-    return model(x, y, gen, cfg.stage)
+    nll = model(x, y, mu=mu, reduction="none")[1]  # (B, T); 0 where y is -1, which has weight 0 too
+    return (nll * w).sum() / w.sum(), {}
 
 
 def build_mc(cfg: TrainConfig, ckpt: dict | None, device):
@@ -419,7 +438,7 @@ def evaluate_mc(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bo
     batches = []
     for i in range(cfg.eval_iters):
         gen = batch_generator(cfg.seed + 99991, 0, rank * cfg.eval_iters + i)
-        x, y, _ = get_batch(tokens, cfg, gen, device, gaps=False)
+        x, y, _, _ = get_batch(tokens, cfg, gen, device, gaps=False)
         batches.append((x, y, gen))
     with ctx:
         acc = stages.evaluate(raw, cfg.stage, batches)
@@ -441,9 +460,10 @@ def evaluate(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool)
     model.eval()
     sums = torch.zeros(3, device=device)  # all tokens, second half, second half after the gap
     half = cfg.block_size // 2
+    plain = dataclasses.replace(cfg, retrieval_mix=0.0)  # the loss figures read book text only
     for i in range(cfg.eval_iters):
-        x, y, mu = get_batch(tokens, cfg, batch_generator(cfg.seed + 99991, 0, rank * cfg.eval_iters + i), device,
-                             gaps=False)
+        x, y, mu, _ = get_batch(tokens, plain, batch_generator(cfg.seed + 99991, 0, rank * cfg.eval_iters + i), device,
+                                gaps=False)
         with ctx:
             nll = model(x, y, mu=mu, reduction="none")[1].float()  # (B, T)
             sums[0] += nll.mean()
@@ -454,11 +474,33 @@ def evaluate(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool)
     sums /= cfg.eval_iters
     if ddp:
         dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-    model.train()
     out = {"val_loss": sums[0].item(), "val_loss_tail": sums[1].item()}
     if cfg.eval_gap > 0:
         out["val_loss_tail_gap"] = sums[2].item()
+    if cfg.retrieval_mix > 0:
+        out["val_retrieval"] = drill_accuracy(model, tokens, cfg, device, ctx, rank, ddp)
+    model.train()
     return out
+
+
+@torch.no_grad()
+def drill_accuracy(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool) -> float:
+    """Share of the questions in eval_iters val drill batches (full windows, PoSE gaps) whose whole answer the model
+    predicts greedily, teacher-forced; pooled over ranks. An answer is a run of targets weighted retrieval_weight."""
+    drills, hits = dataclasses.replace(cfg, retrieval_mix=1.0), torch.zeros(2, device=device)
+    for i in range(cfg.eval_iters):
+        gen = batch_generator(cfg.seed + 77773, 0, rank * cfg.eval_iters + i)
+        x, y, mu, w = get_batch(tokens, drills, gen, device, gaps=cfg.pose)
+        with ctx:
+            wrong = (model(x, mu=mu)[0].argmax(-1) != y).cpu().numpy()
+        answer = (w == cfg.retrieval_weight).cpu().numpy()
+        for b in range(len(x)):
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], answer[b], [0]]).astype(np.int8)))
+            for s, e in zip(edges[::2], edges[1::2]):
+                hits += torch.tensor([float(not wrong[b, s:e].any()), 1.0], device=device)
+    if ddp:
+        dist.all_reduce(hits)
+    return (hits[0] / hits[1].clamp(min=1)).item()
 
 
 def run_alt(cfg: TrainConfig, argv) -> float:
@@ -530,9 +572,13 @@ def main(argv, nested: bool = False):
     data_dir = resolve_data_dir(cfg.data_dir)
     train_tokens, val_tokens, meta = load_data(data_dir)
     cfg = dataclasses.replace(cfg, data_dir=data_dir)  # the config logged and saved names the data actually read
-    if cfg.passkey_rate > 0:  # the needle and question fit a sequence: one-line error now, not mid-run
-        plant_passkeys(torch.zeros(1, cfg.block_size + 1, dtype=torch.long), tokenizer(data_dir), torch.Generator(),
-                       dataclasses.replace(cfg, passkey_rate=1.0))
+    if cfg.retrieval_mix > 0 or cfg.copy_steps > 0:  # a drill fits a window and the tokenizer has the markers: say so now
+        try:
+            for T in {window(cfg, None)[0], window(cfg, 0)[0]}:
+                retrieval.plant_drills(np.zeros(T + 1, dtype=np.int64), np.random.default_rng(0), needles(data_dir),
+                                       cfg.retrieval_needles, cfg.retrieval_questions, cfg.retrieval_weight)
+        except (ValueError, KeyError) as e:
+            fail(f"retrieval drills: {e}")
     vocab_size = meta["vocab_size"]
     if meta.get("synthetic"):
         print0(f"!!! note: {data_dir} holds a SYNTHETIC corpus (planted facts in pseudo-English), not books")
@@ -609,6 +655,8 @@ def main(argv, nested: bool = False):
             if cfg.eval_gap > 0 and cfg.stage == "base":
                 gap = (f" | 2nd half {ev['val_loss_tail']:.4f}, "
                        f"after a {cfg.eval_gap:.0e} gap {ev['val_loss_tail_gap']:.4f}")
+            if "val_retrieval" in ev:
+                gap += f" | drill retrieval {ev['val_retrieval']:.3f}"
             if cfg.stage != "base":
                 gap = " | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if k != "val_loss")
             print0(f"step {step}: val loss {ev['val_loss']:.4f}{gap}")
@@ -633,7 +681,8 @@ def main(argv, nested: bool = False):
         loss_sum, stats_sum = torch.zeros((), device=device), {}
         for micro in range(accum):
             gen = batch_generator(cfg.seed, step, rank * accum + micro)
-            batch = get_batch(train_tokens, cfg, gen, device, gaps=cfg.pose and cfg.stage == "base")
+            gaps = cfg.pose and cfg.stage == "base" and step >= cfg.copy_steps  # gaps slow the induction head's birth
+            batch = get_batch(train_tokens, cfg, gen, device, gaps=gaps, step=step)
             if ddp:
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:

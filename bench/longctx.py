@@ -1,44 +1,43 @@
-"""Long-context evaluation (DESIGN §10, issue 5): book NLL vs budget, planted-fact retrieval, telemetry.
+"""Long-context evaluation (DESIGN §10; issue 9's fair harness): book NLL between truncation and full attention,
+retrieval far beyond the working context with controls and intervals, allocator telemetry.
 
-    python bench/longctx.py --ckpt out/tiny/ckpt.pt --data-dir data/pg --quick         # CPU, a few minutes
-    python bench/longctx.py --ckpt out/small/ckpt.pt --data-dir data/pg --device cuda  # full sizes, one GPU
-    python bench/longctx.py --ckpt C --budgets 256,1024 --histories 4096,16384 --out bench/results/mine
+    python bench/longctx.py --ckpt out/mc_demo/lens/ckpt.pt --split val       # the demo's sizes (bench/mc_demo.sh)
+    python bench/longctx.py --ckpt out/mc_demo/base/ckpt.pt --gate 0.95       # the in-block retrieval gate only
+    python bench/longctx.py --ckpt C --budgets 256,1024 --histories 1024 --retrieval-histories 8192,65536
 
-Methods (a budget W is the number of entries the base model reads):
-  full        every history token raw (only where the history <= --max-full; a base trained at block_size T never
-              saw attention spans > T, PoSE trains positions, not spans, so full attention there is no oracle)
+Methods (a budget W is the number of entries the base model reads; W above the base's trained block is refused:
+PoSE trains positions, not spans):
+  full        every history token raw, only where the history fits the base's block (so it is an upper bound)
   truncation  the newest W tokens
   recency     MegaContext session with the static recency pyramid (policy 'recency', no LensNet)
   lens        MegaContext session with LensNet (policy 'lens') and the checkpoint's GistNet
-  mean        the lens session with mean-pooled gists (RMS-normalised mean of the children: GistNet ablation)
-A checkpoint without 'gistnet' / 'lensnet' keys runs them untrained (sample.mc_model) and the output says so.
+  mean        the lens session with mean-pooled gists (RMS-normalised mean of the children: the GistNet ablation)
+  oracle      (retrieval only) the recency session refocused by scores that zoom exactly the needle's gists: what a
+              perfect LensNet would reach with this base, GistNet and allocator, the upper bound of the lens arm
 
-Book NLL: per held-out document of the split, the same end point E = max(histories) tokens into the book; a history
-of L tokens is the window [E - L, E). The last H (--horizon) tokens are scored teacher-forced: the method builds a
-representation of the first L - H tokens in W - H entries (session methods: cold-start ingest, then the newest
---stream tokens streamed K at a time with a refocus after each, as at run time), then the H tokens follow raw in the
-same KV cache, so every scored prediction reads at most W - 1 entries. The WC stays fixed across the horizon (the
-dNLL@H setting of DESIGN §4). Reported: mean NLL per token with a 95% bootstrap CI over documents, and the share of
-the truncation -> full gap each method recovers, (trunc - method) / (trunc - full), bootstrapped paired over docs
-(undefined where full attention is unavailable or not better than truncation).
+Book NLL: per document, --windows windows of `history` tokens at evenly spaced offsets; the last H (--horizon) tokens
+are scored teacher-forced after a representation of the first history - H tokens in W - H entries (sessions: a
+cold-start ingest, then the newest --stream tokens K at a time with a refocus after each), in the same KV cache, so
+every prediction reads at most W - 1 entries. Per-document means; 95% bootstrap intervals over documents, paired for
+the differences to truncation and for the share of the truncation -> full gap, (trunc - method) / (trunc - full).
 
-Retrieval: a needle ("The pass key is 12345. ..." or "The value of key fox-17 is 4821.", with --kv-distractors
-other pairs at random depths) is planted at a relative depth of book text (the split's documents, <|bos|> removed),
-the whole prompt exactly `history` tokens; the question closes it (query_last) or, as the control, opens it with only
-the answer cue at the end (query_first: the question is not in LensNet's view at answer time). Greedy decode; correct
-when the first number generated equals the value. Budget fixed (--retrieval-budget).
+Retrieval (retrieval.py prompts of exactly `history` tokens of the split's book text): the needle sits where the
+truncation window cannot see it, (1 - depth) * history > W + 16; the question closes the prompt. Controls: query_first
+(question first, a bare <|query|> last: the final cue does not name the key) and no_needle. Sessions ingest the prompt
+(cold start, then the newest --stream tokens streamed), then refocus until the working context stops changing, then
+decode greedily; correct when the answer's every token matches. Accuracy with Wilson 95% intervals per (kind, control,
+history, method), depths in rotation; telemetry per cell: refocus steps after the question, expansions, and how often
+the needle ends raw (LOD0) in the working context.
 
-Telemetry (lens/recency/mean sessions of the NLL runs): allocator swap rate, residency, edits, utilisation
-(entries / budget) and budget compliance; decode latency over --decode steps at the longest history against the base
-model decoding a plain window of the same size (bench/decode_latency.baseline). Writes <out>.json, <out>.md and, with
-matplotlib, <out>_nll.png and <out>_retrieval.png.
+Gate (--gate A): full-attention retrieval at history = the base's block (needle inside it) must reach A on held-out
+prompts, or the run exits 1 saying so: a harness whose base cannot retrieve in its own window measures nothing.
+Writes <out>.json (with a `summary`), <out>.md and, with matplotlib, <out>.png.
 """
 import argparse
 import dataclasses
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -55,54 +54,51 @@ sys.path[:0] = [REPO, HERE]
 
 import kernels  # noqa: E402
 import prepare  # noqa: E402
+import retrieval  # noqa: E402
 from decode_latency import baseline, pick_device, timed  # noqa: E402
-from megacontext import MegaContextConfig, MegaContextModel, check_capacity  # noqa: E402
+from megacontext import RECENCY_UNIT, MegaContextConfig, MegaContextModel, check_capacity, recency_scores  # noqa
 from model import GPT, GPTConfig  # noqa: E402
 from sample import mc_model  # noqa: E402
 from session import Session  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
 
-METHODS = ("full", "truncation", "recency", "lens", "mean")
-SESSION_METHODS = ("recency", "lens", "mean")
-QUICK = dict(histories="2048,8192", budgets="256,512", docs=4, retrieval_histories="1024,4096,16384",
-             retrieval_budget=512, depths="0.1,0.5,0.9", trials=1, max_full=8192, decode=16)
-FULL = dict(histories="4096,16384,65536", budgets="256,512,1024,2048", docs=16,
-            retrieval_histories="1024,4096,16384,65536,262144,1048576", retrieval_budget=2048,
-            depths="0,0.25,0.5,0.75,1", trials=4, max_full=65536, decode=64)
-KV_WORDS = "fox owl elk yak ram cod eel ant bee emu gnu hen jay kit".split()
+METHODS = ("full", "truncation", "recency", "lens", "mean", "oracle")
+SESSION_METHODS = ("recency", "lens", "mean")  # ('oracle' is a retrieval-only session arm)
+CONTROL_NAMES = {None: "question last", "query_first": "query first (control)", "no_needle": "no needle (control)"}
+DEFAULTS = dict(histories="512", budgets="128", docs=20, windows=4, horizon=32, retrieval_histories="1024,4096",
+                retrieval_budget=128, depths="0.1,0.3,0.5,0.7", trials=30, decode=16)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (base-only or with MC stages)")
     p.add_argument("--data-dir", default=None, help="prepared data (default: the checkpoint's data_dir)")
-    p.add_argument("--split", default="val", choices=["val", "test"], help="held-out split")
-    p.add_argument("--quick", action="store_true", help="CPU sizes (defaults below come from QUICK, else FULL)")
-    p.add_argument("--histories", default=None, help="NLL history lengths, tokens")
-    p.add_argument("--budgets", default=None, help="working-context budgets W, entries")
-    p.add_argument("--docs", type=int, default=None, help="documents per NLL point (at most)")
-    p.add_argument("--horizon", type=int, default=64, help="H: scored tokens at the end of each history")
+    p.add_argument("--split", default="val", choices=["val", "test"], help="held-out split (tune on val only)")
+    p.add_argument("--histories", default=DEFAULTS["histories"], help="NLL history lengths, tokens ('' = skip NLL)")
+    p.add_argument("--budgets", default=DEFAULTS["budgets"], help="NLL working-context budgets W, entries")
+    p.add_argument("--docs", type=int, default=DEFAULTS["docs"], help="documents for NLL (at most)")
+    p.add_argument("--windows", type=int, default=DEFAULTS["windows"], help="NLL windows per document")
+    p.add_argument("--horizon", type=int, default=DEFAULTS["horizon"], help="H: scored tokens at each window's end")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    p.add_argument("--max-full", type=int, default=None, help="full attention only up to this history")
     p.add_argument("--block", type=int, default=None, help="K (default: the checkpoint's mc_config, else 32)")
     p.add_argument("--recent", type=int, default=None, help="protected tail (default: mc_config, else 64)")
-    p.add_argument("--stream", type=int, default=None, help="newest tokens streamed with refocus (default 8K)")
-    p.add_argument("--retrieval-histories", default=None, help="retrieval prompt lengths, tokens ('' = skip)")
-    p.add_argument("--retrieval-budget", type=int, default=None, help="fixed W for retrieval")
-    p.add_argument("--depths", default=None, help="needle depths in [0, 1]")
-    p.add_argument("--trials", type=int, default=None, help="needles per (kind, history, depth)")
+    p.add_argument("--stream", type=int, default=None, help="newest tokens streamed with refocus (default 4K)")
+    p.add_argument("--retrieval-histories", default=DEFAULTS["retrieval_histories"],
+                   help="retrieval prompt lengths, tokens ('' = skip retrieval)")
+    p.add_argument("--retrieval-budget", type=int, default=DEFAULTS["retrieval_budget"], help="W for retrieval")
+    p.add_argument("--depths", default=DEFAULTS["depths"], help="needle depths in [0, 1] (illegal ones are dropped)")
+    p.add_argument("--trials", type=int, default=DEFAULTS["trials"], help="prompts per (kind, control, history)")
     p.add_argument("--kinds", default="passkey,kv", help="retrieval tasks")
-    p.add_argument("--kv-distractors", type=int, default=3, help="other key-value pairs planted per kv prompt")
-    p.add_argument("--decode", type=int, default=None, help="timed decode steps for the overhead (0 = skip)")
+    p.add_argument("--controls", default="query_first,no_needle", help="control prompts ('' = none)")
+    p.add_argument("--distractors", type=int, default=3, help="other kv needles in each kv prompt")
+    p.add_argument("--gate", type=float, default=None, help="only check in-block retrieval >= this, exit 1 if not")
+    p.add_argument("--decode", type=int, default=DEFAULTS["decode"], help="timed decode steps (0 = skip)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output path prefix (default bench/results/longctx_<tag>)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     a = p.parse_args(argv)
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
     try:
         ints = lambda s: sorted({int(x) for x in s.split(",") if x.strip()})  # noqa: E731
         a.histories, a.budgets, a.retrieval_histories = ints(a.histories), ints(a.budgets), ints(a.retrieval_histories)
@@ -111,19 +107,22 @@ def parse_args(argv):
         fail(f"bad list argument ({e})")
     a.methods = [m for m in a.methods.split(",") if m]
     a.kinds = [k for k in a.kinds.split(",") if k]
-    if set(a.methods) - set(METHODS) or set(a.kinds) - {"passkey", "kv"}:
-        fail(f"--methods must be from {','.join(METHODS)} and --kinds from passkey,kv")
-    if not a.histories or not a.budgets or a.horizon < 1 or a.docs < 1 or a.trials < 1:
-        fail("need at least one history and budget, --horizon >= 1, --docs >= 1 and --trials >= 1")
-    if min(a.histories) <= a.horizon:
+    a.controls = [None] + [c for c in a.controls.split(",") if c]
+    if set(a.methods) - set(METHODS) or set(a.kinds) - set(retrieval.KINDS) or \
+            set(a.controls) - set(retrieval.CONTROLS):
+        fail(f"--methods must be from {','.join(METHODS)}, --kinds from {','.join(retrieval.KINDS)} and --controls "
+             "from query_first,no_needle")
+    if a.horizon < 1 or a.docs < 1 or a.windows < 1 or a.trials < 1 or a.distractors < 0:
+        fail("--horizon, --docs, --windows and --trials must be >= 1 and --distractors >= 0")
+    if a.histories and min(a.histories) <= a.horizon:
         fail(f"history {min(a.histories)} must be longer than the horizon H={a.horizon}")
-    if any(not 0 <= d <= 1 for d in a.depths):
-        fail("--depths must lie in [0, 1]")
+    if any(not 0 <= d <= 1 for d in a.depths) or not a.depths:
+        fail("--depths must be one or more values in [0, 1]")
     return a
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# models
+# models and sessions
 
 
 def mean_gist_model(ckpt, gpt, cfg: MegaContextConfig) -> MegaContextModel:
@@ -146,13 +145,10 @@ def session_model(ckpt, gpt, method, w_max, K, recent) -> MegaContextModel:
     return mean_gist_model(ckpt, gpt, mc.cfg) if method == "mean" else mc
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# book NLL
-
-
-def stream_session(mc, ids, stream: int) -> Session:
-    """A session over `ids`: one cold-start ingest, then the newest `stream` tokens K at a time, refocusing after
-    each (at least one refocus), as a reader streaming a book would."""
+def stream_session(mc, ids, stream: int, settle: bool = False, scorer=None) -> Session:
+    """A session over `ids`: one cold-start ingest, then the newest `stream` tokens K at a time with a refocus after
+    each, as a reader streaming a book would; `settle`: then refocus until the working context stops changing (a
+    question has arrived), with `scorer` (Session.refocus) if given."""
     s, K = Session(mc), mc.cfg.K
     cut = max(0, len(ids) - stream)
     for i in range(0, cut, 65536):
@@ -160,10 +156,14 @@ def stream_session(mc, ids, stream: int) -> Session:
     for i in range(cut, len(ids), K):
         s.ingest(ids[i:i + K])
         s.refocus()
-    if cut == len(ids):
-        s.refocus()
+    if settle or cut == len(ids):
+        s.refocus(until_stable=settle, scorer=scorer)
     s.wc.check_invariants(mc.cfg.target)  # 100% budget compliance, or this raises
     return s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# book NLL
 
 
 @torch.no_grad()
@@ -193,57 +193,76 @@ def session_prefix(s: Session):
     return s.wc.embeddings(s.tree), mu, sigma
 
 
-def book_windows(data_dir, split, histories, n_docs):
-    """[(doc index, window tokens (E,) int64)] for up to n_docs documents of >= E = max(histories) tokens."""
+def book_windows(data_dir, split, history, n_docs, per_doc):
+    """[(doc index, [windows (history,) int64])] for up to n_docs documents of >= history tokens; a document's
+    windows start at evenly spaced offsets and do not overlap when it is long enough."""
     tokens, offsets = prepare.load_split(data_dir, split)
-    E, lens = max(histories), np.diff(offsets)
-    docs = [i for i in range(len(lens)) if lens[i] >= E][:n_docs]
+    lens = np.diff(offsets)
+    docs = [i for i in range(len(lens)) if lens[i] > history][:n_docs]
     if not docs:
-        raise ValueError(f"history {E:,} tokens is longer than every document of {data_dir}/{split} (the longest "
-                         f"has {int(lens.max()):,}); pass shorter --histories")
-    return [(i, np.asarray(tokens[offsets[i]:offsets[i] + E], dtype=np.int64)) for i in docs]
+        raise ValueError(f"history {history:,} tokens is longer than every document of {data_dir}/{split} (the "
+                         f"longest has {int(lens.max()):,}); pass shorter --histories")
+    out = []
+    for i in docs:
+        starts = np.linspace(1, lens[i] - history, per_doc).astype(np.int64)  # 1: after the <|bos|>
+        out.append((i, [np.asarray(tokens[offsets[i] + s:offsets[i] + s + history], np.int64) for s in starts]))
+    return out
 
 
-def run_nll(gpt, ckpt, args, windows, telemetry):
-    """Per-document NLL for every (history, budget, method): {(L, W, method): [nll per doc]}."""
-    H, E, K = args.horizon, max(args.histories), args.block
-    out = {}
-    models = {(W, m): session_model(ckpt, gpt, m, W - H + K, K, args.recent)  # target = w_max - K = W - H
-              for W in args.budgets for m in args.methods if m in SESSION_METHODS}
+def long_range(win, H: int, W: int) -> np.ndarray:
+    """Bool (H,) over the scored tokens of window `win`: those a copy from beyond the truncation window predicts and
+    a copy from inside it does not: the token and the two before it occur earlier as a run starting before the
+    newest W - H history tokens (what truncation reads), and not as a run inside [L - W, here). Method-independent."""
+    L, out = len(win), np.zeros(H, dtype=bool)
+    seen_far = {tuple(win[j:j + 3]) for j in range(0, L - W - 2)}
+    for i, p in enumerate(range(L - H, L)):
+        tri = tuple(win[p - 2:p + 1])
+        near = {tuple(win[j:j + 3]) for j in range(max(0, L - W), p - 2)}
+        out[i] = tri in seen_far and tri not in near
+    return out
+
+
+def run_nll(gpt, ckpt, args, telemetry):
+    """Per-document mean NLL for every (history, budget, method), over all scored tokens and over the long-range
+    ones (`long_range`; documents without any are left out there): ({(L, W, method): [nll per doc]}, same, models)."""
+    H, K, T = args.horizon, args.block, gpt.config.block_size
+    out, far, models = {}, {}, {(W, m): session_model(ckpt, gpt, m, W - H + K, K, args.recent)  # target = W - H
+                                for W in args.budgets for m in args.methods if m in SESSION_METHODS}
     for L in args.histories:
-        for doc, toks in windows:
-            win = toks[E - L:]
-            prefix, tail = win[:L - H], win[L - H:]
-            t0 = time.perf_counter()
-            full = None
-            if "full" in args.methods and L <= args.max_full:
-                full = horizon_nll(gpt, *token_prefix(gpt, prefix, 0), tail, L - H).mean().item()
-            for W in args.budgets:
-                P = W - H  # prefix entries
-                if full is not None:
-                    out.setdefault((L, W, "full"), []).append(full)
-                if "truncation" in args.methods:
-                    n = min(P, len(prefix))
-                    nll = horizon_nll(gpt, *token_prefix(gpt, prefix[-n:], L - H - n), tail, L - H)
-                    out.setdefault((L, W, "truncation"), []).append(nll.mean().item())
-                for m in SESSION_METHODS:
-                    if m not in args.methods:
-                        continue
-                    s = stream_session(models[W, m], prefix, args.stream)
-                    nll = horizon_nll(gpt, *session_prefix(s), tail, L - H)
-                    out.setdefault((L, W, m), []).append(nll.mean().item())
-                    tel = s.alloc.summary()
-                    telemetry.setdefault((W, m), []).append(dict(history=L, entries=len(s.wc), **tel,
-                                                                 utilisation=len(s.wc) / P))
-            print(f"[nll] history {L:>8,} doc {doc:>3}: {time.perf_counter() - t0:6.1f}s", file=sys.stderr)
-    return out, models
+        t0 = time.perf_counter()
+        for doc, windows in book_windows(args.data_dir, args.split, L, args.docs, args.windows):
+            acc = {}  # (L, W, method) -> [(per-token NLL (H,), long-range mask (H,))] over the document's windows
+            for win in windows:
+                prefix, tail = win[:L - H], win[L - H:]
+                if "full" in args.methods and L <= T:
+                    full = horizon_nll(gpt, *token_prefix(gpt, prefix, 0), tail, L - H)
+                for W in args.budgets:
+                    mask = long_range(win, H, W)
+                    if "full" in args.methods and L <= T:
+                        acc.setdefault((L, W, "full"), []).append((full, mask))
+                    if "truncation" in args.methods:
+                        n = min(W - H, len(prefix))
+                        nll = horizon_nll(gpt, *token_prefix(gpt, prefix[-n:], L - H - n), tail, L - H)
+                        acc.setdefault((L, W, "truncation"), []).append((nll, mask))
+                    for m in (m for m in SESSION_METHODS if m in args.methods):
+                        s = stream_session(models[W, m], prefix, args.stream)
+                        nll = horizon_nll(gpt, *session_prefix(s), tail, L - H)
+                        acc.setdefault((L, W, m), []).append((nll, mask))
+                        telemetry.setdefault((W, m), []).append(dict(history=L, **s.alloc.summary(),
+                                                                     utilisation=len(s.wc) / (W - H)))
+            for key, v in acc.items():
+                nll, mask = torch.stack([a for a, _ in v]).numpy(), np.stack([b for _, b in v])
+                out.setdefault(key, []).append(float(nll.mean()))
+                if mask.any():
+                    far.setdefault(key, []).append(float(nll[mask].mean()))
+        print(f"[nll] history {L:>8,}: {time.perf_counter() - t0:6.1f}s", file=sys.stderr)
+    return out, far, models
 
 
 def bootstrap(values, fn=np.mean, n=2000, seed=0):
     """(point, lo, hi): fn over documents with a 95% percentile-bootstrap interval (values: (docs,) or (k, docs))."""
     v = np.asarray(values, dtype=np.float64)
-    docs = v.shape[-1]
-    idx = np.random.default_rng(seed).integers(0, docs, (n, docs))
+    idx = np.random.default_rng(seed).integers(0, v.shape[-1], (n, v.shape[-1]))
     boots = np.array([fn(v[..., i]) for i in idx], dtype=np.float64)
     boots = boots[np.isfinite(boots)]
     point = float(fn(v))
@@ -258,18 +277,18 @@ def gap_share(v):
     return (t - m) / (t - f) if t - f > 1e-9 else np.nan
 
 
-def summarise_nll(per_doc, args):
+def summarise_nll(per_doc):
     rows = []
     for (L, W, m), vals in sorted(per_doc.items(), key=lambda kv: (kv[0][0], kv[0][1], METHODS.index(kv[0][2]))):
         mean, lo, hi = bootstrap(vals)
         row = dict(history=L, budget=W, method=m, docs=len(vals), nll=mean, ci=[lo, hi], per_doc=vals,
-                   delta_trunc=None, delta_trunc_ci=None, gap=None, gap_share=None, gap_share_ci=None)
+                   delta_trunc=None, delta_trunc_ci=None, gap=None, gap_ci=None, gap_share=None, gap_share_ci=None)
         trunc, full = per_doc.get((L, W, "truncation")), per_doc.get((L, W, "full"))
         if trunc is not None:  # paired over documents: far tighter than the per-method intervals
             d, dlo, dhi = bootstrap(np.subtract(vals, trunc))
             row["delta_trunc"], row["delta_trunc_ci"] = d, [dlo, dhi]
         if trunc is not None and full is not None:
-            row["gap"] = float(np.mean(trunc) - np.mean(full))  # > 0: full attention helps
+            row["gap"], *row["gap_ci"] = bootstrap(np.subtract(trunc, full))  # > 0: full attention helps
             if row["gap"] > 1e-9:
                 share, slo, shi = bootstrap(np.array([trunc, vals, full]), gap_share)
                 row["gap_share"], row["gap_share_ci"] = share, [slo, shi]
@@ -293,74 +312,76 @@ def haystack(data_dir, split, n: int) -> np.ndarray:
     return hay
 
 
-def make_retrieval(hay, enc, kind: str, history: int, depth: float, rng, query_first=False, distractors=3):
-    """One retrieval prompt of exactly `history` tokens. The needle starts at token `needle_at`, at relative depth
-    `depth` of the book text (distractors included). Returns dict(ids, value, needle, needle_at, question, cue,
-    query_first), token lists except ids (np.int64) and value (str)."""
-    if kind == "passkey":
-        value = str(int(rng.integers(10000, 100000)))
-        needle, question, cue = prepare.passkey_text(value)
-        others = []
-    else:
-        words = rng.permutation(KV_WORDS)[:distractors + 1]
-        keys = [f"{w}-{int(rng.integers(10, 100))}" for w in words]
-        vals = [str(int(rng.integers(1000, 10000))) for _ in keys]
-        value = vals[0]
-        needle = f" The value of key {keys[0]} is {value}. "
-        question, cue = f" What is the value of key {keys[0]}?", f" The value of key {keys[0]} is"
-        others = [enc.encode_ordinary(f" The value of key {k} is {v}. ") for k, v in zip(keys[1:], vals[1:])]
-    needle_ids, q_ids, cue_ids = enc.encode_ordinary(needle), enc.encode_ordinary(question), enc.encode_ordinary(cue)
-    fixed = len(needle_ids) + len(q_ids) + len(cue_ids) + sum(map(len, others))
-    n_hay = history - fixed
-    if n_hay < 1:
-        raise ValueError(f"retrieval history {history} is shorter than the needle and question ({fixed} tokens)")
-    start = int(rng.integers(0, len(hay) - n_hay + 1))
-    text = list(hay[start:start + n_hay])
-    for o in others:  # distractors first, then the needle at its exact depth
-        at = int(rng.integers(0, len(text) + 1))
-        text[at:at] = o
-    at = round(depth * len(text))
-    head = q_ids if query_first else []
-    ids = head + text[:at] + needle_ids + text[at:] + ([] if query_first else q_ids) + cue_ids
-    assert len(ids) == history
-    return dict(ids=np.asarray(ids, np.int64), value=value, needle=needle_ids, needle_at=len(head) + at,
-                question=q_ids, cue=cue_ids, query_first=query_first)
+def legal_depths(depths, history: int, budget: int) -> list[float]:
+    """The depths whose needle the truncation window of `budget` tokens cannot see: (1 - depth) * history > W + 16."""
+    return [d for d in depths if (1 - d) * history > budget + 16]
 
 
 @torch.no_grad()
-def answer(method, gpt, mc, ids, budget, n_new, stream) -> list[int]:
-    """Greedy continuation (n_new token ids) of prompt ids under a method."""
-    dev = gpt.wte.weight.device
+def answer(method, gpt, mc, prompt, budget, stream):
+    """(greedy continuation of prompt['ids'] as long as its answer, telemetry or None) under one method."""
+    ids, n_new, dev = prompt["ids"], len(prompt["answer"]), gpt.wte.weight.device
     if method in ("full", "truncation"):
         ctx = ids if method == "full" else ids[-budget:]
-        cache = gpt.make_cache(1, len(ctx) + n_new)
         x = torch.as_tensor(ctx, device=dev)[None]
-        return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=cache)]
-    s = stream_session(mc, ids, stream)
-    return [s.step(0.0) for _ in range(n_new)]
+        return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=gpt.make_cache(1, len(ctx) + n_new))], None
+    at = prompt["needle_at"]
+    s = stream_session(mc, ids, stream, settle=True, scorer=oracle_scorer(at) if method == "oracle" else None)
+    raw = at >= 0 and bool(((s.wc.lod == 0) & (s.wc.start >= at) & (s.wc.start < at + retrieval.NEEDLE_LEN)).sum()
+                           == retrieval.NEEDLE_LEN)
+    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"], needle_raw=raw)
+    return [s.step(0.0) for _ in range(n_new)], tel
 
 
-def run_retrieval(gpt, ckpt, args, enc):
-    hay = haystack(args.data_dir, args.split, max(args.retrieval_histories))
+def oracle_scorer(needle_at: int):
+    """Scores of a perfect LensNet for a needle at token needle_at: the recency pyramid's, plus enough for every
+    gist that holds a needle token to be expanded first (a control-prompt without a needle gets plain recency)."""
+    def scores(wc):
+        s = recency_scores(wc, wc.w_max - wc.K)
+        hold = (wc.lod > 0) & (wc.start < needle_at + retrieval.NEEDLE_LEN) & (wc.end > needle_at)
+        return s + 4 * RECENCY_UNIT * (hold & (needle_at >= 0))
+    return scores
+
+
+def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials, beyond_window=True):
+    """Rows {kind, control, history, method, trials, hits, accuracy, ci, per_depth, telemetry} over `trials` prompts
+    per (kind, control, history), depths in rotation: only those beyond the truncation window unless not
+    `beyond_window` (the in-block check, where the needle is inside the base's block by construction)."""
+    if not histories:
+        return []
+    hay = haystack(args.data_dir, args.split, max(histories))
     W, K = args.retrieval_budget, args.block
-    models = {m: session_model(ckpt, gpt, m, W, K, args.recent) for m in args.methods if m in SESSION_METHODS}
+    models = {m: session_model(ckpt, gpt, "recency" if m == "oracle" else m, W, K, args.recent)
+              for m in methods if m in SESSION_METHODS + ("oracle",)}
     rows, rng = [], np.random.default_rng(args.seed)
-    for L in args.retrieval_histories:
+    for L in histories:
         t0 = time.perf_counter()
-        methods = [m for m in args.methods if m != "full" or L <= args.max_full]
+        depths = legal_depths(args.depths, L, W) if beyond_window else args.depths
+        if not depths:
+            print(f"[retrieval] history {L:,}: no depth in {args.depths} puts the needle outside the truncation "
+                  f"window of {W}; skipped", file=sys.stderr)
+            continue
+        here = [m for m in methods if m != "full" or L <= gpt.config.block_size]
         for kind in args.kinds:
-            for depth in args.depths:
-                for query_first in (False, True):
-                    hits = {m: 0 for m in methods}
-                    for _ in range(args.trials):
-                        r = make_retrieval(hay, enc, kind, L, depth, rng, query_first, args.kv_distractors)
-                        n_new = len(enc.encode_ordinary(" " + r["value"])) + 1
-                        for m in methods:
-                            text = enc.decode(answer(m, gpt, models.get(m), r["ids"], W, n_new, args.stream))
-                            got = re.search(r"\d+", text)
-                            hits[m] += bool(got and got.group() == r["value"])
-                    rows += [dict(history=L, kind=kind, depth=depth, query_first=query_first, method=m,
-                                  trials=args.trials, accuracy=hits[m] / args.trials) for m in methods]
+            for control in controls:
+                hits = {m: {} for m in here}
+                tel = {m: [] for m in here}
+                for t in range(trials):
+                    depth = depths[t % len(depths)]
+                    p = retrieval.make_prompt(hay, needles, kind, L, depth, rng, control, args.distractors)
+                    for m in here:
+                        got, tm = answer(m, gpt, models.get(m), p, W, args.stream)
+                        hits[m].setdefault(depth, []).append(got == p["answer"])
+                        if tm:
+                            tel[m].append(tm)
+                for m in here:
+                    k = sum(map(sum, hits[m].values()))
+                    acc, lo, hi = retrieval.wilson(k, trials)
+                    row = dict(kind=kind, control=control, history=L, method=m, trials=trials, hits=k, accuracy=acc,
+                               ci=[lo, hi], per_depth={str(d): float(np.mean(v)) for d, v in hits[m].items()})
+                    if tel[m]:
+                        row["telemetry"] = {key: float(np.mean([x[key] for x in tel[m]])) for key in tel[m][0]}
+                    rows.append(row)
         print(f"[retrieval] history {L:>9,}: {time.perf_counter() - t0:6.1f}s", file=sys.stderr)
     return rows
 
@@ -383,17 +404,18 @@ def summarise_telemetry(tel, overhead):
     return rows
 
 
-def decode_overhead(gpt, models, windows, args, device):
-    """{(W, method): {mc_ms, base_ms, overhead, entries}}: decode steps of a session at the longest history against
-    the base model over a KV window of the same number of entries."""
-    out, L, H = {}, max(args.histories), args.horizon
-    if not args.decode or not windows:
+def decode_overhead(gpt, models, args, device):
+    """{(W, method): {mc_ms, base_ms, overhead, entries}}: decode steps of a session over the longest NLL history
+    against the base model over a KV window of the same number of entries."""
+    out, L = {}, max(args.histories)
+    if not args.decode:
         return out
+    ids = book_windows(args.data_dir, args.split, L, 1, 1)[0][1][0]
     warm = max(2, args.decode // 4)
     for (W, m), mc in models.items():
         if m == "mean":
             continue  # same cost as lens
-        s = stream_session(mc, windows[0][1][:L - H], args.stream)  # the window of the longest history
+        s = stream_session(mc, ids, args.stream)
         times, entries = [], []
         for i in range(warm + args.decode):
             dt_refocus = 0.0
@@ -415,142 +437,163 @@ def decode_overhead(gpt, models, windows, args, device):
 # output
 
 
+def summary(result) -> dict:
+    """The headline a script can check: in-block retrieval (full attention, history = block), retrieval per method at
+    each history as a multiple of the budget (question last, both kinds pooled), and the NLL gap and shares at the
+    longest history and smallest budget where full attention fits."""
+    W = result["args"]["retrieval_budget"]
+    ret = [r for r in result["retrieval"] if r["control"] is None]
+    out = dict(in_block_retrieval=result.get("in_block", {}).get("accuracy"), retrieval={}, nll={})
+    for r in ret:
+        cell = out["retrieval"].setdefault(r["method"], {}).setdefault(f"{r['history'] // W}x", [0, 0])
+        cell[0], cell[1] = cell[0] + r["hits"], cell[1] + r["trials"]
+    out["retrieval"] = {m: {k: h / n for k, (h, n) in v.items()} for m, v in out["retrieval"].items()}
+    out["nll"] = nll_summary(result["nll"])
+    out["nll_long_range"] = nll_summary(result.get("nll_long_range", []))
+    return out
+
+
+def nll_summary(rows) -> dict:
+    """Gap (with its interval) and gap shares at the longest history and smallest budget where full attention fits."""
+    gaps = [r for r in rows if r["gap"] is not None]
+    if not gaps:
+        return {}
+    L, W = max(r["history"] for r in gaps), min(r["budget"] for r in gaps)
+    cell = [r for r in gaps if (r["history"], r["budget"]) == (L, W)]
+    return dict(history=L, budget=W, docs=cell[0]["docs"], gap_nats=cell[0]["gap"], gap_ci=cell[0]["gap_ci"],
+                gap_share={r["method"]: r["gap_share"] for r in cell if r["method"] in SESSION_METHODS},
+                gap_share_ci={r["method"]: r["gap_share_ci"] for r in cell if r["method"] in SESSION_METHODS})
+
+
 def fmt(v, p=3):
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{p}f}"
 
 
-def markdown(result) -> str:
-    nll, lines = result["nll"], [f"# Long-context evaluation: {result['checkpoint']}", ""]
-    lines += [f"`{result['command']}`", "", f"{result['device']}, torch {result['torch']}, commit {result['commit']}"
-              f"{' (dirty)' if result['dirty'] else ''}, {result['date']}", ""]
-    lines += [f"- {n}" for n in result["notes"]] + [""]
-    H = result["args"]["horizon"]
-    lines += [f"## Book NLL on the last {H} tokens (nats/token, 95% bootstrap CI over documents)", ""]
+def nll_tables(nll, title) -> list[str]:
+    """Markdown lines: NLL per method with intervals and the truncation->full gap; deltas to truncation and shares."""
+    if not nll:
+        return []
     methods = [m for m in METHODS if any(r["method"] == m for r in nll)]
-    lines += ["| history | budget | docs | " + " | ".join(methods) + " | gap trunc→full |",
-              "|---" * (len(methods) + 4) + "|"]
-    for L in result["args"]["histories"]:
-        for W in result["args"]["budgets"]:
-            cell = {r["method"]: r for r in nll if r["history"] == L and r["budget"] == W}
-            if not cell:
-                continue
-            docs = next(iter(cell.values()))["docs"]
-            row = [f"{L:,}", str(W), str(docs)]
-            for m in methods:
-                r = cell.get(m)
-                row.append("–" if r is None else f"{r['nll']:.3f} [{fmt(r['ci'][0])}, {fmt(r['ci'][1])}]")
-            gap = next((r["gap"] for r in cell.values() if r["gap"] is not None), None)
-            lines.append("| " + " | ".join(row + [fmt(gap)]) + " |")
+    lines = [f"## {title} (nats/token; 95% bootstrap CI over documents)", "",
+             "| history | budget | docs | " + " | ".join(methods) + " | gap trunc→full |", "|---" * (len(methods) + 4) + "|"]
+    cells = sorted({(r["history"], r["budget"]) for r in nll})
+    for L, W in cells:
+        cell = {r["method"]: r for r in nll if (r["history"], r["budget"]) == (L, W)}
+        row = [f"{L:,}", str(W), str(next(iter(cell.values()))["docs"])]
+        row += ["–" if m not in cell else f"{cell[m]['nll']:.3f} [{fmt(cell[m]['ci'][0])}, {fmt(cell[m]['ci'][1])}]"
+                for m in methods]
+        g = next((r for r in cell.values() if r["gap"] is not None), None)
+        row.append("–" if g is None else f"{g['gap']:+.3f} [{fmt(g['gap_ci'][0])}, {fmt(g['gap_ci'][1])}]")
+        lines.append("| " + " | ".join(row) + " |")
     others = [m for m in methods if m != "truncation"]
-    lines += ["", "Method − truncation, paired over documents (negative = better than truncation; 95% bootstrap CI):",
-              "", "| history | budget | " + " | ".join(others) + " |", "|---" * (2 + len(others)) + "|"]
-    for L in result["args"]["histories"]:
-        for W in result["args"]["budgets"]:
-            cell = {r["method"]: r for r in nll if r["history"] == L and r["budget"] == W}
-            row = [f"{L:,}", str(W)]
-            for m in others:
-                r = cell.get(m)
-                ok = r is not None and r["delta_trunc"] is not None
-                row.append(f"{r['delta_trunc']:+.3f} [{fmt(r['delta_trunc_ci'][0])}, {fmt(r['delta_trunc_ci'][1])}]"
-                           if ok else "–")
+    lines += ["", "Method − truncation, paired over documents (negative = better), and the share of the "
+              "truncation→full gap it recovers (1 = full attention):", "",
+              "| history | budget | " + " | ".join(f"{m} Δ | {m} share" for m in others) + " |",
+              "|---" * (2 + 2 * len(others)) + "|"]
+    for L, W in cells:
+        cell = {r["method"]: r for r in nll if (r["history"], r["budget"]) == (L, W)}
+        row = [f"{L:,}", str(W)]
+        for m in others:
+            r = cell.get(m)
+            d, s = r and r["delta_trunc"] is not None, r and r["gap_share"] is not None
+            row.append(f"{r['delta_trunc']:+.3f} [{fmt(r['delta_trunc_ci'][0])}, {fmt(r['delta_trunc_ci'][1])}]"
+                       if d else "–")
+            row.append(f"{r['gap_share']:.2f} [{fmt(r['gap_share_ci'][0], 2)}, {fmt(r['gap_share_ci'][1], 2)}]"
+                       if s else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def markdown(result) -> str:
+    lines = [f"# Long-context evaluation: {result['checkpoint']} ({result['args']['split']} split)", "",
+             f"`{result['command']}`", "", f"{result['device']}, torch {result['torch']}, commit {result['commit']}"
+             f"{' (dirty)' if result['dirty'] else ''}, {result['date']}", ""]
+    lines += [f"- {n}" for n in result["notes"]] + [""]
+    if result.get("in_block"):
+        ib = result["in_block"]
+        lines += [f"In-block retrieval (full attention, history {ib['history']} = the base's block, needle inside): "
+                  f"{ib['hits']}/{ib['trials']} = {ib['accuracy']:.3f} [{ib['ci'][0]:.3f}, {ib['ci'][1]:.3f}]", ""]
+    H = result["args"]["horizon"]
+    lines += nll_tables(result["nll"], f"Book NLL on the last {H} tokens")
+    lines += nll_tables(result.get("nll_long_range", []), f"Book NLL on the long-range tokens among the last {H}: "
+                        "those a copy from beyond the truncation window predicts and one from inside it does not")
+    ret = result["retrieval"]
+    if ret:
+        shown = [m for m in METHODS if any(r["method"] == m for r in ret)]
+        lines += ["", f"## Retrieval, budget {result['args']['retrieval_budget']} entries (accuracy, Wilson 95% CI; "
+                  f"{ret[0]['trials']} prompts per cell, depths {result['args']['depths']} in rotation)", "",
+                  "| kind | prompt | history | " + " | ".join(shown) + " |", "|---" * (3 + len(shown)) + "|"]
+        for kind, control, L in sorted({(r["kind"], r["control"] or "", r["history"]) for r in ret}):
+            cell = {r["method"]: r for r in ret if (r["kind"], r["control"] or "", r["history"]) == (kind, control, L)}
+            row = [kind, CONTROL_NAMES[control or None], f"{L:,}"]
+            row += ["–" if m not in cell else f"{cell[m]['accuracy']:.2f} [{cell[m]['ci'][0]:.2f}, {cell[m]['ci'][1]:.2f}]"
+                    for m in shown]
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Share of the truncation→full gap recovered (1 = full attention, 0 = truncation; – where full "
-              "attention is unavailable or not better than truncation):", "",
-              "| history | budget | " + " | ".join(m for m in SESSION_METHODS if m in methods) + " |",
-              "|---" * (2 + sum(m in methods for m in SESSION_METHODS)) + "|"]
-    for L in result["args"]["histories"]:
-        for W in result["args"]["budgets"]:
-            cell = {r["method"]: r for r in nll if r["history"] == L and r["budget"] == W}
-            row = [f"{L:,}", str(W)]
-            for m in (m for m in SESSION_METHODS if m in methods):
-                r = cell.get(m)
-                ok = r is not None and r["gap_share"] is not None
-                row.append(f"{r['gap_share']:.2f} [{fmt(r['gap_share_ci'][0], 2)}, {fmt(r['gap_share_ci'][1], 2)}]"
-                           if ok else "–")
-            lines.append("| " + " | ".join(row) + " |")
-    if result["retrieval"]:
-        lines += ["", f"## Retrieval accuracy, budget {result['args']['retrieval_budget']} "
-                  f"({result['args']['trials']} trial(s) per cell, mean over depths "
-                  f"{result['args']['depths']})", "",
-                  "| kind | query | history | " + " | ".join(METHODS) + " |", "|---" * (3 + len(METHODS)) + "|"]
-        ret = result["retrieval"]
-        keys = sorted({(r["kind"], r["query_first"], r["history"]) for r in ret})
-        for kind, qf, L in keys:
-            row = [kind, "first (control)" if qf else "last", f"{L:,}"]
-            for m in METHODS:
-                acc = [r["accuracy"] for r in ret if (r["kind"], r["query_first"], r["history"], r["method"]) ==
-                       (kind, qf, L, m)]
-                row.append(f"{np.mean(acc):.2f}" if acc else "–")
-            lines.append("| " + " | ".join(row) + " |")
-        depths, shown = result["args"]["depths"], [m for m in METHODS if any(r["method"] == m for r in ret)]
-        lines += ["", f"Per depth (query last; cells: {' / '.join(shown)}):", "",
-                  "| kind | history | " + " | ".join(f"depth {d:g}" for d in depths) + " |",
-                  "|---" * (2 + len(depths)) + "|"]
-        for kind, L in sorted({(r["kind"], r["history"]) for r in ret}):
-            acc = {(r["depth"], r["method"]): r["accuracy"] for r in ret
-                   if (r["kind"], r["history"], r["query_first"]) == (kind, L, False)}
-            cells = [" / ".join("–" if (d, m) not in acc else f"{acc[d, m]:.2f}" for m in shown) for d in depths]
-            lines.append(f"| {kind} | {L:,} | " + " | ".join(cells) + " |")
-    lines += ["", "## Telemetry (NLL sessions; decode overhead at the longest history vs the base at equal WC size)",
-              "", "| budget | method | swap rate | residency | expands | collapses | utilisation | compliance | "
-              "mc ms/tok | base ms/tok | overhead |", "|---" * 11 + "|"]
-    for t in result["telemetry"]:
-        ov = t.get("overhead")
-        lines.append(f"| {t['budget']} | {t['method']} | {fmt(t['swap_rate'])} | {fmt(t['residency'], 2)} | "
-                     f"{t['expands']:.1f} | {t['collapses']:.1f} | {t['utilisation']:.3f} | "
-                     f"{100 * t['budget_compliance']:.0f}% | {fmt(t.get('mc_ms'), 2)} | {fmt(t.get('base_ms'), 2)} | "
-                     f"{'–' if ov is None else f'{100 * ov:+.1f}%'} |")
+        sess = [r for r in ret if "telemetry" in r and r["control"] is None]
+        if sess:
+            lines += ["", "Sessions after the question (question last): refocus steps until stable, expansions, share "
+                      "of prompts whose needle ends raw (LOD0) in the working context; accuracy per depth:", "",
+                      "| kind | history | method | steps | expansions | needle raw | per depth |", "|---" * 7 + "|"]
+            for r in sess:
+                t = r["telemetry"]
+                depth = ", ".join(f"{d}: {a:.2f}" for d, a in r["per_depth"].items())
+                lines.append(f"| {r['kind']} | {r['history']:,} | {r['method']} | {t['steps']:.2f} | "
+                             f"{t['expands']:.2f} | {t['needle_raw']:.2f} | {depth} |")
+    if result["telemetry"]:
+        lines += ["", "## Allocator telemetry (NLL sessions on book text; decode overhead vs the base at equal WC size)",
+                  "", "| budget | method | swap rate | residency | expands | collapses | utilisation | compliance | "
+                  "mc ms/tok | base ms/tok | overhead |", "|---" * 11 + "|"]
+        for t in result["telemetry"]:
+            ov = t.get("overhead")
+            lines.append(f"| {t['budget']} | {t['method']} | {fmt(t['swap_rate'])} | {fmt(t['residency'], 2)} | "
+                         f"{t['expands']:.1f} | {t['collapses']:.1f} | {t['utilisation']:.3f} | "
+                         f"{100 * t['budget_compliance']:.0f}% | {fmt(t.get('mc_ms'), 2)} | {fmt(t.get('base_ms'), 2)}"
+                         f" | {'–' if ov is None else f'{100 * ov:+.1f}%'} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(result, prefix) -> list[str]:
-    """PNG plots when matplotlib is importable; returns the paths written (none without it)."""
+def plot(result, path) -> list[str]:
+    """One PNG: retrieval accuracy vs history (question last, both kinds pooled) and NLL − truncation per method;
+    returns the paths written (none without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        result["notes"].append("matplotlib is not installed: no plots")
+        result["notes"].append("matplotlib is not installed: no plot")
         return []
-    paths, hist = [], result["args"]["histories"]
-    fig, axes = plt.subplots(1, len(hist), figsize=(4.5 * len(hist), 3.6), squeeze=False)
-    for ax, L in zip(axes[0], hist):
-        ax.axhline(0, color="C1", lw=1, label="truncation")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ret = [r for r in result["retrieval"] if r["control"] is None]
+    for i, m in enumerate(METHODS):
+        Ls = sorted({r["history"] for r in ret if r["method"] == m})
+        if not Ls:
+            continue
+        hits = [sum(r["hits"] for r in ret if (r["method"], r["history"]) == (m, L)) for L in Ls]
+        n = [sum(r["trials"] for r in ret if (r["method"], r["history"]) == (m, L)) for L in Ls]
+        ci = np.array([retrieval.wilson(h, k) for h, k in zip(hits, n)])
+        ax1.errorbar(Ls, ci[:, 0], yerr=np.stack([ci[:, 0] - ci[:, 1], ci[:, 2] - ci[:, 0]]), marker="o", capsize=3,
+                     color=f"C{i}", label=m)
+    ax1.set(xscale="log", xlabel="history (tokens)", ylabel="retrieval accuracy", ylim=(-0.05, 1.05),
+            title=f"retrieval at a budget of {result['args']['retrieval_budget']} entries")
+    ax1.minorticks_off()
+    ax1.legend(fontsize=8)
+    rows = [r for r in result["nll"] if r["delta_trunc"] is not None and r["method"] != "truncation"]
+    labels = sorted({(r["history"], r["budget"]) for r in rows})
+    for j, (L, W) in enumerate(labels):
         for i, m in enumerate(METHODS):
-            rs = [r for r in result["nll"] if r["history"] == L and r["method"] == m and r["delta_trunc"] is not None]
-            if rs and m != "truncation":
-                y = np.array([r["delta_trunc"] for r in rs])
-                lo, hi = (np.array([r["delta_trunc_ci"][j] for r in rs], dtype=float) for j in (0, 1))
-                ax.errorbar([r["budget"] for r in rs], y, yerr=np.stack([y - lo, hi - y]), label=m, marker="o",
-                            capsize=3, color=f"C{i}")
-        ax.set(xscale="log", xlabel="budget W (entries)", title=f"history {L:,}",
-               ylabel=f"NLL − truncation, last {result['args']['horizon']} tokens")
-        ax.minorticks_off()
-        ax.set_xticks(result["args"]["budgets"], [str(b) for b in result["args"]["budgets"]])
-    axes[0][0].legend(fontsize=8)
+            r = next((r for r in rows if (r["history"], r["budget"], r["method"]) == (L, W, m)), None)
+            if r:
+                lo, hi = r["delta_trunc_ci"]
+                ax2.errorbar([i + 0.1 * j], [r["delta_trunc"]], yerr=[[r["delta_trunc"] - lo], [hi - r["delta_trunc"]]],
+                             marker="o", capsize=3, color=f"C{i}")
+    ax2.axhline(0, color="C1", lw=1)
+    ax2.set_xticks(range(len(METHODS)), METHODS)
+    ax2.set(ylabel="NLL − truncation (nats/token)", title="book NLL " + ", ".join(f"{L} hist / {W} budget"
+                                                                                  for L, W in labels))
     fig.tight_layout()
-    paths.append(f"{prefix}_nll.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    if result["retrieval"]:
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        ret = result["retrieval"]
-        for i, m in enumerate(METHODS):
-            for qf, style in ((False, "-"), (True, ":")):
-                Ls = sorted({r["history"] for r in ret if r["method"] == m and r["query_first"] == qf})
-                acc = [np.mean([r["accuracy"] for r in ret if (r["method"], r["query_first"], r["history"]) ==
-                                (m, qf, L)]) for L in Ls]
-                if Ls:
-                    ax.plot(Ls, acc, style, marker="o", color=f"C{i}", label=f"{m}{' (query first)' if qf else ''}")
-        ax.minorticks_off()
-        ax.set(xscale="log", xlabel="history (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
-               title=f"retrieval at budget {result['args']['retrieval_budget']}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(f"{prefix}_retrieval.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+    return [path]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,24 +608,32 @@ def main(argv):
     mc_saved = ckpt.get("mc_config", {})
     args.block = args.block or mc_saved.get("block_k", 32)
     args.recent = args.recent if args.recent is not None else mc_saved.get("recent_tokens", 64)
-    args.stream = args.stream if args.stream is not None else 8 * args.block
+    args.stream = args.stream if args.stream is not None else 4 * args.block
     args.data_dir = args.data_dir or ckpt.get("config", {}).get("data_dir", "data/pg")
-    H, K = args.horizon, args.block
+    H, K, T = args.horizon, args.block, ckpt["model_args"]["block_size"]
+    histories = [] if args.gate is not None else args.retrieval_histories
     # every bad input fails here, in one line, before any compute
     try:
         enc = prepare.load_tokenizer(args.data_dir)
-        windows = book_windows(args.data_dir, args.split, args.histories, args.docs)
-        if args.retrieval_histories:
-            haystack(args.data_dir, args.split, max(args.retrieval_histories))
-        for W in args.budgets:
-            if W - H < args.recent:
-                raise ValueError(f"budget {W} minus the horizon H={H} leaves {W - H} entries, below the protected "
-                                 f"tail of {args.recent} tokens")
-            MegaContextConfig(block_k=K, w_max=W - H + K, recent_tokens=args.recent).validate()
-            check_capacity(max(args.histories) - H, K, args.recent, W - H)
-        if args.retrieval_histories:
-            MegaContextConfig(block_k=K, w_max=args.retrieval_budget, recent_tokens=args.recent).validate()
-            check_capacity(max(args.retrieval_histories) + 16, K, args.recent, args.retrieval_budget - K)
+        needles = retrieval.Needles(enc)
+        haystack(args.data_dir, args.split, max(histories + [T]))
+        over = [W for W in args.budgets + [args.retrieval_budget] if W > T]
+        if over:
+            raise ValueError(f"budget {over[0]} is above the {T}-token block the base model was trained on: it never "
+                             "attended over that many entries (PoSE trains positions, not spans); use a budget <= "
+                             f"{T}")
+        if args.gate is None:
+            for L in args.histories:
+                book_windows(args.data_dir, args.split, L, 1, 1)
+            for W in args.budgets:
+                if W - H < args.recent:
+                    raise ValueError(f"budget {W} minus the horizon H={H} leaves {W - H} entries, below the protected "
+                                     f"tail of {args.recent} tokens")
+                MegaContextConfig(block_k=K, w_max=W - H + K, recent_tokens=args.recent).validate()
+                check_capacity(max(args.histories, default=0) - H, K, args.recent, W - H)
+            if histories:
+                MegaContextConfig(block_k=K, w_max=args.retrieval_budget, recent_tokens=args.recent).validate()
+                check_capacity(max(histories) + 16, K, args.recent, args.retrieval_budget - K)
     except FileNotFoundError as e:
         fail(f"cannot read the prepared data in {args.data_dir!r} ({e.strerror or e}: {e.filename or ''}); "
              "run prepare.py or pass --data-dir")
@@ -594,32 +645,35 @@ def main(argv):
     if enc.n_vocab > gpt.config.vocab_size:
         fail(f"tokenizer in {args.data_dir!r} has {enc.n_vocab} tokens but the model only {gpt.config.vocab_size}")
     print(kernels.banner(), file=sys.stderr)
-    T = gpt.config.block_size
+
+    t0 = time.perf_counter()
+    block_rows = run_retrieval(gpt, ckpt, args, needles, [T], ["full"], [None], max(args.trials, 50), False)
+    hits, n = sum(r["hits"] for r in block_rows), sum(r["trials"] for r in block_rows)
+    acc, lo, hi = retrieval.wilson(hits, n)
+    in_block = dict(history=T, hits=hits, trials=n, accuracy=acc, ci=[lo, hi],
+                    per_kind={r["kind"]: r["accuracy"] for r in block_rows})
+    print(f"[gate] in-block retrieval (full attention, history {T}): {hits}/{n} = {acc:.3f} [{lo:.3f}, {hi:.3f}] "
+          f"({', '.join(f'{k} {a:.2f}' for k, a in in_block['per_kind'].items())})", file=sys.stderr)
+    if args.gate is not None:
+        if not acc >= args.gate:  # (nan when nothing could be asked)
+            fail(f"the base model retrieves {acc:.3f} < {args.gate} of the needles inside its own {T}-token window "
+                 f"({args.split} split): the MegaContext stages would measure nothing; train the base longer")
+        return in_block
+
     trained = {k: k in ckpt for k in ("gistnet", "lensnet")}
-    notes = [f"base model trained at block_size={T}: full attention over more than {T} tokens is outside its trained "
-             f"attention span (PoSE trains positions up to {ckpt.get('config', {}).get('max_position', '?')}, not "
-             "spans), so 'full' there is a measurement, not an upper bound",
-             f"full attention computed only for histories <= --max-full={args.max_full}"]
+    notes = [f"base trained at block_size={T}; full attention only where the history fits it ({T} tokens)"]
     for k, ok in trained.items():
         if not ok:
             notes.append(f"{k.upper()} UNTRAINED: the checkpoint has no '{k}' weights (base-only); "
                          + ("gists come from an untrained GistNet (random blocks, mean-like pooling)" if k == "gistnet"
                             else "the 'lens' and 'mean' arms follow untrained LensNet scores"))
-    for n in notes:
-        print(f"[note] {n}", file=sys.stderr)
-    if len(windows) < 10:
-        notes.append(f"{len(windows)} documents per NLL point: percentile-bootstrap intervals over so few are "
-                     "optimistic; the paired differences (method − truncation) are the figures to read")
-    if len(windows) < args.docs:
-        notes.append(f"only {len(windows)} documents of {args.split} hold {max(args.histories):,} tokens "
-                     f"(asked for {args.docs})")
-
-    t0 = time.perf_counter()
+    for note in notes:
+        print(f"[note] {note}", file=sys.stderr)
     telemetry = {}
-    per_doc, models = run_nll(gpt, ckpt, args, windows, telemetry)
-    overhead = decode_overhead(gpt, models, windows, args, device)
+    per_doc, per_doc_far, models = run_nll(gpt, ckpt, args, telemetry) if args.histories else ({}, {}, {})
+    overhead = decode_overhead(gpt, models, args, device) if args.histories else {}
     t_nll = time.perf_counter() - t0
-    retrieval = run_retrieval(gpt, ckpt, args, enc) if args.retrieval_histories else []
+    ret = run_retrieval(gpt, ckpt, args, needles, histories, args.methods, args.controls, args.trials)
     t_ret = time.perf_counter() - t0 - t_nll
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -628,26 +682,25 @@ def main(argv):
                   triton=getattr(kernels._util.triton, "__version__", None), kernels=kernels.backend(),
                   date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
                   dirty=bool(git("status", "--porcelain")), command="python bench/longctx.py " + " ".join(argv),
-                  checkpoint=args.ckpt, ckpt_step=ckpt.get("step"),
-                  model=ckpt["model_args"], trained=trained, mc_config=mc_saved or None, notes=notes,
-                  args={k: v for k, v in vars(args).items()}, documents=[d for d, _ in windows],
-                  seconds=dict(nll=round(t_nll, 1), retrieval=round(t_ret, 1)),
-                  nll=summarise_nll(per_doc, args), retrieval=retrieval,
-                  telemetry=summarise_telemetry(telemetry, overhead))
+                  checkpoint=args.ckpt, ckpt_step=ckpt.get("step"), model=ckpt["model_args"], trained=trained,
+                  mc_config=mc_saved or None, notes=notes, args=vars(args), in_block=in_block,
+                  seconds=dict(nll=round(t_nll, 1), retrieval=round(t_ret, 1)), nll=summarise_nll(per_doc),
+                  nll_long_range=summarise_nll(per_doc_far),
+                  retrieval=ret, telemetry=summarise_telemetry(telemetry, overhead))
+    result["summary"] = summary(result)
     if args.out is None:
         ck = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
-        tag = f"{ck}{'_quick' if args.quick else ''}_{name.replace(' ', '_')}_{result['date']}_{result['commit']}"
-        args.out = os.path.join(REPO, "bench", "results", f"longctx_{tag}")
+        args.out = os.path.join(REPO, "bench", "results", f"longctx_{ck}_{args.split}_{result['date']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    result["plots"] = [] if args.no_plot else plot(result, args.out)
+    result["plots"] = [] if args.no_plot else plot(result, f"{args.out}.png")
     with open(f"{args.out}.json", "w") as f:
         json.dump(result, f, indent=1)
     md = markdown(result)
     with open(f"{args.out}.md", "w") as f:
         f.write(md)
     print(md)
-    print(f"wrote {args.out}.json, .md{''.join(', ' + os.path.basename(p) for p in result['plots'])} "
-          f"(nll {t_nll:.0f}s, retrieval {t_ret:.0f}s)", file=sys.stderr)
+    print(f"wrote {args.out}.json, .md{', .png' if result['plots'] else ''} (nll {t_nll:.0f}s, retrieval "
+          f"{t_ret:.0f}s)", file=sys.stderr)
     return result
 
 

@@ -16,7 +16,6 @@ gist_heads = 4
 lens_width = 64
 lens_heads = 4
 lens_tail = 16
-lens_candidates = 16
 batch_size = 4
 max_iters = 200
 lr = 1e-3

@@ -1,6 +1,7 @@
-"""bench/longctx.py end to end on a random tiny GPT and the synthetic corpus: every method x budget, exact
-consistency of truncation and the recency pyramid with full attention where nothing needs compressing, the retrieval
-generator's needle placement, checkpoints with and without MegaContext weights, and one-line errors."""
+"""bench/longctx.py (the fair harness of issue 9) end to end on a random tiny GPT and the synthetic corpus: every
+method x budget, exact consistency with full attention where nothing needs compressing, full attention only inside
+the base's block, retrieval cells with Wilson intervals and both controls, needles only beyond the truncation window,
+the gate, the summary a script can check, budgets above the trained block refused, and one-line errors."""
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import prepare
+import retrieval
 from conftest import ROOT
 from megacontext import MegaContextConfig, MegaContextModel
 from model import GPT, GPTConfig
@@ -19,15 +21,15 @@ from model import GPT, GPTConfig
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import longctx  # noqa: E402
 
-HIST, BUDGETS = [256, 512], [64, 512]  # budget 512 >= every history: nothing to compress there
-TINY = ["--histories", "256,512", "--budgets", "64,512", "--docs", "2", "--horizon", "16", "--block", "8",
-        "--recent", "16", "--stream", "16", "--retrieval-histories", "384", "--retrieval-budget", "64",
-        "--depths", "0.5", "--trials", "1", "--decode", "4", "--max-full", "4096", "--threads", "1"]
+HIST, BUDGETS = [96, 320], [64, 128]  # the base's block is 128: full attention at 96 only; W=128 compresses nothing there
+TINY = ["--histories", "96,320", "--budgets", "64,128", "--docs", "2", "--windows", "2", "--horizon", "16",
+        "--block", "8", "--recent", "16", "--stream", "16", "--retrieval-histories", "384", "--retrieval-budget", "64",
+        "--depths", "0.2,0.5,0.95", "--trials", "3", "--decode", "4", "--threads", "1"]
 
 
 def save_ckpt(path, data_dir, mc=False):
     """A random tiny GPT in train.py's checkpoint format; with mc, also GistNet/LensNet weights and mc_config."""
-    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64)
+    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64, rope_heads=1)
     gpt = GPT(cfg)
     ckpt = dict(model=gpt.state_dict(), model_args=dataclasses.asdict(cfg), step=0,
                 config=dict(data_dir=data_dir, max_position=2**20))
@@ -46,7 +48,9 @@ def result(data_dir, tmp_path_factory):
     ckpt = save_ckpt(tmp / "ckpt.pt", data_dir)
     res = longctx.main(["--ckpt", ckpt, "--data-dir", data_dir, "--out", str(tmp / "res"), *TINY])
     with open(tmp / "res.json") as f:
-        assert json.load(f)["nll"] == json.loads(json.dumps(res["nll"]))  # what was returned is what was written
+        saved = json.load(f)
+    assert saved["nll"] == json.loads(json.dumps(res["nll"])) and saved["summary"] == json.loads(
+        json.dumps(res["summary"]))  # what was returned is what was written
     return res, tmp
 
 
@@ -56,8 +60,8 @@ def nll(res, L, W, m):
 
 def test_longctx_every_method_and_budget(result):
     res, tmp = result
-    assert {(r["history"], r["budget"], r["method"]) for r in res["nll"]} == \
-        {(L, W, m) for L in HIST for W in BUDGETS for m in longctx.METHODS}
+    keys = {(r["history"], r["budget"], r["method"]) for r in res["nll"]}
+    assert keys == {(L, W, m) for L in HIST for W in BUDGETS for m in longctx.METHODS if m != "full" or L <= 128}
     for r in res["nll"]:
         assert r["docs"] == 2 and len(r["per_doc"]) == 2
         assert all(np.isfinite(r["per_doc"])) and 0 < r["nll"] < 2 * np.log(512)  # a random model: about ln(512)
@@ -70,29 +74,28 @@ def test_longctx_every_method_and_budget(result):
     assert all(np.isfinite(t["overhead"]) for t in res["telemetry"] if t["method"] != "mean")
     try:  # plots are optional (matplotlib is not a requirement); without it the output says so
         import matplotlib  # noqa: F401
-        assert res["plots"] == [str(tmp / "res_nll.png"), str(tmp / "res_retrieval.png")]
-        assert all(os.path.getsize(p) > 1000 for p in res["plots"])
+        assert res["plots"] == [str(tmp / "res.png")] and os.path.getsize(res["plots"][0]) > 1000
     except ImportError:
         assert res["plots"] == [] and any("matplotlib" in n for n in res["notes"])
     md = (tmp / "res.md").read_text()
-    assert "| 512 | 64 | 2 |" in md and "Retrieval accuracy" in md
+    assert "| 96 | 64 | 2 |" in md and "## Retrieval" in md and "no needle (control)" in md
 
 
 def test_longctx_no_compression_equals_full_attention(result):
     """At W >= history nothing is compressed: truncation runs the same tokens (exactly the same numbers) and every
-    session arm must build an all-LOD0 working context at the same positions (equal within fp32 noise). At W=64
-    the arms must differ from full attention, or the comparison above proves nothing."""
+    session arm builds an all-LOD0 working context at the same positions (equal within fp32 noise). At W=64 the
+    arms must differ from full attention, or the comparison proves nothing."""
     res, _ = result
-    for L in HIST:
-        full = nll(res, L, 512, "full")["per_doc"]
-        assert nll(res, L, 512, "truncation")["per_doc"] == full
-        for m in longctx.SESSION_METHODS:
-            np.testing.assert_allclose(nll(res, L, 512, m)["per_doc"], full, rtol=0, atol=1e-5, err_msg=m)
-    far = nll(res, 512, 64, "full")["per_doc"]
+    full = nll(res, 96, 128, "full")["per_doc"]
+    assert nll(res, 96, 128, "truncation")["per_doc"] == full
+    for m in longctx.SESSION_METHODS:
+        np.testing.assert_allclose(nll(res, 96, 128, m)["per_doc"], full, rtol=0, atol=1e-5, err_msg=m)
+    far = nll(res, 96, 64, "full")["per_doc"]
     for m in ("truncation", "recency"):
-        assert np.abs(np.subtract(nll(res, 512, 64, m)["per_doc"], far)).max() > 1e-4, m
-    assert nll(res, 512, 64, "truncation")["gap"] == pytest.approx(
-        np.mean(nll(res, 512, 64, "truncation")["per_doc"]) - np.mean(far))
+        assert np.abs(np.subtract(nll(res, 96, 64, m)["per_doc"], far)).max() > 1e-4, m
+    trunc = nll(res, 96, 64, "truncation")
+    assert trunc["gap"] == pytest.approx(np.mean(trunc["per_doc"]) - np.mean(far))
+    assert nll(res, 320, 64, "lens")["gap"] is None  # no full attention beyond the block: no gap, no share
 
 
 def test_longctx_gap_share_and_paired_delta():
@@ -101,10 +104,11 @@ def test_longctx_gap_share_and_paired_delta():
     per_doc = {(8, 4, "truncation"): [3.0, 2.0, 4.0], (8, 4, "full"): [2.0, 1.0, 3.0],
                (8, 4, "lens"): [2.5, 1.5, 3.5], (8, 4, "recency"): [2.0, 1.0, 3.0],
                (9, 4, "truncation"): [1.0, 1.0], (9, 4, "full"): [1.5, 1.5], (9, 4, "lens"): [0.5, 1.0]}
-    rows = {(r["history"], r["method"]): r for r in longctx.summarise_nll(per_doc, None)}
+    rows = {(r["history"], r["method"]): r for r in longctx.summarise_nll(per_doc)}
     assert rows[8, "lens"]["gap_share"] == pytest.approx(0.5)
     assert rows[8, "lens"]["gap_share_ci"] == pytest.approx([0.5, 0.5])
     assert rows[8, "recency"]["gap_share"] == pytest.approx(1.0) and rows[8, "full"]["gap"] == pytest.approx(1.0)
+    assert rows[8, "lens"]["gap_ci"] == pytest.approx([1.0, 1.0])
     assert rows[8, "lens"]["delta_trunc"] == pytest.approx(-0.5)
     assert rows[8, "lens"]["delta_trunc_ci"] == pytest.approx([-0.5, -0.5])
     assert rows[8, "lens"]["nll"] == pytest.approx(2.5) and rows[8, "lens"]["ci"][0] < 2.5 < rows[8, "lens"]["ci"][1]
@@ -112,61 +116,72 @@ def test_longctx_gap_share_and_paired_delta():
     assert rows[9, "lens"]["delta_trunc"] == pytest.approx(-0.25)
 
 
-def test_longctx_retrieval_rows(result):
+def test_longctx_retrieval_cells_controls_and_summary(result):
     res, _ = result
     ret = res["retrieval"]
-    keys = {(r["history"], r["kind"], r["depth"], r["query_first"], r["method"]) for r in ret}
-    assert keys == {(384, k, 0.5, q, m) for k in ("passkey", "kv")
-                    for q in (False, True) for m in longctx.METHODS}
-    assert all(0 <= r["accuracy"] <= 1 for r in ret)
+    keys = {(r["history"], r["kind"], r["control"], r["method"]) for r in ret}
+    assert keys == {(384, k, c, m) for k in retrieval.KINDS for c in retrieval.CONTROLS
+                    for m in longctx.METHODS if m != "full"}  # no full attention over 384 > the 128-token block
+    for r in ret:
+        assert r["trials"] == 3 and r["accuracy"] == r["hits"] / 3 and r["ci"][0] <= r["accuracy"] <= r["ci"][1]
+        assert set(r["per_depth"]) == {"0.2", "0.5"}  # 0.95 leaves the needle inside the 64-token window: dropped
+        if r["method"] in longctx.SESSION_METHODS:
+            assert {"steps", "expands", "needle_raw"} <= set(r["telemetry"]) and 1 <= r["telemetry"]["steps"] <= 3
+    ib = res["in_block"]
+    assert ib["history"] == 128 and ib["trials"] == 100 and set(ib["per_kind"]) == set(retrieval.KINDS)
+    s = res["summary"]
+    assert s["in_block_retrieval"] == ib["accuracy"] and set(s["retrieval"]) == {"truncation", "recency", "lens", "mean"}
+    assert all(set(v) == {"6x"} for v in s["retrieval"].values())  # 384 // 64
+    hits = sum(r["hits"] for r in ret if r["method"] == "lens" and r["control"] is None)
+    assert s["retrieval"]["lens"]["6x"] == pytest.approx(hits / 6)
+    assert s["nll"]["history"] == 96 and s["nll"]["budget"] == 64
+    assert s["nll"]["gap_nats"] == pytest.approx(nll(res, 96, 64, "truncation")["gap"])
+    assert set(s["nll"]["gap_share"]) <= set(longctx.SESSION_METHODS)
 
 
-@pytest.mark.parametrize("kind", ["passkey", "kv"])
-@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
-def test_longctx_needle_at_depth(data_dir, kind, depth):
-    """The needle sits, token for token, at round(depth * text length) of the book text (distractors included),
-    the prompt is exactly the requested length, and the question closes it (or, query_first, opens it, with only
-    the answer cue at the end)."""
-    enc = prepare.load_tokenizer(data_dir)
-    hay = longctx.haystack(data_dir, "val", 2000)
-    assert not (hay == enc.encode_single_token(prepare.BOS)).any()
-    for query_first in (False, True):
-        r = longctx.make_retrieval(hay, enc, kind, 2000, depth, np.random.default_rng(1), query_first)
-        ids, at, needle, q, cue = (r[k] for k in ("ids", "needle_at", "needle", "question", "cue"))
-        assert len(ids) == 2000 and list(ids[at:at + len(needle)]) == needle
-        assert r["value"] in enc.decode(needle) and list(ids[-len(cue):]) == cue
-        head = len(q) if query_first else 0
-        assert list(ids[:len(q)] if query_first else ids[-len(cue) - len(q):-len(cue)]) == q
-        assert at - head == round(depth * (2000 - len(needle) - len(q) - len(cue)))
+def test_longctx_legal_depths():
+    assert longctx.legal_depths([0.0, 0.5, 0.8, 0.9], 1024, 128) == [0.0, 0.5, 0.8]
+    assert longctx.legal_depths([0.9], 200, 128) == []
 
 
 def test_longctx_needle_reaches_the_model(data_dir, tmp_path):
-    """What each method feeds the model holds the needle when it should: a session with room for the whole prompt
-    reads every token raw (the needle included, at its positions), truncation keeps it only when it is recent."""
+    """A session with room for the whole prompt reads every token raw, the needle included, at its positions;
+    truncation keeps the needle only when it is recent."""
     ckpt = torch.load(save_ckpt(tmp_path / "ckpt.pt", data_dir), weights_only=False)
     gpt = GPT(GPTConfig(**ckpt["model_args"]))
     gpt.load_state_dict(ckpt["model"])
-    enc = prepare.load_tokenizer(data_dir)
+    needles = retrieval.Needles(prepare.load_tokenizer(data_dir))
     hay = longctx.haystack(data_dir, "val", 600)
-    r = longctx.make_retrieval(hay, enc, "passkey", 600, 0.5, np.random.default_rng(0))
-    s = longctx.stream_session(longctx.session_model(ckpt, gpt, "lens", 640 + 8, 8, 16), r["ids"], 16)
+    assert not (hay == prepare.load_tokenizer(data_dir).encode_single_token(prepare.BOS)).any()
+    p = retrieval.make_prompt(hay, needles, "passkey", 600, 0.5, np.random.default_rng(0))
+    s = longctx.stream_session(longctx.session_model(ckpt, gpt, "lens", 640 + 8, 8, 16), p["ids"], 16, settle=True)
     assert (s.wc.lod == 0).all() and s.wc.index.tolist() == list(range(600))
-    assert s.tree.tokens(0, 600).tolist() == r["ids"].tolist()
+    assert s.tree.tokens(0, 600).tolist() == p["ids"].tolist()
     x, mu, _ = longctx.session_prefix(s)
-    at, n = r["needle_at"], len(r["needle"])
-    assert torch.equal(x[at:at + n], gpt.wte(torch.tensor(r["needle"]))) and mu[at] == at
+    at = p["needle_at"]
+    assert torch.equal(x[at:at + 7], gpt.wte(torch.as_tensor(p["ids"][at:at + 7]))) and mu[at] == at
     for depth, inside in ((1.0, True), (0.0, False)):
-        r = longctx.make_retrieval(hay, enc, "passkey", 600, depth, np.random.default_rng(0))
-        tail = r["ids"][-64:].tolist()
-        assert any(tail[i:i + len(r["needle"])] == r["needle"] for i in range(64)) == inside
+        p = retrieval.make_prompt(hay, needles, "passkey", 600, depth, np.random.default_rng(0))
+        assert (needles.passkey in p["ids"][-64:-2].tolist()) == inside
+
+
+def test_longctx_gate(data_dir, tmp_path, capsys):
+    """--gate: only the in-block check; below the threshold one line on stderr and exit 1, above it a result."""
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir)
+    base = ["--ckpt", ckpt, "--data-dir", data_dir, "--trials", "5"]
+    with pytest.raises(SystemExit) as e:
+        longctx.main(base + ["--gate", "0.95"])  # a random model retrieves nothing
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and "retrieves 0.000 < 0.95 of the needles inside its own 128-token window" in err[-1]
+    assert longctx.main(base + ["--gate", "0.0"])["trials"] == 100
 
 
 def test_longctx_trained_weights_are_used(data_dir, tmp_path):
     """A checkpoint with gistnet/lensnet keys (and its mc_config's K and tail) runs without the UNTRAINED notes."""
     ckpt = save_ckpt(tmp_path / "mc.pt", data_dir, mc=True)
-    res = longctx.main(["--ckpt", ckpt, "--data-dir", data_dir, "--out", str(tmp_path / "mc"), "--histories", "512",
-                        "--budgets", "96", "--docs", "1", "--horizon", "16", "--retrieval-histories", "",
-                        "--decode", "0", "--no-plot", "--depths", "0.5"])
+    res = longctx.main(["--ckpt", ckpt, "--data-dir", data_dir, "--out", str(tmp_path / "mc"), "--histories", "384",
+                        "--budgets", "96", "--docs", "1", "--windows", "1", "--horizon", "16",
+                        "--retrieval-histories", "", "--decode", "0", "--no-plot", "--trials", "1"])
     assert res["trained"] == {"gistnet": True, "lensnet": True}
     assert not any("UNTRAINED" in n for n in res["notes"])
     assert res["args"]["block"] == 8 and res["args"]["recent"] == 16  # taken from the checkpoint's mc_config
@@ -174,18 +189,21 @@ def test_longctx_trained_weights_are_used(data_dir, tmp_path):
 
 
 def test_longctx_bad_input(data_dir, tmp_path, capsys):
-    """Missing checkpoint or data, a history longer than every document, a budget below the protected tail: one
-    line on stderr and a non-zero exit, before any compute. The first runs as a user would, in a subprocess."""
+    """Missing checkpoint or data, a history longer than every document, a budget below the protected tail or above
+    the base's trained block: one line on stderr and a non-zero exit, before any compute."""
     env = {**os.environ, "MC_KERNELS": "torch"}
     env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, "bench/longctx.py", "--ckpt", str(tmp_path / "nope.pt"), "--quick"],
+    p = subprocess.run([sys.executable, "bench/longctx.py", "--ckpt", str(tmp_path / "nope.pt")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path}/nope.pt"]
     ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir)
     cases = [(["--data-dir", str(tmp_path / "nodata")], "cannot read the prepared data"),
              (["--histories", "10000000"], "longer than every document"),
              (["--budgets", "24"], "below the protected tail"),
-             (["--retrieval-histories", "100000000"], "longer than all of")]
+             (["--budgets", "256"], "above the 128-token block the base model was trained on"),
+             (["--retrieval-budget", "200"], "above the 128-token block"),
+             (["--retrieval-histories", "100000000"], "longer than all of"),
+             (["--controls", "bogus"], "--controls from")]
     for extra, msg in cases:
         argv = ["--ckpt", ckpt, "--data-dir", data_dir, *TINY, "--out", str(tmp_path / "x"), *extra]
         with pytest.raises(SystemExit) as e:
@@ -193,3 +211,16 @@ def test_longctx_bad_input(data_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code != 0 and len(err) == 1 and msg in err[0], (extra, err)
         assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_longctx_long_range_tokens():
+    """A scored token is long-range when it and the two before it occur as a run before the truncation window and
+    not inside it: planted runs make it true, a copy inside the window or no earlier copy make it false."""
+    L, H, W = 64, 8, 24  # truncation reads [L - W, L): tokens 40.. ; the scored ones are 56..63
+    win = np.arange(1000, 1000 + L)  # all distinct: nothing repeats, nothing is long-range
+    assert not longctx.long_range(win, H, W).any()
+    win[10:13] = win[57:60]  # tokens 57..59 (and the two before 59) ran at 10..12, before the window
+    mask = longctx.long_range(win, H, W)
+    assert mask.tolist() == [False, False, False, True, False, False, False, False]  # position 59 only: 57, 58, 59
+    win[44:47] = win[57:60]  # the same run also inside the window: truncation can copy it too
+    assert not longctx.long_range(win, H, W).any()

@@ -15,7 +15,7 @@ from conftest import ROOT, assert_close
 
 import kernels
 from megacontext import (FocusAllocator, GistNet, InvariantError, LensNet, MegaContextConfig, MegaContextModel,
-                         WorkingContext, check_capacity, mask_scores, pyramid_bounds, recency_scores)
+                         WorkingContext, check_capacity, pyramid_bounds, recency_scores)
 from model import GPT, GPTConfig
 from session import Session
 from tree import TOP, TreeError
@@ -208,6 +208,7 @@ def test_allocator_budget_error_when_no_legal_collapse():
 
 def full_pyramid(K=4, R=4, w_max=48, cursor=200, refocus=4, **kw):
     """A working context at (not below) its target, so any expansion needs a paired collapse."""
+    kw = {"tau_expand": 0.0, **kw}  # any positive score may expand: these tests drive the mechanics by hand
     cfg = MegaContextConfig(block_k=K, w_max=w_max, recent_tokens=R, refocus_every=refocus, **kw).validate()
     wc = WorkingContext.pyramid(K, R, w_max, cursor, cfg.target)
     assert cfg.target - len(wc) < K - 1
@@ -258,7 +259,7 @@ def run_adversary(cooldown, hysteresis, steps=40, noise=None):
                 g = int(wc.group_starts()[0])
                 scores[g:g + K] = -1.0
         before = set(zip(wc.lod.tolist(), wc.index.tolist()))
-        alloc.step(wc, mask_scores(scores, *wc.legal_directions()))
+        alloc.step(wc, scores)
         wc.check_invariants(cfg.target)
         after = set(zip(wc.lod.tolist(), wc.index.tolist()))
         edits += [(step, "expand", node) for node in before - after if node[0] > 0 and
@@ -360,7 +361,8 @@ def test_gistnet_and_lensnet_every_parameter_gets_a_gradient(pool):
     gists = m.gistnet(2, m.gistnet(1, x.view(-1, 8, 48)).view(-1, 8, 48))  # (4, 48): LOD1 then LOD2
     mu = torch.arange(4) * 64 + 31.5
     logits, _ = m.gpt(embeds=gists[None], mu=mu, sigma=m.sigma_scale[2] * 64 * torch.ones(4))
-    scores = m.lensnet(gists[None], torch.full((1, 4), 2), 256 - (mu[None] + 32.5), torch.full((1, 4), 64))
+    children = m.gistnet(1, x.view(-1, 8, 48)).view(1, 4, 8, 48)  # each LOD2 gist's LOD1 children
+    scores = m.lensnet(gists[None], torch.full((1, 4), 2), 256 - (mu[None] + 32.5), torch.full((1, 4), 64), children)
     (logits.logsumexp(-1).mean() + scores.pow(2).mean()).backward()
     params = [*m.gistnet.named_parameters(), *m.lensnet.named_parameters(), ("sigma_scale", m.sigma_scale)]
     for name, p in params:
@@ -372,7 +374,7 @@ def wc_features(wc, d=48, gen=None):
     return x, wc.lod[None], (wc.cursor - wc.end)[None], (wc.end - wc.start)[None]
 
 
-def test_lensnet_masking_and_permutation():
+def test_lensnet_legal_directions_and_permutation():
     torch.manual_seed(3)
     wc = WorkingContext.pyramid(8, 12, 64, 900, 56)
     lens = LensNet(mc_config(lens_tail=8), 48).eval()
@@ -380,9 +382,7 @@ def test_lensnet_masking_and_permutation():
     raw = lens(x, lod, dist, span)[0]
     assert raw.shape == (len(wc),)
     can_expand, can_collapse = wc.legal_directions()
-    s = mask_scores((raw - raw.mean()) * 100 + torch.randn(len(wc)), can_expand, can_collapse)
-    assert (s[wc.lod == 0] <= 0).all() and (s[wc.lod == TOP] >= 0).all() and (s[~can_collapse] >= 0).all()
-    assert (s[wc.lod == 0] < 0).any() and (s[wc.lod == TOP] > 0).any()  # legal directions survive
+    assert torch.equal(can_expand, wc.lod > 0) and not can_collapse[(wc.lod == TOP)].any()
     assert can_collapse.sum() % 8 == 0 and not can_collapse[-12:].any()  # whole groups, none in the tail
     # non-causal, no positions beyond the features: permuting the non-tail entries permutes the scores
     perm = torch.cat([torch.randperm(len(wc) - 8), torch.arange(len(wc) - 8, len(wc))])
@@ -396,7 +396,7 @@ def test_lensnet_sign_on_constructed_case():
     torch.manual_seed(0)
     d, G, T = 16, 6, 4
     cfg = MegaContextConfig(block_k=4, w_max=40, recent_tokens=4, refocus_every=4, lens_width=32, lens_heads=2,
-                            lens_layers=2, lens_tail=T, max_edits=1)
+                            lens_layers=2, lens_tail=T, max_edits=1, tau_expand=0.0)
     lens = LensNet(cfg, d)
     lod = torch.tensor([1] * G + [0] * T)
     span = torch.tensor([4] * G + [1] * T)
@@ -430,7 +430,7 @@ def test_lensnet_sign_on_constructed_case():
     wc.append(G * 4 + T)
     for i in range(G):
         wc.collapse(i, now=-10)  # long ago: out of cooldown
-    FocusAllocator(cfg).step(wc, mask_scores(s[b], *wc.legal_directions()))
+    FocusAllocator(cfg).step(wc, s[b])
     assert int((wc.lod == 0).sum()) == T + 4 and int(wc.lod[int(hot[b])]) == 0
 
 
@@ -582,6 +582,30 @@ def test_session_streams_a_long_history_and_stays_in_budget():
     assert s.tree.n_nodes(1) == len(s.tree) // 8 and s.tree.n_nodes(2) == len(s.tree) // 64
     levels = s.wc.level_map(30)
     assert len(levels) == 30 and levels[0] == "2" and list(levels) == sorted(levels, reverse=True)
+
+
+def test_session_refocus_until_stable_zooms_to_tokens():
+    """After a question arrives the session refocuses until nothing changes, at most TOP + 1 steps: scores that want
+    one old token's detail zoom its LOD2 gist, then the LOD1 child, to tokens (two steps and a check), within the
+    budget; one plain step zooms one level only."""
+    s = Session(mc_model(w_max=96, recent_tokens=16))
+    s.ingest(torch.randint(0, 97, (2500,)).tolist())
+    p = 300  # a token deep inside the LOD2 band
+
+    def scorer(wc):  # the recency pyramid's scores, plus a lot for every gist over token p
+        return recency_scores(wc, s.cfg.target) + 20.0 * ((wc.lod > 0) & (wc.start <= p) & (wc.end > p))
+
+    def level_at(wc):
+        return int(wc.lod[int(((wc.start <= p) & (wc.end > p)).nonzero())])
+
+    assert level_at(s.wc) == 2
+    one = Session(mc_model(w_max=96, recent_tokens=16))
+    one.ingest(s.tree.tokens(0, 2500).tolist())
+    one.refocus(scorer=scorer)
+    assert level_at(one.wc) == 1  # a single step zooms one level
+    t = s.refocus(until_stable=True, scorer=scorer)
+    assert level_at(s.wc) == 0 and t["steps"] == TOP + 1 and t["expands"] == TOP
+    s.wc.check_invariants(s.cfg.target)
 
 
 # ----------------------------------------------------------------------------------------------------------------

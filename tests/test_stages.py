@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,13 +15,13 @@ import train
 from configs import load_config
 from conftest import ROOT
 from megacontext import WorkingContext
-from model import GPT
+from model import GPT, GPTConfig
 
 PY = sys.executable
 MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--eval_iters=2"]
 # MC stages on the base above: K=8 so a 128-token sequence holds 16 LOD1 and 2 LOD2 gists
 MC = ["--block_size=128", "--block_k=8", "--recent_tokens=16", "--w_max=48", "--horizon=16", "--gist_w0_max=32",
-      "--gist_w1_max=2", "--lens_width=32", "--lens_tail=8", "--lens_candidates=8", "--lora_rank=4",
+      "--gist_w1_max=2", "--lens_width=32", "--lens_tail=8", "--lora_rank=4",
       "--eval_iters=1", "--log_interval=1", "--warmup_iters=2"]
 
 
@@ -72,27 +73,63 @@ def test_gist_stage_learns_and_beats_mean_pooling(gist):
     assert {"mc_config", "gistnet", "model", "optimizer", "rng"} <= set(ckpt) and "lensnet" not in ckpt
 
 
-def test_lens_labels_sign_on_constructed_case():
-    """One gist obviously matters (expanding it lowers the horizon NLL), collapses hurt: its label is the largest and
-    positive, collapse labels are negative, and ranking by labels puts it first."""
-    wc = WorkingContext.pyramid(4, 4, 64, 200, 24)
-    gists = (wc.lod > 0).nonzero().flatten().tolist()
-    key = gists[len(gists) // 2]
-    key_node = (int(wc.lod[key]), int(wc.index[key]))
+def test_lens_labels_on_constructed_case():
+    """One LOD2 gist holds what the scored tokens need: zooming it to its tokens lowers their summed NLL by 5 nats, any
+    other zoom changes nothing, every collapse costs 0.3. Its label is the largest (zoom credit for a coarse gist),
+    collapse labels are positive losses, and normalised labels are in units of the context's label spread."""
+    wc = WorkingContext.pyramid(4, 4, 64, 400, 40)
+    key = int((wc.lod == 2).nonzero()[len((wc.lod == 2).nonzero()) // 2])
+    a, b = int(wc.start[key]), int(wc.end[key])
 
     def nll_fn(variants):
         out = []
         for lod, index in variants:
-            nodes = set(zip(lod.tolist(), index.tolist()))
-            out.append(1.0 - 0.5 * (key_node not in nodes and len(lod) > len(wc)) + 0.3 * (len(lod) < len(wc)))
+            start = index * 4**lod
+            raw = bool(((lod == 0) & (start >= a) & (start < b)).sum() == b - a)  # the key's span is all tokens
+            out.append(6.0 - 5.0 * raw + 0.3 * (len(lod) < len(wc)))
         return torch.tensor(out)
 
-    cands, labels = stages.lens_labels(wc, nll_fn, 1000, torch.Generator().manual_seed(0))
-    assert ("expand", key) in cands and any(kind == "collapse" for kind, _ in cands)
-    y = dict(zip(cands, labels.tolist()))
-    assert y[("expand", key)] == pytest.approx(0.5 / 3) and max(y, key=y.get) == ("expand", key)
-    assert all(v == pytest.approx(-0.1) for (kind, _), v in y.items() if kind == "collapse")
-    assert stages.spearman(labels, labels) == pytest.approx(1.0)
+    cands = stages.candidates(wc)
+    assert ("zoom", key) in cands and any(kind == "collapse" for kind, _ in cands)
+    assert {i for kind, i in cands if kind == "zoom"} == set((wc.lod > 0).nonzero().flatten().tolist())
+    assert {i for kind, i in cands if kind == "collapse"} == set(wc.group_starts().tolist())  # every legal edit
+    raw = stages.counterfactual_labels(wc, cands, nll_fn)
+    y = dict(zip(cands, raw.tolist()))
+    assert y[("zoom", key)] == pytest.approx(5.0) and max(y, key=y.get) == ("zoom", key)
+    assert all(v == pytest.approx(0.3) for (kind, _), v in y.items() if kind == "collapse")
+    assert all(v == pytest.approx(0.0) for c, v in y.items() if c[0] == "zoom" and c != ("zoom", key))
+    norm = stages.normalise(raw, floor=0.5)
+    assert norm[cands.index(("zoom", key))] == pytest.approx(5.0 / float(raw.std()))
+    assert torch.equal(stages.normalise(raw * 1e-3, floor=0.5), raw * 1e-3 / 0.5)  # nothing matters: stays small
+    # the attention teacher: mass on the key's tokens makes it the best zoom, and a group's label is its span's mass
+    mass = torch.full((400,), 0.01)
+    mass[a:b] = 1.0
+    att = dict(zip(cands, stages.attention_labels(wc, cands, mass).tolist()))
+    assert max(att, key=att.get) == ("zoom", key) and att[("zoom", key)] == pytest.approx(b - a)
+    assert stages.spearman(raw, raw) == pytest.approx(1.0)
+
+
+def test_attention_mass_matches_hand_computed_attention():
+    """attention_mass on a 1-layer GPT whose position-free head attends exactly to earlier copies of the query's
+    token (one-hot q = k, huge scale) and whose other head attends uniformly (zero q, k): the mass on the history
+    token that the scored rows' token matches is what those two heads give by hand, averaged over heads."""
+    cfg = GPTConfig(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=32, rope_heads=1, qk_norm=False)
+    gpt = GPT(cfg)
+    with torch.no_grad():
+        gpt.wte.weight.zero_()
+        gpt.wte.weight[:, :16] = torch.eye(16)
+        W = gpt.blocks[0].attn.c_attn.weight  # (3C, C): rows of q, then k, then v; head 1 = dims 16..31
+        W.zero_()
+        W[16:32, :16] = 30 * torch.eye(16)
+        W[48:64, :16] = torch.eye(16)
+    ids = np.array([1, 2, 3, 4, 5, 12, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 12, 12, 12, 7])  # scored: the last 3
+    mass = stages.attention_mass(gpt, ids, 3)
+    rows = [16, 17, 18]  # the positions that predict the scored tokens
+    copy = [1 / 2, 1 / 3, 1 / 4]  # head 1: the earlier 12s (and itself), equally
+    uniform = [1 / (t + 1) for t in rows]  # head 0: every position up to itself
+    assert mass.shape == (17,)
+    assert float(mass[5]) == pytest.approx(0.5 * (sum(copy) + sum(uniform)), abs=1e-3)
+    assert float(mass[0]) == pytest.approx(0.5 * sum(uniform), abs=1e-3)
 
 
 @pytest.mark.parametrize("stage", ["gist", "lens", "lora"])

@@ -3,7 +3,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -105,7 +104,7 @@ def test_train_torchrun_two_ranks_match_one(data_dir, tmp_path):
     (["configs/tiny.py", "--n_layer=three"], "n_layer must be int"),
     (["configs/tiny.py", "--lr=fast"], "lr must be float"),
     (["configs/tiny.py", "--stage=jt9"], "stage must be one of base"),
-    (["configs/tiny.py", "--passkey_rate=2"], "passkey_rate must be in [0, 1], got 2.0"),
+    (["configs/tiny.py", "--retrieval_mix=2"], "retrieval_mix must be in [0, 1], got 2.0"),
     (["configs/tiny.py", "--data_dir=/nonexistent/dir"], "cannot read the prepared data in '/nonexistent/dir'"),
 ], ids=["missing-file", "unknown-key", "wrong-type-int", "wrong-type-float", "bad-stage", "bad-rate", "missing-data"])
 def test_train_bad_config_is_one_line_error(args, message):
@@ -115,35 +114,20 @@ def test_train_bad_config_is_one_line_error(args, message):
     assert len(err) == 1 and message in err[0], r.stderr
 
 
-def test_plant_passkeys(data_dir, tmp_path):
-    """A planted row holds the needle before the question, the question and cue ending at n - horizon, the answer
-    right after, and the book text elsewhere; other rows are untouched; the rate is honoured; a row too short for
-    the needle is a one-line error at start."""
-    enc = prepare.load_tokenizer(data_dir)
-    cfg = train.TrainConfig(block_size=200, batch_size=64, horizon=16, passkey_rate=0.5, data_dir=data_dir)
-    tokens = train.load_data(data_dir)[0]
-
-    def rows(cfg):  # (B, n): the same windows with and without planting (planting draws after the window starts)
-        x, y, _ = train.get_batch(tokens, cfg, torch.Generator().manual_seed(3), "cpu", gaps=False)
-        return torch.cat([x, y[:, -1:]], 1).tolist()
-
-    planted, end = 0, cfg.block_size + 1 - cfg.horizon
-    for row, clean in zip(rows(cfg), rows(dataclasses.replace(cfg, passkey_rate=0.0))):
-        if row == clean:
-            continue
-        planted += 1
-        value = re.match(r" (\d{5})\.", enc.decode(row[end:])).group(1)
-        needle, question, cue = (enc.encode_ordinary(t) for t in prepare.passkey_text(value))
-        answer = enc.encode_ordinary(f" {value}.")
-        ask = question + cue
-        assert row[end - len(ask):end + len(answer)] == ask + answer
-        at = next(i for i in range(end) if row[i:i + len(needle)] == needle)
-        changed = {i for i in range(len(row)) if row[i] != clean[i]}
-        assert changed <= set(range(at, at + len(needle))) | set(range(end - len(ask), end + len(answer)))
-    assert 16 <= planted <= 48  # Binomial(64, 0.5)
-    r = run(["train.py", "configs/tiny.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--passkey_rate=0.5",
+def test_retrieval_mix_trains_and_fails_early(data_dir, tmp_path):
+    """A base run with the retrieval mix (copied spans, then short windows, then drills) trains through every phase
+    and logs the drill retrieval eval; a window too short for a drill is a one-line error at start."""
+    out = str(tmp_path / "mix")
+    train.main(["configs/tiny.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--n_layer=1", "--n_embd=32",
+                "--n_head=2", "--rope_heads=1", "--block_size=256", "--batch_size=2", "--max_iters=6",
+                "--eval_interval=6", "--eval_iters=1", "--log_interval=1", "--retrieval_mix=1.0", "--copy_steps=2",
+                "--short_block=128", "--short_steps=4", "--eval_gap=0"])
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
+    assert 0.0 <= next(r for r in log if r.get("step") == 6 and "val_loss" in r)["val_retrieval"] <= 1.0
+    r = run(["train.py", "configs/tiny.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--retrieval_mix=1",
              "--block_size=40"])
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "passkey_rate > 0 needs" in r.stderr
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "retrieval drills:" in r.stderr
 
 
 def test_train_bad_checkpoints_leave_disk_untouched(data_dir, trained, tmp_path):

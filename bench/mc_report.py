@@ -1,0 +1,119 @@
+"""The MegaContext demonstration's report (bench/mc_demo.sh's last step): the harness results on the val and test
+splits (bench/longctx.py JSON) and the LensNet-teacher selection (made on val only) -> <out>.json with a top-level
+`summary` (the test split's), <out>.md (tables and each target met or missed) and <out>.png (test split).
+
+    python bench/mc_report.py --out bench/results/mc_demo_cpu --val V.json --test T.json \
+        --select S_counterfactual.json S_attention.json --kept counterfactual --seconds 1700
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import longctx  # noqa: E402
+import retrieval  # noqa: E402
+
+
+def paired(result, a: str, b: str):
+    """(mean, lo, hi) of NLL(a) - NLL(b) per document at the summary's NLL cell, bootstrapped (None if missing)."""
+    s = result["summary"]["nll"]
+    rows = {r["method"]: r for r in result["nll"] if (r["history"], r["budget"]) == (s.get("history"), s.get("budget"))}
+    if a not in rows or b not in rows:
+        return None
+    return longctx.bootstrap(np.subtract(rows[a]["per_doc"], rows[b]["per_doc"]))
+
+
+def pooled(result, method: str, multiple: str):
+    """(hits, trials) of `method` at a history of `multiple` x the budget, question last, both kinds."""
+    W = result["args"]["retrieval_budget"]
+    cells = [r for r in result["retrieval"] if r["control"] is None and r["method"] == method
+             and f"{r['history'] // W}x" == multiple]
+    return sum(r["hits"] for r in cells), sum(r["trials"] for r in cells)
+
+
+def targets(result) -> list[tuple[str, bool, str]]:
+    """Issue 9's targets on one split: (target, met, the figures)."""
+    out, s = [], result["summary"]
+    for mult in sorted({k for v in s["retrieval"].values() for k in v}, key=lambda m: int(m[:-1])):
+        ci = {m: retrieval.wilson(*pooled(result, m, mult)) for m in ("truncation", "recency", "lens")
+              if pooled(result, m, mult)[1]}
+        if len(ci) < 3:
+            continue
+        t, r, lens = ci["truncation"], ci["recency"], ci["lens"]
+        out += [(f"{mult}: truncation <= 0.05", t[0] <= 0.05, f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"),
+                (f"{mult}: recency pyramid <= 0.2", r[0] <= 0.2, f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]"),
+                (f"{mult}: LensNet >= 0.8", lens[0] >= 0.8, f"{lens[0]:.2f} [{lens[1]:.2f}, {lens[2]:.2f}]"),
+                (f"{mult}: LensNet >= recency + 0.5, intervals apart", lens[0] >= r[0] + 0.5 and lens[1] > r[2],
+                 f"{lens[0] - r[0]:+.2f}")]
+    ctl = [r for r in result["retrieval"] if r["control"] == "no_needle" and r["method"] == "lens"]
+    if ctl:
+        hits, n = sum(r["hits"] for r in ctl), sum(r["trials"] for r in ctl)
+        out.append(("no-needle control at chance (LensNet)", hits / n <= 0.05, f"{hits}/{n}"))
+    nll = s["nll"]
+    if nll:
+        gap, (lo, hi) = nll["gap_nats"], nll["gap_ci"]
+        out.append(("full beats truncation by >= 0.1 nats, interval excludes 0", gap >= 0.1 and lo > 0,
+                    f"{gap:.3f} [{lo:.3f}, {hi:.3f}]"))
+        share = nll["gap_share"].get("lens")
+        out.append(("LensNet recovers >= 40% of the gap", share is not None and share >= 0.4,
+                    "–" if share is None else f"{share:.2f}"))
+        for other in ("recency", "mean"):
+            d = paired(result, "lens", other)
+            if d:
+                out.append((f"LensNet beats {other} on NLL (paired interval < 0)", d[2] is not None and d[2] < 0,
+                            f"{d[0]:+.3f} [{d[1]:.3f}, {d[2]:.3f}]"))
+    tel = [t for t in result["telemetry"] if t["method"] == "lens"]
+    if tel:
+        t = tel[0]
+        out.append(("swap rate 0.05-0.20 on book text", 0.05 <= t["swap_rate"] <= 0.2, f"{t['swap_rate']:.3f}"))
+        out.append(("residency >= 3", (t["residency"] or 0) >= 3, longctx.fmt(t["residency"], 2)))
+    raw = [r for r in result["retrieval"] if r["method"] == "lens" and r["control"] is None and "telemetry" in r]
+    if raw:
+        share = np.mean([r["telemetry"]["needle_raw"] for r in raw])
+        out.append(("needle reaches LOD0 within the bounded refocus loop (LensNet)", share >= 0.8, f"{share:.2f}"))
+    return out
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output prefix")
+    p.add_argument("--val", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--select", nargs="+", default=[], help="val results of each LensNet teacher (lens arm only)")
+    p.add_argument("--kept", required=True, help="the teacher kept")
+    p.add_argument("--seconds", type=float, default=None, help="wall time of the whole demonstration")
+    a = p.parse_args(argv)
+    res = {split: json.load(open(path)) for split, path in (("val", a.val), ("test", a.test))}
+    teachers = {}
+    for path in a.select:
+        r = json.load(open(path))
+        teachers[os.path.basename(path).split("_", 1)[1].rsplit(".", 1)[0]] = r["summary"]["retrieval"].get("lens")
+    report = dict(summary=res["test"]["summary"], summary_val=res["val"]["summary"], lens_teacher=dict(
+        kept=a.kept, val_retrieval=teachers), seconds=a.seconds, targets={
+        split: [dict(target=t, met=m, value=v) for t, m, v in targets(r)] for split, r in res.items()}, **res)
+    with open(f"{a.out}.json", "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# MegaContext demonstration (CPU): {a.kept} LensNet teacher", "",
+             f"Wall time {a.seconds / 60:.1f} min for the whole chain (`bash bench/mc_demo.sh`)." if a.seconds else "",
+             "", "LensNet teacher chosen on val retrieval (lens arm, question last, both kinds): " + ", ".join(
+                 f"{t} {', '.join(f'{k} {v:.2f}' for k, v in acc.items())}" for t, acc in teachers.items() if acc), ""]
+    for split in ("test", "val"):
+        lines += [f"## Targets, {split} split", "", "| target | met | value |", "|---|---|---|"]
+        lines += [f"| {t} | {'yes' if m else 'NO'} | {v} |" for t, m, v in targets(res[split])]
+        lines += ["", longctx.markdown(res[split]).replace("\n# ", "\n### ").replace("\n## ", "\n### "), ""]
+    with open(f"{a.out}.md", "w") as f:
+        f.write("\n".join(lines))
+    longctx.plot(res["test"], f"{a.out}.png")
+    print("\n".join(lines[:4]))
+    for t, m, v in targets(res["test"]):
+        print(f"{'met   ' if m else 'MISSED'} {t}: {v}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

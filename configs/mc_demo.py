@@ -1,0 +1,38 @@
+"""The MegaContext demonstration at CPU scale (issue 9): `bash bench/mc_demo.sh` runs every stage from this file.
+
+A tiny position-ready base (4 x 128, 1,024-token BPE) trained on books with the retrieval mix of retrieval.py (copying
+first, then drills; 128-token windows first, then 512), then GistNet (gist), LensNet (lens), and the harness at a
+budget of 128 entries: retrieval at 8x and 32x the budget, book NLL where full attention fits the 512-token block.
+This file holds the base stage and the MegaContext fields every stage shares; mc_demo.sh overrides stage, out_dir,
+block_size and step counts per stage.
+"""
+out_dir = "out/mc_demo/base"
+data_dir = "data/pg1k"  # python prepare.py --vocab-size 1024 --out data/pg1k
+# base: the tiny GPT, position-ready (PoSE on by default), 2,048 tokens per step
+block_size = 512
+n_layer = 4
+n_head = 4
+n_embd = 128
+rope_heads = 2  # two RoPE heads and two position-free ones, which find a needle's tokens at any distance
+batch_size = 4
+max_iters = 1600
+lr = 3e-3
+min_lr = 3e-4
+warmup_iters = 50
+schedule = "wsd"  # a constant rate while copying forms; the decay at the end
+decay_frac = 0.2
+eval_interval = 400
+eval_iters = 4
+log_interval = 50
+retrieval_mix = 1.0  # every window is book text with needles and questions planted in it
+copy_steps = 500  # copied spans first: the induction head forms in ~400 steps
+short_block = 128  # 16 x 128-token windows per step for the first 1,000 steps
+short_steps = 1000
+# MegaContext (gist, lens): K = 8 (LOD1 = 8 tokens, LOD2 = 64), a budget of 128 entries <= the 512-token block
+block_k = 8
+w_max = 128
+recent_tokens = 32
+horizon = 32
+gist_heads = 4
+lens_width = 64
+lens_tail = 16
