@@ -34,6 +34,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # share wte with lm_head
     rope_base: float = 10000.0  # w_j = rope_base ** (-2j / head_dim)
     rope_heads: int = 0  # heads rotated by (Gaussian) RoPE; the others are position-free (NoPE); 0 = all heads
+    rope_layers: int = 0  # blocks with RoPE heads (the first ones); the later blocks are all NoPE; 0 = every block
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (kernels.lod_attention, RoPE fused; no-cache forwards)
     dropout: float = 0.0
     lora_rank: int = 0  # low-rank adapters on the attention's qkv projection (training stage lora); 0 = none
@@ -94,7 +95,7 @@ def lora_blocks(config: GPTConfig) -> set[int]:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, lora: bool = False):
+    def __init__(self, config: GPTConfig, lora: bool = False, layer: int = 0):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         assert config.attn in ("sdpa", "lod"), f"attn must be 'sdpa' or 'lod', got {config.attn!r}"
@@ -102,6 +103,8 @@ class CausalSelfAttention(nn.Module):
         self.rope_base, self.attn = config.rope_base, config.attn
         self.rope_heads = config.rope_heads or config.n_head
         assert 0 < self.rope_heads <= self.n_head, f"rope_heads must be in 0..n_head, got {config.rope_heads}"
+        if config.rope_layers and layer >= config.rope_layers:
+            self.rope_heads = 0  # a position-free block (as Llama 4's interleaved NoPE layers)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
@@ -146,6 +149,8 @@ class CausalSelfAttention(nn.Module):
         r = self.rope_heads
         if r == self.n_head:
             return kernels.gauss_rope(q, k, mu, sigma, self.rope_base)
+        if r == 0:
+            return q, k
         qr, kr = kernels.gauss_rope(q[:, :, :r], k[:, :, :r], mu, sigma, self.rope_base)
         return torch.cat([qr, q[:, :, r:]], 2), torch.cat([kr, k[:, :, r:]], 2)
 
@@ -168,10 +173,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, lora: bool = False):
+    def __init__(self, config: GPTConfig, lora: bool = False, layer: int = 0):
         super().__init__()
         self.ln_1, self.ln_2 = RMSNorm(config.n_embd), RMSNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, lora)
+        self.attn = CausalSelfAttention(config, lora, layer)
         self.mlp = MLP(config)
 
     def forward(self, x, mu, sigma, cache=None, layer=0, pyramid=None):
@@ -186,7 +191,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         lora = lora_blocks(config)
-        self.blocks = nn.ModuleList([Block(config, i in lora) for i in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, i in lora, i) for i in range(config.n_layer)])
         self.ln_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -81,7 +81,8 @@ def copy_spans(row, rng: np.random.Generator, weight: float, n_spans: int = 3):
 def plant_drills(row, rng: np.random.Generator, needles: Needles, n_kv: int, n_questions: int, weight: float):
     """Turn one window `row` (n,) int64 into a retrieval drill, in place: `n_kv` kv needles (plus a pass key half the
     time) at random slots of its first part, then `n_questions` of them asked at the end, each with its answer.
-    Returns per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers, 1 else."""
+    Returns (per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers, 1
+    elsewhere; the index of the first question)."""
     n = len(row)
     w = np.ones(n, dtype=np.float32)
     items = [needles.make("passkey", rng)] if rng.random() < 0.5 else []
@@ -104,7 +105,7 @@ def plant_drills(row, rng: np.random.Generator, needles: Needles, n_kv: int, n_q
         p = q_start + j * q_len
         row[p:p + len(question) + len(answer)] = question + answer
         w[p + len(question):p + len(question) + len(answer)] = weight
-    return w
+    return w, q_start
 
 
 def make_prompt(hay, needles: Needles, kind: str, history: int, depth: float, rng: np.random.Generator,

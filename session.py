@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megacontext import (FocusAllocator, InvariantError, MegaContextModel, WorkingContext, check_capacity,
-                         child_nodes, recency_scores)
+                         preview_nodes, recency_scores)
 from tree import TOP
 from model import sample_next
 from tree import MegaContextTree
@@ -87,8 +87,8 @@ class Session:
         if self.cfg.policy == "recency" or not (wc.lod > 0).any():
             return recency_scores(wc, self.cfg.target)
         x = self.tree.node_embeddings(wc.lod, wc.index)[None]
-        child_lod, child_index = child_nodes(wc.lod, wc.index, wc.K)
-        children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1)).view(1, len(wc), wc.K, -1)
+        child_lod, child_index = preview_nodes(wc.lod, wc.index, wc.K, self.cfg.lens_preview)
+        children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1)).view(1, len(wc), -1, x.shape[-1])
         lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
         return self.model.lensnet(x, lod, dist, span, children)[0].cpu()
 

@@ -1,21 +1,29 @@
-"""The MegaContext training stages (DESIGN §4, §5, §9; issue 5): their losses, labels and evaluations. train.py owns
-the loop (data, DDP, optimizer, checkpoints, logs); this file owns what one stage computes on one batch.
+"""The MegaContext training stages (DESIGN §4, §5, §9; issues 5 and 9): their losses, labels and evaluations. train.py
+owns the loop (data, DDP, optimizer, checkpoints, logs); this file owns what one stage computes on one batch.
 
     gist (JT1)  base frozen; GistNet learns substitutability in one pass per sequence with pyramidal attention: every
                 token position is scored under its own working context (raw tokens within W0, LOD1 gists for W1 blocks,
                 LOD2 beyond), loss = KL(p_base(full context) || p(pyramid)), or NLL when the sequence is longer than
-                the base's context. W0, W1 random per micro-batch, so every distance is trained.
-    lens (JT2)  base and GistNet frozen; on-policy counterfactual labels: for a sampled working context (recency
-                pyramid with a random budget) the change of NLL over the next `horizon` tokens when one gist is
-                expanded or one sibling group collapsed, over K-1 entries of cost; loss = regression + pairwise rank.
+                the base's block (long sequences train the long LOD2 runs that long histories produce). W0, W1 random
+                per micro-batch, so every distance is trained.
+    lens (JT2)  base and GistNet frozen; on-policy labels for a sampled working context (recency pyramid at a random
+                budget, sometimes zoomed one level) over a history that, in a share of the contexts, holds a needle
+                asked at its end: every legal edit is labelled, by the counterfactual teacher (the summed NLL of the
+                scored tokens, the answer or the next `horizon` book tokens, with the edit made) or by the attention
+                teacher (the base's attention mass under full context); labels normalised per context; loss = Huber
+                regression + pairwise ranking over non-tied pairs; labelled contexts are replayed.
     lora (JT3)  low-rank adapters on the base's qkv projections; task NLL of the next `horizon` tokens under
                 allocator-built working contexts, plus `keep_alive` x the gist loss (GistNet keeps training on it).
 
-Decisions where DESIGN and the issue are silent:
-- One score per entry serves both directions (megacontext.py): an expansion label trains the entry's score, a collapse
-  label trains the mean score of the group's K members (what the allocator compares). Only legal candidates enter
-  the loss, which is how illegal directions are masked (clamping as mask_scores does would kill their gradient).
-- Both label kinds are (NLL(WC) - NLL(variant)) / (K - 1): expand > 0 helps, collapse < 0 hurts.
+Decisions where DESIGN and the issues are silent:
+- An entry's score is the value of its detail (megacontext.py): a zoom label trains a gist's own score (its gain), a
+  collapse label the mean score of the group's K members (its loss, positive when collapsing hurts). Only legal
+  candidates enter the loss, which is how illegal directions are masked.
+- A gist's candidate is its zoom to tokens, not one level: expanding a LOD2 gist pays only once its right child is
+  expanded too, and the zoom's label is what the allocator's refocus-until-stable loop reaches (issue 9).
+- Labels are summed over the scored tokens (an answer's few tokens carry ~10 nats; averaging them over a long horizon
+  buried a needle below the allocator's thresholds) and divided by max(std over the context, lens_label_floor): the
+  allocator's tau_expand, hysteresis and tau_collapse are in these units.
 - dNLL@H per level (gist eval) uses W0 = horizon, so a scored token has H..H+K-1 raw tokens before the gists, and the
   level of a position is the coarsest level it sees: LOD1 runs with W1 = inf (no LOD2 band), LOD2 runs with W1 = 0.
   The baseline 'mean' replaces GistNet by the plain mean of the children's embeddings (LOD2 = mean of LOD1 means).
@@ -34,7 +42,7 @@ import torch.nn.functional as F
 
 import prepare
 import retrieval
-from megacontext import FocusAllocator, MegaContextModel, WorkingContext, child_nodes
+from megacontext import FocusAllocator, MegaContextModel, WorkingContext, preview_nodes
 from tree import TOP
 
 
@@ -237,9 +245,10 @@ def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int, chu
     return loss.sum(1)
 
 
-def lens_features(wc: WorkingContext, tables):
-    """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, children's embeddings."""
-    x, children = node_rows(tables, wc.lod, wc.index), node_rows(tables, *child_nodes(wc.lod, wc.index, wc.K))
+def lens_features(wc: WorkingContext, tables, preview: int):
+    """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, and the embeddings of the
+    nodes `preview` levels below each entry (preview_nodes)."""
+    x, children = node_rows(tables, wc.lod, wc.index), node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, preview))
     dev = x.device
     return (x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev),
             children[None])
@@ -376,7 +385,7 @@ def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
     """LensNet's loss on the batch's freshly labelled contexts plus cfg.lens_replay earlier ones from `replay` (the
     newest cfg.lens_buffer, kept as LensNet inputs): a label costs a base forward per candidate, a LensNet pass is
     cheap, so each label is learned from several times. (The buffer is not checkpointed: after a resume it refills.)"""
-    fresh = [(lens_features(wc, tables), cands, labels) for wc, tables, cands, labels, _ in
+    fresh = [(lens_features(wc, tables, mc.cfg.lens_preview), cands, labels) for wc, tables, cands, labels, _ in
              lens_contexts(mc, x, y, cfg, gen)]
     pick = torch.randperm(len(replay), generator=gen)[:cfg.lens_replay].tolist() if replay else []
     batch = fresh + [replay[i] for i in pick]
@@ -403,7 +412,7 @@ def lens_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     whether the best-scored zoom is the gist that holds it (lens_needle_top1)."""
     out = defaultdict(lambda: [0.0, 0])
     for wc, tables, cands, labels, needle_at in lens_contexts(mc, x, y, cfg, gen):
-        pred = candidate_scores(mc.lensnet(*lens_features(wc, tables))[0], cands, wc.K)
+        pred = candidate_scores(mc.lensnet(*lens_features(wc, tables, mc.cfg.lens_preview))[0], cands, wc.K)
         loss, _, _ = lens_loss_terms(pred, labels, cfg.lens_rank_weight)
         metrics = {"lens_spearman": spearman(pred.cpu(), labels.cpu()), "val_loss": loss.item()}
         zooms = [j for j, (kind, _) in enumerate(cands) if kind == "zoom"]
@@ -433,7 +442,7 @@ def allocator_wc(mc: MegaContextModel, cursor: int, tables, gen, telemetry=None)
     allocator's step telemetry (swap rate, utilisation, ...) is appended to `telemetry` when given."""
     wc = sample_wc(mc, cursor, gen)
     with torch.no_grad(), TIMER("lensnet"):
-        scores = mc.lensnet(*lens_features(wc, tables))[0].cpu()
+        scores = mc.lensnet(*lens_features(wc, tables, mc.cfg.lens_preview))[0].cpu()
     with TIMER("allocator"):
         t = FocusAllocator(mc.cfg).step(wc, scores)
     if telemetry is not None:

@@ -85,6 +85,7 @@ class TrainConfig:
     tie_embeddings: bool = True  # share the token embedding with the output head
     rope_base: float = 10000.0  # rotary base
     rope_heads: int = 0  # heads with (Gaussian) RoPE; the rest are position-free (NoPE: content matching at any distance)
+    rope_layers: int = 0  # the first blocks have RoPE heads, the later ones none (position-free); 0 = every block
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (pyramidal attention kernel, causal, RoPE fused)
     dropout: float = 0.0  # dropout on embeddings
     # position-ready training (PoSE, DESIGN §3)
@@ -133,6 +134,7 @@ class TrainConfig:
     lens_heads: int = 4  # LensNet heads
     lens_queries: int = 4  # LensNet tail queries
     lens_tail: int = 32  # newest entries that seed the tail queries
+    lens_preview: int = 1  # levels below each gist LensNet previews (K**lens_preview nodes per entry, max-pooled)
     lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's)
     lens_retrieval: float = 0.67  # lens: share of contexts with a needle beyond the raw window, asked at the end
     lens_label_floor: float = 0.5  # lens: labels are nats / max(std over the context's candidates, this floor)
@@ -304,7 +306,7 @@ def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool
                 w[b] = retrieval.copy_spans(xy[b], rng, cfg.retrieval_weight)
             elif rng.random() < cfg.retrieval_mix:
                 w[b] = retrieval.plant_drills(xy[b], rng, needles(cfg.data_dir), cfg.retrieval_needles,
-                                              cfg.retrieval_questions, cfg.retrieval_weight)
+                                              cfg.retrieval_questions, cfg.retrieval_weight)[0]
         w = torch.from_numpy(w[:, 1:])
     xy = torch.from_numpy(xy)
     x, y = xy[:, :-1], xy[:, 1:].clone()

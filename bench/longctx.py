@@ -36,6 +36,7 @@ Writes <out>.json (with a `summary`), <out>.md and, with matplotlib, <out>.png.
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import statistics
@@ -79,7 +80,9 @@ def parse_args(argv):
     p.add_argument("--docs", type=int, default=DEFAULTS["docs"], help="documents for NLL (at most)")
     p.add_argument("--windows", type=int, default=DEFAULTS["windows"], help="NLL windows per document")
     p.add_argument("--horizon", type=int, default=DEFAULTS["horizon"], help="H: scored tokens at each window's end")
-    p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default="full,truncation,recency,lens,mean", help="NLL arms, of " + ",".join(METHODS))
+    p.add_argument("--retrieval-methods", default="full,truncation,recency,lens,oracle", help="retrieval arms")
+    p.add_argument("--control-methods", default="truncation,lens", help="arms that also answer the control prompts")
     p.add_argument("--block", type=int, default=None, help="K (default: the checkpoint's mc_config, else 32)")
     p.add_argument("--recent", type=int, default=None, help="protected tail (default: mc_config, else 64)")
     p.add_argument("--stream", type=int, default=None, help="newest tokens streamed with refocus (default 4K)")
@@ -105,13 +108,15 @@ def parse_args(argv):
         a.depths = [float(x) for x in a.depths.split(",") if x.strip()]
     except ValueError as e:
         fail(f"bad list argument ({e})")
-    a.methods = [m for m in a.methods.split(",") if m]
+    a.methods, a.retrieval_methods, a.control_methods = ([m for m in v.split(",") if m] for v in (
+        a.methods, a.retrieval_methods, a.control_methods))
     a.kinds = [k for k in a.kinds.split(",") if k]
     a.controls = [None] + [c for c in a.controls.split(",") if c]
-    if set(a.methods) - set(METHODS) or set(a.kinds) - set(retrieval.KINDS) or \
-            set(a.controls) - set(retrieval.CONTROLS):
-        fail(f"--methods must be from {','.join(METHODS)}, --kinds from {','.join(retrieval.KINDS)} and --controls "
-             "from query_first,no_needle")
+    if set(a.methods + a.retrieval_methods + a.control_methods) - set(METHODS) or "oracle" in a.methods or \
+            set(a.kinds) - set(retrieval.KINDS) or set(a.controls) - set(retrieval.CONTROLS):
+        fail(f"--methods must be from {','.join(METHODS[:-1])} (oracle is for retrieval only), the retrieval and "
+             f"control arms from {','.join(METHODS)}, --kinds from {','.join(retrieval.KINDS)} and --controls from "
+             "query_first,no_needle")
     if a.horizon < 1 or a.docs < 1 or a.windows < 1 or a.trials < 1 or a.distractors < 0:
         fail("--horizon, --docs, --windows and --trials must be >= 1 and --distractors >= 0")
     if a.histories and min(a.histories) <= a.horizon:
@@ -343,6 +348,20 @@ def oracle_scorer(needle_at: int):
     return scores
 
 
+class SharedGists:
+    """make_gists, memoised per prompt: the session arms that share GistNet's weights (recency, lens, oracle) pool the
+    same blocks of the same prompt once. Install with `mc.make_gists = shared` on each arm's model."""
+
+    def __init__(self, make_gists):
+        self.make_gists, self.memo = make_gists, {}
+
+    def __call__(self, lod, x):
+        key = (lod, tuple(x.shape), hashlib.sha1(x.detach().float().cpu().numpy().tobytes()).digest())
+        if key not in self.memo:
+            self.memo[key] = self.make_gists(lod, x)
+        return self.memo[key]
+
+
 def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials, beyond_window=True):
     """Rows {kind, control, history, method, trials, hits, accuracy, ci, per_depth, telemetry} over `trials` prompts
     per (kind, control, history), depths in rotation: only those beyond the truncation window unless not
@@ -353,6 +372,11 @@ def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials
     W, K = args.retrieval_budget, args.block
     models = {m: session_model(ckpt, gpt, "recency" if m == "oracle" else m, W, K, args.recent)
               for m in methods if m in SESSION_METHODS + ("oracle",)}
+    gist_arms = [mc for m, mc in models.items() if m != "mean"]
+    shared = SharedGists(gist_arms[0].make_gists) if gist_arms else None
+    for m, mc in models.items():
+        if m != "mean":  # (its gists are the children's means)
+            mc.make_gists = shared
     rows, rng = [], np.random.default_rng(args.seed)
     for L in histories:
         t0 = time.perf_counter()
@@ -361,14 +385,17 @@ def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials
             print(f"[retrieval] history {L:,}: no depth in {args.depths} puts the needle outside the truncation "
                   f"window of {W}; skipped", file=sys.stderr)
             continue
-        here = [m for m in methods if m != "full" or L <= gpt.config.block_size]
+        fits = [m for m in methods if m != "full" or L <= gpt.config.block_size]
         for kind in args.kinds:
             for control in controls:
+                here = fits if control is None else [m for m in fits if m in args.control_methods]
                 hits = {m: {} for m in here}
                 tel = {m: [] for m in here}
                 for t in range(trials):
                     depth = depths[t % len(depths)]
                     p = retrieval.make_prompt(hay, needles, kind, L, depth, rng, control, args.distractors)
+                    if shared is not None:
+                        shared.memo.clear()
                     for m in here:
                         got, tm = answer(m, gpt, models.get(m), p, W, args.stream)
                         hits[m].setdefault(depth, []).append(got == p["answer"])
@@ -673,7 +700,7 @@ def main(argv):
     per_doc, per_doc_far, models = run_nll(gpt, ckpt, args, telemetry) if args.histories else ({}, {}, {})
     overhead = decode_overhead(gpt, models, args, device) if args.histories else {}
     t_nll = time.perf_counter() - t0
-    ret = run_retrieval(gpt, ckpt, args, needles, histories, args.methods, args.controls, args.trials)
+    ret = run_retrieval(gpt, ckpt, args, needles, histories, args.retrieval_methods, args.controls, args.trials)
     t_ret = time.perf_counter() - t0 - t_nll
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -45,7 +45,7 @@ for teacher in counterfactual attention; do
 done
 step "harness (val: pick the teacher; test: report)"
 for teacher in counterfactual attention; do
-    python bench/longctx.py --ckpt $OUT/lens_$teacher/ckpt.pt --split val --methods truncation,lens \
+    python bench/longctx.py --ckpt $OUT/lens_$teacher/ckpt.pt --split val --retrieval-methods lens \
         --histories '' --controls '' --decode 0 --no-plot --out $OUT/select_$teacher > /dev/null
 done
 best=$(python - "$OUT" <<'PY'
@@ -60,5 +60,6 @@ for split in val test; do
     python bench/longctx.py --ckpt $OUT/lens_$best/ckpt.pt --split $split --out $OUT/harness_$split > /dev/null
 done
 python bench/mc_report.py --out bench/results/mc_demo_cpu --val $OUT/harness_val.json --test $OUT/harness_test.json \
-    --select $OUT/select_counterfactual.json $OUT/select_attention.json --kept $best --seconds $(( $(date +%s) - t0 ))
+    --select counterfactual=$OUT/select_counterfactual.json attention=$OUT/select_attention.json --kept $best \
+    --seconds $(( $(date +%s) - t0 ))
 step done

@@ -3,7 +3,7 @@ splits (bench/longctx.py JSON) and the LensNet-teacher selection (made on val on
 `summary` (the test split's), <out>.md (tables and each target met or missed) and <out>.png (test split).
 
     python bench/mc_report.py --out bench/results/mc_demo_cpu --val V.json --test T.json \
-        --select S_counterfactual.json S_attention.json --kept counterfactual --seconds 1700
+        --select counterfactual=S1.json attention=S2.json --kept counterfactual --seconds 1700
 """
 import argparse
 import json
@@ -84,18 +84,18 @@ def main(argv):
     p.add_argument("--out", required=True, help="output prefix")
     p.add_argument("--val", required=True)
     p.add_argument("--test", required=True)
-    p.add_argument("--select", nargs="+", default=[], help="val results of each LensNet teacher (lens arm only)")
+    p.add_argument("--select", nargs="+", default=[], help="TEACHER=PATH: val results of each LensNet teacher")
     p.add_argument("--kept", required=True, help="the teacher kept")
     p.add_argument("--seconds", type=float, default=None, help="wall time of the whole demonstration")
     a = p.parse_args(argv)
     res = {split: json.load(open(path)) for split, path in (("val", a.val), ("test", a.test))}
     teachers = {}
-    for path in a.select:
-        r = json.load(open(path))
-        teachers[os.path.basename(path).split("_", 1)[1].rsplit(".", 1)[0]] = r["summary"]["retrieval"].get("lens")
+    for item in a.select:
+        name, _, path = item.partition("=")
+        teachers[name] = json.load(open(path))["summary"]["retrieval"].get("lens")
     report = dict(summary=res["test"]["summary"], summary_val=res["val"]["summary"], lens_teacher=dict(
         kept=a.kept, val_retrieval=teachers), seconds=a.seconds, targets={
-        split: [dict(target=t, met=m, value=v) for t, m, v in targets(r)] for split, r in res.items()}, **res)
+        split: [dict(target=t, met=bool(m), value=v) for t, m, v in targets(r)] for split, r in res.items()}, **res)
     with open(f"{a.out}.json", "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# MegaContext demonstration (CPU): {a.kept} LensNet teacher", "",

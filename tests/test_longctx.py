@@ -61,7 +61,8 @@ def nll(res, L, W, m):
 def test_longctx_every_method_and_budget(result):
     res, tmp = result
     keys = {(r["history"], r["budget"], r["method"]) for r in res["nll"]}
-    assert keys == {(L, W, m) for L in HIST for W in BUDGETS for m in longctx.METHODS if m != "full" or L <= 128}
+    assert keys == {(L, W, m) for L in HIST for W in BUDGETS for m in longctx.METHODS
+                    if m != "oracle" and (m != "full" or L <= 128)}  # (oracle: a retrieval-only arm)
     for r in res["nll"]:
         assert r["docs"] == 2 and len(r["per_doc"]) == 2
         assert all(np.isfinite(r["per_doc"])) and 0 < r["nll"] < 2 * np.log(512)  # a random model: about ln(512)
@@ -121,16 +122,20 @@ def test_longctx_retrieval_cells_controls_and_summary(result):
     ret = res["retrieval"]
     keys = {(r["history"], r["kind"], r["control"], r["method"]) for r in ret}
     assert keys == {(384, k, c, m) for k in retrieval.KINDS for c in retrieval.CONTROLS
-                    for m in longctx.METHODS if m != "full"}  # no full attention over 384 > the 128-token block
+                    for m in ("truncation", "recency", "lens", "oracle") if c is None or m in ("truncation", "lens")}
+    # (no full attention over 384 > the 128-token block; the controls ask the control arms only)
     for r in ret:
         assert r["trials"] == 3 and r["accuracy"] == r["hits"] / 3 and r["ci"][0] <= r["accuracy"] <= r["ci"][1]
         assert set(r["per_depth"]) == {"0.2", "0.5"}  # 0.95 leaves the needle inside the 64-token window: dropped
-        if r["method"] in longctx.SESSION_METHODS:
+        if r["method"] in longctx.SESSION_METHODS + ("oracle",):
             assert {"steps", "expands", "needle_raw"} <= set(r["telemetry"]) and 1 <= r["telemetry"]["steps"] <= 3
+        if r["method"] == "oracle" and r["control"] != "no_needle":
+            assert r["telemetry"]["needle_raw"] == 1.0  # zooming exactly the needle's gists always reaches its tokens
     ib = res["in_block"]
     assert ib["history"] == 128 and ib["trials"] == 100 and set(ib["per_kind"]) == set(retrieval.KINDS)
     s = res["summary"]
-    assert s["in_block_retrieval"] == ib["accuracy"] and set(s["retrieval"]) == {"truncation", "recency", "lens", "mean"}
+    assert s["in_block_retrieval"] == ib["accuracy"]
+    assert set(s["retrieval"]) == {"truncation", "recency", "lens", "oracle"}
     assert all(set(v) == {"6x"} for v in s["retrieval"].values())  # 384 // 64
     hits = sum(r["hits"] for r in ret if r["method"] == "lens" and r["control"] is None)
     assert s["retrieval"]["lens"]["6x"] == pytest.approx(hits / 6)
@@ -203,7 +208,8 @@ def test_longctx_bad_input(data_dir, tmp_path, capsys):
              (["--budgets", "256"], "above the 128-token block the base model was trained on"),
              (["--retrieval-budget", "200"], "above the 128-token block"),
              (["--retrieval-histories", "100000000"], "longer than all of"),
-             (["--controls", "bogus"], "--controls from")]
+             (["--controls", "bogus"], "--controls from"),
+             (["--methods", "lens,oracle"], "oracle is for retrieval only")]
     for extra, msg in cases:
         argv = ["--ckpt", ckpt, "--data-dir", data_dir, *TINY, "--out", str(tmp_path / "x"), *extra]
         with pytest.raises(SystemExit) as e:
@@ -224,3 +230,38 @@ def test_longctx_long_range_tokens():
     assert mask.tolist() == [False, False, False, True, False, False, False, False]  # position 59 only: 57, 58, 59
     win[44:47] = win[57:60]  # the same run also inside the window: truncation can copy it too
     assert not longctx.long_range(win, H, W).any()
+
+
+def test_mc_report_writes_summary_and_targets(result, tmp_path):
+    """bench/mc_report.py (mc_demo.sh's last step) on the harness output: the test split's summary on top, the val
+    one beside it, every issue-9 target with a yes/no, and the teacher selection."""
+    import mc_report
+    res, tmp = result
+    report = mc_report.main(["--out", str(tmp_path / "demo"), "--val", str(tmp / "res.json"), "--test",
+                             str(tmp / "res.json"), "--select", f"counterfactual={tmp / 'res.json'}", "--kept", "counterfactual",
+                             "--seconds", "60"])
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(res["summary"])) and saved["summary_val"] == saved["summary"]
+    assert {"in_block_retrieval", "retrieval", "nll"} <= set(saved["summary"])
+    names = [t["target"] for t in saved["targets"]["test"]]
+    assert "6x: truncation <= 0.05" in names and "6x: LensNet >= 0.8" in names
+    assert any(n.startswith("full beats truncation") for n in names)
+    lens = [t for t in saved["targets"]["test"] if t["target"] == "6x: LensNet >= 0.8"][0]
+    assert lens["met"] == (res["summary"]["retrieval"]["lens"]["6x"] >= 0.8)
+    md = (tmp_path / "demo.md").read_text()
+    assert "## Targets, test split" in md and "## Targets, val split" in md
+    assert report["lens_teacher"]["kept"] == "counterfactual"
+
+
+def test_shared_gists_pools_each_block_once():
+    calls = []
+
+    def make_gists(lod, x):
+        calls.append(lod)
+        return x.mean(1) * lod
+
+    shared = longctx.SharedGists(make_gists)
+    x, y = torch.randn(5, 8, 4), torch.randn(5, 8, 4)
+    assert torch.equal(shared(1, x), make_gists(1, x)) and torch.equal(shared(1, x.clone()), make_gists(1, x))
+    assert torch.equal(shared(2, x), 2 * x.mean(1)) and torch.equal(shared(1, y), y.mean(1))
+    assert calls == [1, 1, 1, 2, 1]  # the second (1, x) came from the memo: 3 pools for 3 distinct inputs + 2 direct

@@ -15,7 +15,7 @@ from conftest import ROOT, assert_close
 
 import kernels
 from megacontext import (FocusAllocator, GistNet, InvariantError, LensNet, MegaContextConfig, MegaContextModel,
-                         WorkingContext, check_capacity, pyramid_bounds, recency_scores)
+                         WorkingContext, check_capacity, preview_nodes, pyramid_bounds, recency_scores)
 from model import GPT, GPTConfig
 from session import Session
 from tree import TOP, TreeError
@@ -388,6 +388,22 @@ def test_lensnet_legal_directions_and_permutation():
     perm = torch.cat([torch.randperm(len(wc) - 8), torch.arange(len(wc) - 8, len(wc))])
     out = lens(x[:, perm], lod[:, perm], dist[:, perm], span[:, perm])[0]
     assert_close("permuted scores", raw[perm], out, ratio=1e-5)
+
+
+def test_preview_nodes():
+    """What LensNet previews below each entry: K**depth descendants (tokens at most), repeated to fill the row."""
+    lod, index = torch.tensor([2, 1, 0]), torch.tensor([3, 5, 7])
+    pl, pi = preview_nodes(lod, index, 4, 2)
+    assert pl.tolist() == [[0] * 16] * 3 and pi[0].tolist() == list(range(48, 64))  # LOD2 node 3: tokens 48..63
+    assert pi[1].tolist() == [20, 21, 22, 23] * 4 and pi[2].tolist() == [7] * 16  # LOD1 node 5: its 4 tokens
+    pl, pi = preview_nodes(lod, index, 4, 1)
+    assert pl.tolist() == [[1] * 4, [0] * 4, [0] * 4] and pi.tolist() == [[12, 13, 14, 15], [20, 21, 22, 23], [7] * 4]
+    with pytest.raises(ValueError, match="lens_preview"):
+        mc_config(lens_preview=4).validate()
+    for depth in (1, 2):  # a session feeds LensNet its previews from the tree
+        s = Session(mc_model(w_max=96, recent_tokens=16, lens_preview=depth))
+        s.ingest(torch.randint(0, 97, (1500,)).tolist())
+        assert s.scores().shape == (len(s.wc),) and torch.isfinite(s.scores()).all()
 
 
 def test_lensnet_sign_on_constructed_case():

@@ -73,7 +73,7 @@ def test_model_gaussian_sigma_changes_only_damped_entries():
 
 @pytest.mark.parametrize("chunks", [[40], [25, 6, 1, 1, 7], [1] * 40], ids=["prefill", "mixed", "token-by-token"])
 def test_model_kv_cache_equals_full_forward(chunks):
-    m = tiny()
+    m = tiny(rope_heads=2, rope_layers=1)  # with a position-free head and block too
     idx = torch.randint(0, 97, (2, 40))
     full, _ = m(idx)
     cache, outs, t = m.make_cache(2, 64), [], 0
@@ -172,10 +172,25 @@ def test_model_bf16_autocast_matches_fp32_on_gpu():
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
 
 
+def test_model_position_free_heads_and_blocks():
+    """rope_heads rotates the first heads only; blocks from rope_layers on rotate none (NoPE)."""
+    m = tiny(n_head=3, rope_heads=1, rope_layers=1)
+    q, k = torch.randn(2, 9, 3, 16), torch.randn(2, 9, 3, 16)
+    mu, sigma = torch.rand(2, 9) * 100, torch.rand(2, 9)
+    q0, k0 = m.blocks[0].attn.rotate(q, k, mu, sigma)
+    torch.testing.assert_close(q0[:, :, :1], kernels.gauss_rope_ref(q[:, :, :1], mu, sigma))
+    torch.testing.assert_close(k0[:, :, :1], kernels.gauss_rope_ref(k[:, :, :1], mu, sigma))
+    assert torch.equal(q0[:, :, 1:], q[:, :, 1:]) and torch.equal(k0[:, :, 1:], k[:, :, 1:])
+    q1, k1 = m.blocks[1].attn.rotate(q, k, mu, sigma)
+    assert torch.equal(q1, q) and torch.equal(k1, k)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_model_lod_attention_path_equals_sdpa(backend):
-    """attn='lod' (pyramidal kernel with W0 = inf, RoPE fused) computes the same model as RoPE kernel + SDPA."""
-    m = tiny(n_embd=64, n_head=2).train()  # head dim 32: the Triton kernel needs a power of two >= 32
+@pytest.mark.parametrize("positions", [{}, {"rope_heads": 1, "rope_layers": 1}], ids=["rope", "nope-heads-and-block"])
+def test_model_lod_attention_path_equals_sdpa(backend, positions):
+    """attn='lod' (pyramidal kernel with W0 = inf, RoPE fused) computes the same model as RoPE kernel + SDPA, also
+    with position-free heads and blocks (rotated before the kernel, whose fused rotation is then the identity)."""
+    m = tiny(n_embd=64, n_head=2, **positions).train()  # head dim 32: the Triton kernel needs a power of two >= 32
     idx = torch.randint(0, 97, (1, 45))
     mu, sigma = torch.arange(45).double() * 1.5, torch.rand(1, 45) * 2
     previous = kernels.backend()

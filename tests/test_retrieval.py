@@ -87,7 +87,8 @@ def test_plant_drills_and_copy_spans(setup):
     rng = np.random.default_rng(2)
     for _ in range(20):
         row = hay[:129].copy()
-        w = retrieval.plant_drills(row, rng, nd, 3, 2, 5.0)
+        w, q_start = retrieval.plant_drills(row, rng, nd, 3, 2, 5.0)
+        assert row[q_start] == nd.query and not (w[:q_start] == 5.0).any()
         assert row.shape == (129,) and w.shape == (129,) and set(np.unique(w)) <= {0.0, 1.0, 5.0}
         answers = np.flatnonzero(w == 5.0)
         assert len(answers) in (8, 9, 10)  # two questions: 4 (kv) or 5 (pass key) answer tokens each
