@@ -75,6 +75,8 @@ class TrainConfig:
     copy_steps: int = 0  # the first steps copy random spans to later places, no PoSE gaps (the induction head forms)
     short_block: int = 0  # the first short_steps steps use windows of this many tokens (same tokens per step); 0 = off
     short_steps: int = 0  # steps at short_block
+    retrieval_gaps: float = 0.0  # after short_steps, the share of drills whose questions sit after a PoSE gap (copying
+    # across any distance then pays, which moves it to the position-free heads; all drills at once stopped retrieval)
     # model (mirrors GPTConfig)
     block_size: int = 1024  # training sequence length in tokens
     n_layer: int = 6  # transformer blocks
@@ -257,11 +259,12 @@ def load_data(data_dir: str):
     return splits[0], splits[1], meta
 
 
-def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig, forced=None) -> torch.Tensor:
     """(B, T) int64 positions: consecutive, or cut into `pose_chunks` chunks separated by log-uniform gaps.
 
     Gaps are log-uniform in [1, (max_position - T) / (chunks - 1)], so every scale of relative distance up to
-    max_position is trained equally often while attention costs stay those of T entries.
+    max_position is trained equally often while attention costs stay those of T entries. forced[b], when not None,
+    is a cut row b always gets (retrieval_gaps: a drill whose questions sit after a gap).
     """
     pos = torch.arange(T).repeat(B, 1)
     n_gaps = cfg.pose_chunks - 1
@@ -269,9 +272,12 @@ def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig) -> to
         return pos
     budget = (cfg.max_position - T) / n_gaps
     for b in range(B):
-        if torch.rand((), generator=gen).item() >= cfg.pose_prob:
+        cut = forced[b] if forced is not None else None
+        if torch.rand((), generator=gen).item() >= cfg.pose_prob and cut is None:
             continue
         cuts = torch.randperm(T - 1, generator=gen)[:n_gaps] + 1  # chunk starts, in (0, T)
+        if cut is not None:
+            cuts[0] = cut
         gaps = torch.exp(torch.rand(n_gaps, generator=gen, dtype=torch.float64) * math.log(budget)).long()
         shift = torch.zeros(T, dtype=torch.long)
         shift[cuts] = gaps
@@ -296,8 +302,9 @@ def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool
         fail(f"split has {len(tokens)} tokens, fewer than a window + 1 = {T + 1}")
     ix = torch.randint(len(tokens) - T - 1, (B,), generator=gen).tolist()
     xy = np.stack([tokens[i:i + T + 1].astype(np.int64) for i in ix])
-    w = None
+    w, forced = None, [None] * B
     copying = cfg.stage == "base" and step is not None and step < cfg.copy_steps
+    far = cfg.stage == "base" and step is not None and step >= cfg.short_steps  # drills may straddle a gap
     if (cfg.retrieval_mix > 0 or copying) and cfg.stage in ("base", "gist"):  # the stages that train on the text
         rng = np.random.default_rng(int(torch.randint(2**62, (), generator=gen)))
         w = np.ones_like(xy, dtype=np.float32)
@@ -305,14 +312,16 @@ def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool
             if copying:
                 w[b] = retrieval.copy_spans(xy[b], rng, cfg.retrieval_weight)
             elif rng.random() < cfg.retrieval_mix:
-                w[b] = retrieval.plant_drills(xy[b], rng, needles(cfg.data_dir), cfg.retrieval_needles,
-                                              cfg.retrieval_questions, cfg.retrieval_weight)[0]
+                w[b], q_start = retrieval.plant_drills(xy[b], rng, needles(cfg.data_dir), cfg.retrieval_needles,
+                                                       cfg.retrieval_questions, cfg.retrieval_weight)
+                if far and rng.random() < cfg.retrieval_gaps:
+                    forced[b] = q_start
         w = torch.from_numpy(w[:, 1:])
     xy = torch.from_numpy(xy)
     x, y = xy[:, :-1], xy[:, 1:].clone()
     if w is not None:
         y[w == 0] = -1
-    mu = pose_positions(B, T, gen, cfg) if gaps else torch.arange(T).repeat(B, 1)
+    mu = pose_positions(B, T, gen, cfg, forced) if gaps else torch.arange(T).repeat(B, 1)
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in (x, y, mu, w))
 
 

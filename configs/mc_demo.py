@@ -13,8 +13,8 @@ block_size = 512
 n_layer = 4
 n_head = 4
 n_embd = 128
-rope_layers = 2  # RoPE in the first two blocks (local order); the last two are position-free (NoPE), so copying a
-# needle works at any distance: with RoPE in every block, retrieval failed beyond ~2k tokens (measured)
+rope_heads = 2  # two RoPE heads and two position-free (NoPE) ones per block: copying a needle needs a match of content
+# at any distance, which rotated heads lose beyond the distances they were trained at (~2k tokens, measured)
 batch_size = 4
 max_iters = 1600
 lr = 3e-3
@@ -29,6 +29,7 @@ retrieval_mix = 1.0  # every window is book text with needles and questions plan
 copy_steps = 500  # copied spans first: the induction head forms in ~400 steps
 short_block = 128  # 16 x 128-token windows per step for the first 1,000 steps
 short_steps = 1000
+retrieval_gaps = 0.5  # then half the drills ask across a position gap of up to max_position
 # MegaContext (gist, lens): K = 8 (LOD1 = 8 tokens, LOD2 = 64), a budget of 128 entries <= the 512-token block
 block_k = 8
 w_max = 128
