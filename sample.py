@@ -22,12 +22,9 @@ every one of these exits, and the exit status is 0. Every bad flag is a one-line
 """
 import argparse
 import codecs
-import contextlib
 import dataclasses
 import math
 import os
-import shutil
-import signal
 import sys
 
 import torch
@@ -36,10 +33,9 @@ import prepare
 from megacontext import MegaContextConfig, MegaContextModel
 from model import GPT, GPTConfig, sample_next
 from session import Session as MCSession
+from terminal import CtrlC, StatusLine, prompts, stdout_gone
 from train import fail, load_checkpoint
 from tree import TreeError, check_folder
-
-QUIT_WORDS = ("quit", "exit", "/quit", "/exit")
 
 
 def parse_args(argv):
@@ -131,88 +127,6 @@ class Session:
         write_stream(self.sample(ids, args, stop), self.enc, out)
 
 
-class CtrlC:
-    """SIGINT as the REPL wants it. Inside `soft()` (a reply or a book on its way in) Ctrl-C only counts a hit; the
-    loops check between tokens, so the session is never left half-updated (a third Ctrl-C there aborts without
-    saving). Elsewhere (at the prompt, while loading) it raises KeyboardInterrupt as usual."""
-
-    def __init__(self):
-        self.soft_now, self.hits, self.torn = False, 0, False  # torn: raised inside soft(), mid-update
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        self.hits += 1
-        if not (self.soft_now and self.hits < 3):
-            self.torn = self.soft_now
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def soft(self):
-        self.soft_now, self.hits = True, 0
-        try:
-            yield
-        finally:
-            self.soft_now = False
-
-    def __call__(self) -> bool:
-        return self.hits > 0
-
-
-class StatusLine:
-    """The live [mc] line on stderr. On a terminal it is the bottom row, fenced off with a scroll region (DECSTBM) so
-    the streamed reply scrolls above it, and rewritten in place; elsewhere every update is a plain line."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.rows = stream, 0  # rows: terminal height when the bottom row was reserved; 0 = not yet
-        self.live = stream.isatty() and os.environ.get("TERM", "dumb") != "dumb"
-
-    def size(self):
-        try:
-            cols, rows = os.get_terminal_size(self.stream.fileno())
-        except (OSError, ValueError):
-            cols, rows = 0, 0
-        fallback = shutil.get_terminal_size((100, 24))
-        return cols or fallback.columns, rows or fallback.lines
-
-    def show(self, text: str):
-        cols, rows = self.size()
-        if not self.live or rows < 3:
-            print(text, file=self.stream, flush=True)
-            return
-        w = self.stream.write
-        if rows != self.rows:  # index down + up (scrolls if on the last row, keeps the column), then fence it off
-            w(f"\x1bD\x1b[1A\x1b7\x1b[1;{rows - 1}r\x1b8")
-            self.rows = rows
-        w(f"\x1b7\x1b[{rows};1H\x1b[2K{text[:cols - 1]}\x1b8")  # save cursor, bottom row, clear, write, restore
-        self.stream.flush()
-
-    def close(self):
-        """Give the bottom row back to the terminal (cleared); later output is plain lines again."""
-        if self.rows:
-            self.stream.write(f"\x1b7\x1b[r\x1b[{self.rows};1H\x1b[2K\x1b8")
-            self.stream.flush()
-            self.rows = 0
-
-
-def prompts(out=sys.stdout):
-    """Lines typed after a `> ` marker until EOF (Ctrl-D), an empty line, a quit word or Ctrl-C at the marker. Piped
-    input is echoed after the marker, so stdout reads as a transcript either way."""
-    echo = not sys.stdin.isatty()
-    while True:
-        try:
-            out.write("> ")
-            out.flush()
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            line = ""
-        if echo or not line:  # a terminal echoes what was typed itself; EOF or Ctrl-C needs a line break
-            out.write(line if line.endswith("\n") else line + "\n")
-            out.flush()
-        if not line.strip() or line.strip().lower() in QUIT_WORDS:
-            return
-        yield line
-
-
 def mc_model(ckpt, args, gpt):
     """The checkpoint's MegaContext config and weights when it has them (training stages), else untrained nets."""
     fields = {f.name for f in dataclasses.fields(MegaContextConfig)}
@@ -262,7 +176,7 @@ def run_mc(args, ckpt, model, enc, generator, ctrlc):
         session.ingest([enc.encode_single_token(prepare.BOS)])
     print(f"[mc] {'resumed' if resume else 'new'} session: {len(session.tree):,} tokens of history, budget "
           f"{mc.cfg.w_max}, K={mc.cfg.K}, policy {mc.cfg.policy}", file=sys.stderr, flush=True)
-    status, error = StatusLine(), None
+    status, error, opened = StatusLine(), None, len(session.tree)
     try:
         if args.interactive:
             print("[mc] a line per prompt; an empty line, quit, Ctrl-D or Ctrl-C at the prompt ends (and saves); "
@@ -293,7 +207,8 @@ def run_mc(args, ckpt, model, enc, generator, ctrlc):
         status.close()
     if ctrlc():
         print(f"[mc] stopped (Ctrl-C) at {len(session.tree):,} tokens of history", file=sys.stderr, flush=True)
-    if args.tree:
+    saving = args.tree and (error is None or len(session.tree) > opened)  # a failed run that added nothing: no write
+    if saving:
         try:
             session.save(args.tree)
         except (OSError, TreeError) as e:
@@ -301,7 +216,7 @@ def run_mc(args, ckpt, model, enc, generator, ctrlc):
         if error is None:
             print(f"[mc] saved {len(session.tree):,} tokens to {args.tree}", file=sys.stderr)
     if error is not None:
-        fail(f"{error}{f' (the session so far is saved in {args.tree})' if args.tree else ''}")
+        fail(f"{error}{f' (the session so far is saved in {args.tree})' if saving else ''}")
 
 
 def read_prompt(args) -> str:
@@ -313,11 +228,6 @@ def read_prompt(args) -> str:
     except UnicodeDecodeError as e:
         fail(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
              f"{e.start}); convert it first, e.g. iconv -f latin1 -t utf-8")
-
-
-def stdout_gone():
-    """Stop writing to a stdout whose reader went away, quietly (also for the interpreter's flush at exit)."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv):

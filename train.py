@@ -255,11 +255,12 @@ def check_memory(cfg: TrainConfig, model_args: dict, dtype: str, device: torch.d
     state, act = train_memory(cfg, model_args, dtype)
     if state + act > free:
         gib = 2**30
+        fix = ("use a smaller model (n_layer, n_embd)" if state > act else
+               "lower batch_size (grad_accum keeps the tokens per step) or block_size")
         fail(f"batch_size={cfg.batch_size} x block_size={cfg.block_size} on a {model_args['n_layer']} x "
-             f"{model_args['n_embd']} model needs at least {(state + act) / gib:.1f} GiB ({state / gib:.1f} weights and "
-             f"AdamW state, {act / gib:.1f} activations of one micro-batch), more than the {free / gib:.1f} GiB "
-             f"{where}; " + ("use a smaller model (n_layer, n_embd)" if state > act else
-                             "lower batch_size (grad_accum keeps the tokens per step) or block_size"))
+             f"{model_args['n_embd']} model needs at least {(state + act) / gib:.1f} GiB ({state / gib:.1f} weights "
+             f"and AdamW state, {act / gib:.1f} activations of one micro-batch), more than the {free / gib:.1f} GiB "
+             f"{where}; {fix}")
 
 
 def run_header(cfg) -> dict:

@@ -150,7 +150,8 @@ def check_folder(path: str, write: bool) -> bool:
         for name in data + ["meta.json"] * committed:  # appends reopen these in place
             open(os.path.join(path, name), "r+b").close()
     except OSError as e:
-        raise TreeError(f"cannot write to {e.filename or folder} ({e.strerror}); choose a writable folder") from None
+        where = folder if not e.filename or ".write-probe-" in e.filename else e.filename
+        raise TreeError(f"cannot write to {where} ({e.strerror}); choose a writable folder") from None
     return committed
 
 
