@@ -398,11 +398,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
 
-def save_atomic(obj, path: str):
-    """torch.save to a temporary file in the same directory, fsync, then rename: a crash never leaves half a file."""
+def save_atomic(obj, path: str, write=torch.save):
+    """write(obj, f) (torch.save) to a temporary file in the same directory, fsync, then rename: a crash never leaves
+    half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -448,12 +449,7 @@ def resume_log(path: str, step: int, cfg: TrainConfig):
         header = now
     changed = {k: [header.get(k), v] for k, v in now.items() if header.get(k) != v}
     kept.append(json.dumps({"step": step, "resumed": {"changed": changed, **run_header(cfg)}}) + "\n")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_atomic("".join(kept).encode(), path, lambda data, f: f.write(data))
     return open(path, "a")
 
 

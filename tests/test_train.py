@@ -181,7 +181,7 @@ def test_train_checks_tokenizer_and_index(data_dir, tmp_path, capsys):
             data[:] = os.urandom(len(data))
         (bad / name).write_bytes(bytes(data))
         with pytest.raises(SystemExit):
-            train.main(SMALL + [f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}"])
+            train.main(SMALL + [f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}", "--max_iters=2"])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{bad}/{name}" in err[0] and "rerun prepare.py" in err[0], err
         assert "pickle" not in err[0] and "numpy" not in err[0]
