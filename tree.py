@@ -18,6 +18,8 @@ the committed ones, fsyncs, then replaces meta.json atomically (temp file, flush
 point leaves the previous meta.json, whose counts and checksums describe a consistent prefix; bytes past it are
 ignored and overwritten by the next save. (Rewriting a whole .bin through a temp file on every save would be atomic
 too, but costs O(history) per save.) `open` memory-maps the committed rows, so history is bounded by disk, not RAM.
+A folder holding .bin files but no meta.json, or one that cannot be written, is refused before any write
+(check_folder).
 """
 import json
 import os
@@ -130,9 +132,12 @@ def check_folder(path: str, write: bool) -> bool:
     when `write`, for a folder (or, if it does not exist yet, its nearest existing parent) or tree file that cannot
     be written. Writability is probed, not read from mode bits, so root, ACLs and read-only mounts all count."""
     path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise TreeError(f"{path} is a file, not a tree folder")
-    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    folder = path
+    while not os.path.isdir(folder):  # the folder, or the nearest existing parent a save would create it in
+        if os.path.exists(folder):
+            raise TreeError(f"{folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    names = sorted(os.listdir(path)) if folder == path else []
     data = [n for n in names if n == "tokens.bin" or (n.startswith("lod") and n.endswith(".bin"))]
     committed = "meta.json" in names
     if data and not committed:
@@ -140,9 +145,6 @@ def check_folder(path: str, write: bool) -> bool:
                         "nothing was written: restore meta.json to resume, or start over in an empty folder")
     if not write:
         return committed
-    folder = path
-    while not os.path.isdir(folder):  # a folder save() would create: its parent must take it
-        folder = os.path.dirname(folder)
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
         os.close(fd)
