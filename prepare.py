@@ -6,7 +6,8 @@
     python prepare.py --synthetic                      # no corpus: pseudo-English with planted facts -> data/synthetic
 
 Input: <data>/{train,val,test}.jsonl.xz, one book per line {"id", "author", "title", "text"}. Output in <out>:
-    tokenizer.json     {"name", "pattern", "vocab_size", "special_tokens": {tok: id}, "ranks": {base64(bytes): rank}}
+    tokenizer.json     {"name", "pattern", "vocab_size", "special_tokens": {tok: id}, "ranks": {base64(bytes): rank},
+                       "sha256": checksum of the rest, checked by every load (older files: meta.json's sha)}
     <split>.bin        uint16 tokens; every document is <|bos|> + encode_ordinary(text), documents concatenated
     <split>.idx.npy    int64 offsets, length n_docs + 1; offsets[i] is where doc i's <|bos|> sits, offsets[-1] = len
     meta.json          vocab_size, tokenizer_sha256, per split n_docs/n_tokens/n_chars/docs, synthetic facts, timings
@@ -149,25 +150,80 @@ def encoding_from_json(t):
     return tiktoken.Encoding(t["name"], pat_str=t["pattern"], mergeable_ranks=ranks, special_tokens=t["special_tokens"])
 
 
+def tokenizer_sha256(t):
+    """The tokenizer's identity: sha256 of its JSON without the "sha256" field, as prepare.py writes it (so it equals
+    meta.json's tokenizer_sha256, also for files written before the field existed)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in t.items() if k != "sha256"}).encode()).hexdigest()
+
+
+def read_tokenizer_json(path):
+    """tokenizer.json as a dict, its checksum verified: the file's own "sha256", or for an older file without one the
+    tokenizer_sha256 of the meta.json beside it. ValueError (one line naming the file and the fix) when damaged."""
+    fix = f"rerun prepare.py --out {os.path.dirname(path) or '.'} (after deleting the damaged file) or restore it"
+    try:
+        with open(path, encoding="utf-8") as f:
+            t = json.load(f)
+        want = t.get("sha256")
+        sha = tokenizer_sha256(t)
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise ValueError(f"{path} is not a tokenizer written by prepare.py ({type(e).__name__}); {fix}") from None
+    if want is None:
+        try:
+            want = load_meta(os.path.dirname(path)).get("tokenizer_sha256")
+        except (OSError, ValueError):
+            want = None  # a bare old tokenizer file: nothing to check it against
+    if want is not None and want != sha:
+        raise ValueError(f"{path} is corrupt (its checksum does not match); {fix}")
+    return t
+
+
 def load_tokenizer(data_dir):
-    """tiktoken.Encoding from <data_dir>/tokenizer.json (or a path to the .json itself). Plain text: encode_ordinary;
-    markers: encode(s, allowed_special="all") or encode_single_token("<|bos|>")."""
+    """tiktoken.Encoding from <data_dir>/tokenizer.json (or a path to the .json itself), checksum-verified. Plain text:
+    encode_ordinary; markers: encode(s, allowed_special="all") or encode_single_token("<|bos|>")."""
     path = data_dir if data_dir.endswith(".json") else os.path.join(data_dir, "tokenizer.json")
-    with open(path) as f:
-        return encoding_from_json(json.load(f))
+    t = read_tokenizer_json(path)
+    try:
+        return encoding_from_json(t)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a tokenizer written by prepare.py ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------- shards out
 def load_meta(data_dir):
-    """meta.json as a dict: splits[split] = {n_docs, n_tokens, n_chars, chars_per_token, docs}, facts[split], ..."""
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        return json.load(f)
+    """meta.json as a dict: splits[split] = {n_docs, n_tokens, n_chars, chars_per_token, docs}, facts[split], ...
+    ValueError naming the file when it is not one prepare.py wrote."""
+    path = os.path.join(data_dir, "meta.json")
+    with open(path, "rb") as f:
+        try:
+            meta = json.loads(f.read())
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({type(e).__name__}); rerun prepare.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or "vocab_size" not in meta:
+        raise ValueError(f"{path} is not a meta.json written by prepare.py (no vocab_size or splits); rerun prepare.py")
+    return meta
 
 
 def load_split(data_dir, split):
-    """(tokens: np.memmap uint16 (N,), offsets: int64 (n_docs + 1,)); doc i is tokens[offsets[i]:offsets[i+1]]."""
-    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    offsets = np.load(os.path.join(data_dir, f"{split}.idx.npy"))  # tiny: n_docs + 1 int64
+    """(tokens: np.memmap uint16 (N,), offsets: int64 (n_docs + 1,)); doc i is tokens[offsets[i]:offsets[i+1]].
+    FileNotFoundError for a missing file; ValueError naming the file (never numpy's internals) for a damaged one."""
+    fix = f"rerun prepare.py --splits {split}"
+    path = os.path.join(data_dir, f"{split}.bin")
+    try:
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    except ValueError:  # empty, or an odd number of bytes
+        raise ValueError(f"{path} is not a token shard written by prepare.py ({os.path.getsize(path)} bytes); "
+                         f"{fix}") from None
+    path = os.path.join(data_dir, f"{split}.idx.npy")
+    try:
+        offsets = np.load(path)  # tiny: n_docs + 1 int64
+    except (ValueError, EOFError, OSError) as e:  # bad magic (numpy then suggests pickles), cut short, ...
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a document index written by prepare.py (damaged or truncated); "
+                         f"{fix}") from None
+    if offsets.ndim != 1 or offsets.dtype != np.int64 or len(offsets) < 2:
+        raise ValueError(f"{path} is not a document index written by prepare.py ({offsets.dtype} "
+                         f"{offsets.shape}); {fix}")
     info = load_meta(data_dir)["splits"].get(split, {})  # a shard meta.json does not list is stale (other corpus)
     if not offsets[-1] == len(tokens) == info.get("n_tokens"):
         raise ValueError(f"{data_dir}/{split}.bin: shard, index and meta.json disagree; "
@@ -251,11 +307,11 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
     tok_json = None
     if os.path.exists(tok_path):
         try:
-            with open(tok_path) as f:
-                tok_json = json.load(f)
+            tok_json = read_tokenizer_json(tok_path)
             encoding_from_json(tok_json)
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{tok_path}: unreadable tokenizer ({e!r}); delete it to train a new one") from None
+            raise ValueError(f"{tok_path}: unreadable tokenizer ({str(e) or repr(e)}); delete it to train a new "
+                             "one") from None
         if vocab_size not in (None, tok_json["vocab_size"]):
             raise ValueError(f"--vocab-size {vocab_size}: {tok_path} has vocab {tok_json['vocab_size']}; "
                              "delete it (or pick another --out) to train a new tokenizer")
@@ -279,8 +335,9 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
             timing["bpe_s"], timing["bpe_chars"] = round(time.time() - t0, 2), min(bpe_chars, n_chars["train"])
             log(f"bpe: {len(tok_json['ranks'])} ranks + {len(SPECIAL_TOKENS)} special (vocab {tok_json['vocab_size']}) "
                 f"trained on {timing['bpe_chars']:,} chars in {timing['bpe_s']:.1f}s")
+            tok_json["sha256"] = tokenizer_sha256(tok_json)  # every load checks it
             _stage(tok_path, staged, lambda f: f.write(json.dumps(tok_json).encode()))
-        sha = hashlib.sha256(json.dumps(tok_json).encode()).hexdigest()  # the tokenizer's identity, for consumers
+        sha = tokenizer_sha256(tok_json)  # the tokenizer's identity, for consumers
         enc = encoding_from_json(tok_json)
         meta = dict(vocab_size=tok_json["vocab_size"], tokenizer_sha256=sha, special_tokens=tok_json["special_tokens"],
                     source="synthetic" if synthetic else os.path.abspath(data), synthetic=synthetic,

@@ -154,6 +154,14 @@ class TrainConfig:
     alt_min_delta: float = 0.005  # alt: stop when a cycle lowers the lora phase's val loss (NLL at budget) less
 
     def validate(self):
+        """One-line ConfigError naming the key and its allowed values, for every field, before any work."""
+        for key, allowed in RANGES.items():
+            if not in_range(getattr(self, key), allowed):
+                raise ConfigError(f"{key} must be {range_text(allowed)}, got {getattr(self, key)}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir must name a folder, got ''")
         choices = dict(stage=STAGES, init_from=("scratch", "resume"), device=("auto", "cpu", "cuda"),
                        dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), attn=("sdpa", "lod"),
                        lens_teacher=("counterfactual", "attention"),
@@ -166,13 +174,10 @@ class TrainConfig:
             raise ConfigError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
         if self.pose and self.max_position < self.block_size:
             raise ConfigError(f"max_position={self.max_position} must be >= block_size={self.block_size}")
-        for key in ("block_size", "batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        if not 0 <= self.retrieval_mix <= 1:
-            raise ConfigError(f"retrieval_mix must be in [0, 1], got {self.retrieval_mix}")
         if self.short_steps and not 0 < self.short_block <= self.block_size:
             raise ConfigError(f"short_block={self.short_block} must be in 1..block_size={self.block_size}")
+        if self.rope_heads > self.n_head:
+            raise ConfigError(f"rope_heads must be in [0, n_head={self.n_head}], got {self.rope_heads}")
         if self.stage == "base":
             return
         if not self.base_ckpt:
@@ -189,11 +194,6 @@ class TrainConfig:
         if self.stage in ("lens", "lora", "alt") and self.block_size - self.horizon < self.w_max:
             raise ConfigError(f"the history (block_size - horizon = {self.block_size - self.horizon} tokens) fits "
                               f"the budget w_max={self.w_max} raw: nothing to expand or collapse; raise block_size")
-        if self.stage == "alt" and min(self.alt_cycles, self.alt_gist_iters, self.alt_lens_iters,
-                                       self.alt_lora_iters) <= 0:
-            raise ConfigError("alt_cycles and alt_{gist,lens,lora}_iters must be positive")
-        if self.stage in ("lora", "alt") and not 1 <= self.lora_rank <= 64:
-            raise ConfigError(f"lora_rank must be in 1..64, got {self.lora_rank}")
 
     def mc_config(self) -> MegaContextConfig:
         names = {f.name for f in dataclasses.fields(MegaContextConfig)}
@@ -205,15 +205,88 @@ class TrainConfig:
         # (adapters are added by the lora stage only: build_mc)
 
 
+# allowed values of every numeric field: "[a, b]" closed, "(a, b)" open, inf unbounded (STYLE: checked up front)
+RANGES = dict(
+    seed="[0, 1e7)", retrieval_mix="[0, 1]", retrieval_needles="[1, inf)", retrieval_questions="[1, inf)",
+    retrieval_weight="(0, inf)", copy_steps="[0, inf)", short_block="[0, inf)", short_steps="[0, inf)",
+    retrieval_gaps="[0, 1]", block_size="[1, inf)", n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)",
+    rope_base="(1, inf)", rope_heads="[0, inf)", rope_layers="[0, inf)", dropout="[0, 1)", pose_prob="[0, 1]",
+    pose_chunks="[1, inf)",
+    max_position="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", max_iters="[1, inf)", lr="(0, inf)",
+    min_lr="[0, inf)", warmup_iters="[0, inf)", decay_frac="[0, 1]", weight_decay="[0, inf)", beta1="[0, 1)",
+    beta2="[0, 1)", grad_clip="[0, inf)", eval_interval="[1, inf)", eval_iters="[1, inf)", eval_gap="[0, inf)",
+    log_interval="[1, inf)", block_k="[2, 64]", w_max="[1, inf)", recent_tokens="[0, inf)", horizon="[1, inf)",
+    gist_layers="[1, inf)", gist_heads="[1, inf)", gist_w0_max="[1, inf)", gist_w1_max="[0, inf)",
+    lens_layers="[1, inf)", lens_width="[1, inf)", lens_heads="[1, inf)", lens_queries="[1, inf)",
+    lens_tail="[1, inf)", lens_preview="[1, 3]", lens_retrieval="[0, 1]", lens_label_floor="(0, inf)",
+    lens_replay="[0, inf)", lens_buffer="[1, inf)", lens_rank_weight="[0, inf)", lora_rank="[1, 64]",
+    lora_alpha="(0, inf)", keep_alive="[0, inf)", alt_cycles="[1, inf)", alt_gist_iters="[1, inf)",
+    alt_lens_iters="[1, inf)", alt_lora_iters="[1, inf)", alt_min_delta="(-inf, inf)")  # (< 0: never stop early)
+
+
+def in_range(value, allowed: str) -> bool:
+    lo, hi = (float(v) for v in allowed[1:-1].split(", "))
+    return (lo <= value if allowed[0] == "[" else lo < value) and (value <= hi if allowed[-1] == "]" else value < hi)
+
+
+def range_text(allowed: str) -> str:
+    """'[1, inf)' -> '>= 1'; '(0, inf)' -> '> 0'; bounded ranges stay as written."""
+    lo, hi = allowed[1:-1].split(", ")
+    if lo == "-inf":
+        return "finite" if hi == "inf" else f"{'<=' if allowed[-1] == ']' else '<'} {hi}"
+    return f"{'>=' if allowed[0] == '[' else '>'} {lo}" if hi == "inf" else f"in {allowed}"
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
 
 def fail(msg: str):
-    """One line on stderr, non-zero exit: the contract for every bad input."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    """One line on stderr, non-zero exit: the contract for every bad input. Under torchrun rank 0 prints it: the other
+    ranks, which see the same config and files, wait, and torchrun stops them once rank 0 has failed; only an error
+    that is theirs alone is printed after the wait, by them."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank:
+        time.sleep(10)
+    print(f"error: {msg}" + (f" (rank {rank})" if rank else ""), file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+def train_memory(cfg: TrainConfig, model_args: dict, dtype: str) -> tuple[int, int]:
+    """A lower bound on the bytes of one training step: (weights + grads + AdamW state in fp32, the activations that
+    one micro-batch keeps for backward). Activations count ~8 values per width unit per layer (norm, q/k/v, attention
+    and MLP outputs) plus 2 per MLP hidden unit, and the logits with their fp32 softmax; the true peak is higher."""
+    V, C, L = model_args["vocab_size"], model_args["n_embd"], model_args["n_layer"]
+    B, T, swiglu = cfg.batch_size, cfg.block_size, model_args["mlp"] == "swiglu"
+    hidden = int(8 * C / 3 / 64 + 0.999) * 64 if swiglu else 4 * C  # as model.MLP
+    params = V * C * (1 if model_args["tie_embeddings"] else 2) + L * (4 * C * C + (3 if swiglu else 2) * C * hidden)
+    act = 2 if dtype == "bfloat16" else 4  # bytes per activation
+    return 16 * params, B * T * (L * (8 * C + 2 * hidden) * act + V * (act + 4))
+
+
+def check_memory(cfg: TrainConfig, model_args: dict, dtype: str, device: torch.device):
+    """Refuse, in one line and before allocating, a model and batch whose lower-bound footprint exceeds the memory
+    there is: free GPU memory, or the RAM available to this machine's ranks."""
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        free, where = free // ranks, "of RAM available" + (f" per rank ({ranks} ranks)" if ranks > 1 else "")
+    state, act = train_memory(cfg, model_args, dtype)
+    if state + act > free:
+        gib = 2**30
+        fix = ("use a smaller model (n_layer, n_embd)" if state > act else
+               "lower batch_size (grad_accum keeps the tokens per step) or block_size")
+        fail(f"batch_size={cfg.batch_size} x block_size={cfg.block_size} on a {model_args['n_layer']} x "
+             f"{model_args['n_embd']} model needs at least {(state + act) / gib:.1f} GiB ({state / gib:.1f} weights "
+             f"and AdamW state, {act / gib:.1f} activations of one micro-batch), more than the {free / gib:.1f} GiB "
+             f"{where}; {fix}")
 
 
 def run_header(cfg) -> dict:
@@ -249,13 +322,20 @@ def resolve_data_dir(path: str) -> str:
 
 
 def load_data(data_dir: str):
-    """(train tokens, val tokens, meta) written by prepare.py: uint16 memmaps; one-line errors when missing/corrupt."""
+    """(train tokens, val tokens, meta) written by prepare.py: uint16 memmaps; one-line errors when missing/corrupt.
+    The tokenizer is loaded (checksum-verified) too: sample.py reads the one this run's checkpoint points to."""
     try:
         meta = prepare.load_meta(data_dir)
         splits = [prepare.load_split(data_dir, split)[0] for split in ("train", "val")]
-    except (OSError, ValueError, KeyError) as e:  # missing files, bad JSON, shard/index disagreement
-        fail(f"cannot read the prepared data in {data_dir!r} ({type(e).__name__}: {e}); "
+        n_vocab = tokenizer(data_dir).n_vocab
+    except FileNotFoundError as e:
+        fail(f"cannot read the prepared data in {data_dir!r} ({os.path.basename(e.filename or '?')} not found); "
              "run `python prepare.py` (or --synthetic) first")
+    except (OSError, ValueError) as e:  # prepare's messages name the file and the fix
+        fail(f"cannot read the prepared data in {data_dir!r}: {e}")
+    if n_vocab != meta["vocab_size"]:
+        fail(f"{data_dir}/tokenizer.json has {n_vocab} tokens but its meta.json says {meta['vocab_size']}; "
+             "rerun prepare.py")
     return splits[0], splits[1], meta
 
 
@@ -351,11 +431,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
 
-def save_atomic(obj, path: str):
-    """torch.save to a temporary file in the same directory, fsync, then rename: a crash never leaves half a file."""
+def save_atomic(obj, path: str, write=torch.save):
+    """write(obj, f) (torch.save) to a temporary file in the same directory, fsync, then rename: a crash never leaves
+    half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -371,6 +452,38 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         fail(f"checkpoint {path} is not a MegaContext checkpoint")
     return ckpt
+
+
+def resume_log(path: str, step: int, cfg: TrainConfig):
+    """The run log cut back to what the checkpoint at `step` covers, so that it reads as one run: its one header and
+    the records up to `step` (a killed run's later records, torn lines and the headers older versions wrote on every
+    resume are dropped), rewritten atomically, then a `resumed` record (config changes, code and library versions).
+    Returns the log open for appending."""
+    kept, seen, header = [], set(), None
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # torn by the kill
+                if not isinstance(r, dict) or r.get("step", -1) > step or ("resumed" in r and r["step"] >= step):
+                    continue
+                kind = next((k for k in ("config", "run") if k in r), None)
+                if kind in seen:
+                    continue  # a second header
+                if kind:
+                    seen.add(kind)
+                    header = r["config"] if kind == "config" else header
+                kept.append(json.dumps(r) + "\n")
+    now = dataclasses.asdict(cfg)
+    if header is None:  # no log survived: start it here
+        kept[:0] = [json.dumps({"config": now}) + "\n", json.dumps({"run": run_header(cfg)}) + "\n"]
+        header = now
+    changed = {k: [header.get(k), v] for k, v in now.items() if header.get(k) != v}
+    kept.append(json.dumps({"step": step, "resumed": {"changed": changed, **run_header(cfg)}}) + "\n")
+    save_atomic("".join(kept).encode(), path, lambda data, f: f.write(data))
+    return open(path, "a")
 
 
 def check_same_shape(ckpt: dict, model_args: dict, path: str):
@@ -402,6 +515,12 @@ def build_mc(cfg: TrainConfig, ckpt: dict | None, device):
     model_args = dict(base["model_args"])
     if cfg.stage == "lora" and ckpt is None:
         model_args.update(lora_rank=cfg.lora_rank, lora_layers=cfg.lora_layers, lora_alpha=cfg.lora_alpha)
+    if cfg.w_max > model_args["block_size"]:  # DESIGN §2: PoSE trains positions, not spans
+        fail(f"w_max={cfg.w_max} is above the {model_args['block_size']}-token block the base model was trained on: it "
+             f"never attended over that many entries; use w_max <= {model_args['block_size']}")
+    if cfg.stage == "lens" and cfg.lens_teacher == "attention" and cfg.block_size > model_args["block_size"]:
+        fail(f"lens_teacher='attention' reads the base's attention under full context: block_size={cfg.block_size} "
+             f"must be <= the base's {model_args['block_size']}")
     gpt = GPT(GPTConfig(**model_args))
     missing, unexpected = gpt.load_state_dict(base["model"], strict=False)
     if unexpected or any(".lora_" not in k for k in missing):
@@ -568,8 +687,11 @@ def main(argv, nested: bool = False):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     master = rank == 0
-    if cfg.grad_accum % world:
-        fail(f"grad_accum={cfg.grad_accum} must be divisible by the number of ranks ({world})")
+    if cfg.grad_accum % world:  # every rank runs the same number of micro-batches: round up, and say so
+        cfg = dataclasses.replace(cfg, grad_accum=-(-cfg.grad_accum // world) * world)
+        print0(f"note: grad_accum rounded up to {cfg.grad_accum}, a multiple of the {world} ranks: "
+               f"{cfg.grad_accum} x {cfg.batch_size} sequences x {cfg.block_size} tokens = "
+               f"{cfg.grad_accum * cfg.batch_size * cfg.block_size:,} tokens per step")
     accum = cfg.grad_accum // world
     torch.manual_seed(cfg.seed + rank)
     dtype = cfg.dtype
@@ -603,6 +725,7 @@ def main(argv, nested: bool = False):
     elif os.path.exists(ckpt_path) and cfg.save_checkpoint:
         fail(f"{ckpt_path} exists; pass --init_from=resume to continue it or choose another --out_dir")
     if cfg.stage == "base":
+        check_memory(cfg, model_args, dtype, device)
         model = GPT(GPTConfig(**model_args)).to(device)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
@@ -633,10 +756,13 @@ def main(argv, nested: bool = False):
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        log_file = open(log_path, "a")
-        log_file.write(json.dumps({"config": dataclasses.asdict(cfg)}) + "\n")
-        log_file.write(json.dumps({"run": run_header(cfg)}) + "\n")
-        log_file.flush()
+        if ckpt is None:
+            log_file = open(log_path, "a")
+            log_file.write(json.dumps({"config": dataclasses.asdict(cfg)}) + "\n")
+            log_file.write(json.dumps({"run": run_header(cfg)}) + "\n")
+            log_file.flush()
+        else:
+            log_file = resume_log(log_path, ckpt["step"], cfg)
         if cfg.wandb != "off":
             import wandb  # imported only when asked for: no network here, offline by default
             wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), mode=cfg.wandb,

@@ -18,9 +18,12 @@ the committed ones, fsyncs, then replaces meta.json atomically (temp file, flush
 point leaves the previous meta.json, whose counts and checksums describe a consistent prefix; bytes past it are
 ignored and overwritten by the next save. (Rewriting a whole .bin through a temp file on every save would be atomic
 too, but costs O(history) per save.) `open` memory-maps the committed rows, so history is bounded by disk, not RAM.
+A folder holding .bin files but no meta.json, or one that cannot be written, is refused before any write
+(check_folder).
 """
 import json
 import os
+import tempfile
 import zlib
 
 import numpy as np
@@ -123,6 +126,37 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+def check_folder(path: str, write: bool) -> bool:
+    """Whether folder `path` holds a committed tree (a meta.json). Called before anything is read or written; raises
+    TreeError (one line) for tree files without a commit record, which writing a new tree there would destroy, and,
+    when `write`, for a folder (or, if it does not exist yet, its nearest existing parent) or tree file that cannot
+    be written. Writability is probed, not read from mode bits, so root, ACLs and read-only mounts all count."""
+    path = os.path.abspath(path)
+    folder = path
+    while not os.path.isdir(folder):  # the folder, or the nearest existing parent a save would create it in
+        if os.path.exists(folder):
+            raise TreeError(f"{folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    names = sorted(os.listdir(path)) if folder == path else []
+    data = [n for n in names if n == "tokens.bin" or (n.startswith("lod") and n.endswith(".bin"))]
+    committed = "meta.json" in names
+    if data and not committed:
+        raise TreeError(f"{path} holds tree files ({', '.join(data)}) but no commit record (meta.json missing); "
+                        "nothing was written: restore meta.json to resume, or start over in an empty folder")
+    if not write:
+        return committed
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+        for name in data + ["meta.json"] * committed:  # appends reopen these in place
+            open(os.path.join(path, name), "r+b").close()
+    except OSError as e:
+        where = folder if not e.filename or ".write-probe-" in e.filename else e.filename
+        raise TreeError(f"cannot write to {where} ({e.strerror}); choose a writable folder") from None
+    return committed
+
+
 class MegaContextTree:
     """Token ids and gists of one history, addressed by (lod, index).
 
@@ -215,9 +249,10 @@ class MegaContextTree:
     def save(self, path: str, extra: dict | None = None):
         """Write (or append to) the tree in directory `path`; then the tree is backed by it (memory-mapped).
 
-        A directory holding another tree is refused before anything is written."""
+        A folder holding another tree, or tree files without a commit record, is refused before anything is
+        written (check_folder)."""
         path = os.path.abspath(path)
-        if path != self.path and os.path.exists(os.path.join(path, "meta.json")):
+        if check_folder(path, write=True) and path != self.path:
             raise TreeError(f"{path} already holds a MegaContext tree; open it, or save to another directory")
         os.makedirs(path, exist_ok=True)
         fresh = path != self.path
@@ -249,7 +284,7 @@ class MegaContextTree:
         (when `verify`) checksums, raising TreeError with one line that names the problem."""
         path = os.path.abspath(path)
         meta_path = os.path.join(path, "meta.json")
-        if not os.path.isfile(meta_path):
+        if not check_folder(path, write=False):
             raise TreeError(f"no MegaContext tree in {path} (meta.json missing)")
         try:
             with open(meta_path) as f:

@@ -3,6 +3,7 @@
 Tiny vocabularies (512-1024) and corpora keep the file in ~15 s on 2 cores. The real-corpus tests skip when
 ../shared/data/pg is absent.
 """
+import json
 import lzma
 import os
 import shutil
@@ -232,3 +233,46 @@ def test_cli_real_subset(tmp_path):
         assert [d["id"] for d in meta["splits"][split]["docs"]] == [b["id"] for b in books]
         for i, b in enumerate(books):
             assert enc.decode(tokens[offsets[i] + 1:offsets[i + 1]].tolist()) == b["text"]
+
+
+def test_tokenizer_checksum(tmp_path, syn_dir):
+    """tokenizer.json carries the sha256 of the rest (= meta.json's tokenizer_sha256) and every load checks it; an
+    older file without the field still loads, checked against the meta.json beside it; damage is one line."""
+    out = tmp_path / "d"
+    shutil.copytree(syn_dir, out)
+    path = out / "tokenizer.json"
+    t = json.loads(path.read_text())
+    assert t["sha256"] == prepare.load_meta(str(out))["tokenizer_sha256"]
+    old = {k: v for k, v in t.items() if k != "sha256"}
+    path.write_text(json.dumps(old))  # as prepare.py wrote it before the field existed
+    assert prepare.load_tokenizer(str(out)).n_vocab == 512
+    a, b = list(old["ranks"])[300:302]
+    for body in (old, t):  # two ranks swapped: still valid JSON and a working tokenizer, but another one
+        damaged = {**body, "ranks": {**body["ranks"], a: body["ranks"][b], b: body["ranks"][a]}}
+        path.write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match=r"tokenizer.json is corrupt \(its checksum does not match\); rerun"):
+            prepare.load_tokenizer(str(out))
+    path.write_text(json.dumps(t)[:-20])
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a tokenizer written by prepare.py \(JSONDecodeErr"):
+        prepare.load_tokenizer(str(out))
+    with pytest.raises(ValueError, match="unreadable tokenizer .*delete it to train a new one"):
+        prepare.prepare(None, str(out), splits=["val"], **{**SYN, "vocab_size": None}, seed=3)
+
+
+@pytest.mark.parametrize("name, damage, expect", [
+    ("train.idx.npy", lambda b: os.urandom(len(b)), "train.idx.npy is not a document index written by prepare.py"),
+    ("train.idx.npy", lambda b: b[:-12], "train.idx.npy is not a document index written by prepare.py"),
+    ("train.bin", lambda b: b"", "train.bin is not a token shard written by prepare.py (0 bytes)"),
+    ("train.bin", lambda b: b[:-1], "train.bin is not a token shard written by prepare.py"),
+    ("meta.json", lambda b: b[:-30], "meta.json is not valid JSON"),
+    ("meta.json", lambda b: b"[1, 2]", "meta.json is not a meta.json written by prepare.py"),
+], ids=["idx-random", "idx-truncated", "bin-empty", "bin-odd", "meta-truncated", "meta-not-object"])
+def test_damaged_data_file_errors_name_the_file(tmp_path, syn_dir, name, damage, expect):
+    out = tmp_path / "d"
+    shutil.copytree(syn_dir, out)
+    (out / name).write_bytes(damage((out / name).read_bytes()))
+    with pytest.raises(ValueError) as e:
+        prepare.load_split(str(out), "train")
+    msg = str(e.value)
+    assert expect in msg and "rerun prepare.py" in msg and "\n" not in msg, msg
+    assert "pickle" not in msg and "numpy" not in msg and "mmap" not in msg

@@ -3,6 +3,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 import prepare
 import train
+from configs import ConfigError, load_config
 from conftest import ROOT
 
 PY = sys.executable
@@ -67,16 +69,28 @@ def test_train_position_gap_within_noise(trained):
 
 def test_train_resume_is_exact(data_dir, tmp_path):
     """4 steps, stop, resume to 8 == 8 uninterrupted steps: the same losses and identical weights (dropout on, so the
-    RNG state must round-trip too). lr == min_lr keeps the schedule independent of max_iters."""
+    RNG state must round-trip too). lr == min_lr keeps the schedule independent of max_iters. The log reads as one
+    run: a run killed past its checkpoint (step-4 checkpoint, records up to 8 and a torn line) is resumed from the
+    checkpoint with those records cut, one header, and one `resumed` record."""
     common = SMALL + [f"--data_dir={data_dir}", "--eval_interval=4", "--log_interval=1", "--warmup_iters=2",
                       "--eval_gap=0", "--dropout=0.1", "--lr=1e-3", "--min_lr=1e-3"]
     b, c = str(tmp_path / "interrupted"), str(tmp_path / "straight")
     train.main(common + [f"--out_dir={b}", "--max_iters=4"])
+    with open(os.path.join(b, "ckpt.pt"), "rb") as f:
+        ckpt4 = f.read()
+    train.main(common + [f"--out_dir={b}", "--max_iters=8", "--init_from=resume"])
+    with open(os.path.join(b, "ckpt.pt"), "wb") as f:  # as if killed after logging step 8, before its checkpoint
+        f.write(ckpt4)
+    with open(os.path.join(b, "log.jsonl"), "a") as f:
+        f.write('{"step": 9, "loss": 1.')  # a line torn by the kill
     train.main(common + [f"--out_dir={b}", "--max_iters=8", "--init_from=resume"])
     train.main(common + [f"--out_dir={c}", "--max_iters=8"])
-    losses_b = {r["step"]: r["loss"] for r in read_log(b) if "loss" in r}
+    log = read_log(b)
+    assert [next(iter(r)) for r in log[:2]] == ["config", "run"] and sum("config" in r or "run" in r for r in log) == 2
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+    assert [(r["step"], r["resumed"]["changed"]["max_iters"]) for r in log if "resumed" in r] == [(4, [4, 8])]
+    losses_b = {r["step"]: r["loss"] for r in log if "loss" in r}
     losses_c = {r["step"]: r["loss"] for r in read_log(c) if "loss" in r}
-    assert sorted(losses_b) == list(range(1, 9))
     assert losses_b == losses_c
     wb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)["model"]
     wc = torch.load(os.path.join(c, "ckpt.pt"), weights_only=False)["model"]
@@ -84,15 +98,18 @@ def test_train_resume_is_exact(data_dir, tmp_path):
 
 
 def test_train_torchrun_two_ranks_match_one(data_dir, tmp_path):
-    """2-process gloo DDP with grad_accum=2 takes the same steps as 1 process accumulating 2 micro-batches."""
+    """`torchrun --nproc_per_node=2 train.py configs/tiny.py` (grad_accum = 1) rounds grad_accum up to 2 with one
+    notice of the effective batch, then takes the same steps as 1 process accumulating 2 micro-batches."""
     common = SMALL + [f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--log_interval=1",
-                      "--grad_accum=2", "--eval_gap=0"]
+                      "--eval_gap=0"]
     ddp_out, one_out = str(tmp_path / "ddp"), str(tmp_path / "one")
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
              f"--out_dir={ddp_out}"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "world=2, accum=1" in r.stdout
-    train.main(common + [f"--out_dir={one_out}"])
+    assert r.stdout.count("note: grad_accum rounded up to 2, a multiple of the 2 ranks: 2 x 8 sequences x 128 "
+                          "tokens = 2,048 tokens per step") == 1, r.stdout
+    assert "world=2, accum=1" in r.stdout and read_log(ddp_out)[0]["config"]["grad_accum"] == 2
+    train.main(common + ["--grad_accum=2", f"--out_dir={one_out}"])
     ddp = [r["loss"] for r in read_log(ddp_out) if "loss" in r]
     one = [r["loss"] for r in read_log(one_out) if "loss" in r]
     assert len(ddp) == 3 and ddp == pytest.approx(one, rel=1e-4)
@@ -112,6 +129,62 @@ def test_train_bad_config_is_one_line_error(args, message):
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], r.stderr
+
+
+def test_train_torchrun_error_is_printed_once(tmp_path):
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "configs/tiny.py",
+             "--lr=-1e-3", f"--out_dir={tmp_path}"])
+    assert r.returncode != 0 and r.stderr.count("error: lr must be > 0, got -0.001") == 1, r.stderr[-3000:]
+    assert "rank 1" not in r.stderr.split("error: lr")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--lr=-1e-3", "lr must be > 0, got -0.001"), ("--n_head=0", "n_head must be >= 1, got 0"),
+    ("--n_head=3", "n_embd=128 must split into n_head=3 heads of even size"),
+    ("--dropout=2.0", "dropout must be in [0, 1), got 2.0"), ("--n_layer=0", "n_layer must be >= 1, got 0"),
+    ("--min_lr=0.01", "min_lr must be in [0, lr=0.003], got 0.01"), ("--beta2=1", "beta2 must be in [0, 1), got 1.0"),
+    ("--warmup_iters=-5", "warmup_iters must be >= 0, got -5"), ("--seed=-1", "seed must be in [0, 1e7), got -1"),
+    ("--grad_clip=-1", "grad_clip must be >= 0, got -1.0"), ("--block_k=128", "block_k must be in [2, 64], got 128"),
+])
+def test_train_config_values_are_range_checked(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(train.TrainConfig, ["configs/tiny.py", override])
+    assert str(e.value) == message
+
+
+def test_train_every_numeric_config_field_has_a_range():
+    numeric = {f.name for f in dataclasses.fields(train.TrainConfig) if f.type in (int, float)}
+    assert numeric == set(train.RANGES)
+    train.TrainConfig().validate()  # the defaults are in range
+
+
+def test_train_refuses_a_batch_that_cannot_fit_before_allocating(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(SMALL + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--block_size=1000000",
+                            "--batch_size=1000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: batch_size=1000 x block_size=1000000 on a 2 x 64 model needs "
+                                               "at least") and "lower batch_size" in err[0], err
+    assert not os.path.exists(tmp_path / "log.jsonl")
+
+
+def test_train_checks_tokenizer_and_index(data_dir, tmp_path, capsys):
+    """A tokenizer.json whose checksum fails, or a random-bytes train.idx.npy: one line naming the file, no numpy."""
+    for name in ("tokenizer.json", "train.idx.npy"):
+        bad = tmp_path / name.split(".")[0]
+        shutil.copytree(data_dir, bad)
+        data = bytearray((bad / name).read_bytes())
+        if name == "tokenizer.json":
+            data[data.index(b'": 300,') + 4] ^= 1  # one rank changed: 300 -> 310, still valid JSON
+        else:
+            data[:] = os.urandom(len(data))
+        (bad / name).write_bytes(bytes(data))
+        with pytest.raises(SystemExit):
+            train.main(SMALL + [f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}", "--max_iters=2"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{bad}/{name}" in err[0] and "rerun prepare.py" in err[0], err
+        assert "pickle" not in err[0] and "numpy" not in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_retrieval_mix_trains_and_fails_early(data_dir, tmp_path):

@@ -1,14 +1,16 @@
 """tree.py: node arithmetic, gists made exactly when spans complete, and the on-disk format (atomic appends,
 memory-mapped open, truncated/corrupt/foreign trees refused with one line and nothing on disk changed)."""
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from tree import TOP, MegaContextTree, TreeError, children, node_span, parent
+from tree import TOP, MegaContextTree, TreeError, check_folder, children, node_span, parent
 
 D, V = 6, 50
 
@@ -230,3 +232,50 @@ def test_tree_float16_storage(tmp_path):
     assert back.gists(1, [0]).dtype == np.float16 and os.path.getsize(str(tmp_path / "t" / "lod1.bin")) == 16 * D * 2
     with pytest.raises(ValueError, match="gist dtype"):
         make_tree(dtype="bfloat16")
+
+
+def test_tree_files_without_commit_record_are_never_written(tmp_path):
+    """tokens.bin / lodN.bin without meta.json (deleted, or lost in a crash): save and open refuse in one line that
+    says how to recover, and the files are left as they were."""
+    path = str(tmp_path / "t")
+    tree = make_tree()
+    tree.append(np.arange(100) % V)
+    tree.save(path)
+    os.remove(os.path.join(path, "meta.json"))
+    before = dir_digest(path)
+    fresh = make_tree()
+    fresh.append([1, 2])
+    for call in (lambda: fresh.save(path), lambda: MegaContextTree.open(path, 4, D, V, "model-a", fake_embed,
+                                                                         Recorder())):
+        with pytest.raises(TreeError, match="holds tree files .* but no commit record .*start over in an empty"):
+            call()
+    assert dir_digest(path) == before
+
+
+@contextlib.contextmanager
+def unwritable(path):
+    """Make folder `path` unwritable, also for root (chattr +i where chmod is not enough); skip where neither works."""
+    os.chmod(path, 0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", path], capture_output=True).returncode == 0
+    try:
+        if os.access(path, os.W_OK) and not immutable:
+            pytest.skip("cannot make a folder unwritable here")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", path])
+        os.chmod(path, 0o755)
+
+
+def test_tree_save_to_unwritable_folder_fails_before_writing(tmp_path):
+    path = str(tmp_path / "t")
+    os.makedirs(path)
+    tree = make_tree()
+    tree.append(np.arange(40) % V)
+    with unwritable(path):
+        with pytest.raises(TreeError, match="cannot write to .*t .*choose a writable folder"):
+            check_folder(path, write=True)
+        with pytest.raises(TreeError, match="cannot write to"):
+            tree.save(os.path.join(path, "sub"))  # a folder save would create inside it
+        assert check_folder(path, write=False) is False  # reading needs no write access
+    assert os.listdir(path) == []
