@@ -52,12 +52,10 @@ LAUNCH_HOOK = None  # bench/compile_sm90.py sets this to record launches (kernel
 
 
 def launch(tuned, grid, default_cfg: dict, *args, **kwargs):
-    """Run an autotuned kernel: the autotuner on a GPU; its bare jit function with default_cfg under the interpreter."""
+    """The autotuned kernel on a GPU; its bare jit function with default_cfg under the interpreter; or LAUNCH_HOOK."""
     if LAUNCH_HOOK is not None:
         return LAUNCH_HOOK(tuned, grid, args, kwargs)
-    if INTERPRET:
-        return tuned.fn[grid](*args, **kwargs, **default_cfg)
-    return tuned[grid](*args, **kwargs)
+    return tuned.fn[grid](*args, **kwargs, **default_cfg) if INTERPRET else tuned[grid](*args, **kwargs)
 
 
 def check(cond: bool, msg: str) -> None:

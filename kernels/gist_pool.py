@@ -106,7 +106,8 @@ def _gist_pool_bwd_kernel(
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose [GB, K, D] tile gives each thread 8..32 elements (>= 4 KB streamed, no spills)."""
-    e = named_args["K"] * named_args["BLOCK_D"]
+    a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
+    e = a["K"] * a["BLOCK_D"]
     keep = [c for c in configs if 8 <= c.kwargs["GB"] * e // (32 * c.num_warps) <= 32]
     return keep or [min(configs, key=lambda c: c.kwargs["GB"] * c.num_warps)]
 

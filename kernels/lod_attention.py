@@ -9,14 +9,13 @@ Layouts: q [B, N, H, D], k, v [B, N, Hk, D] (H % Hk == 0: GQA), mu, sigma [B, N]
 [N] or [B, N] int, focus [B, NQB, F, 2] or [NQB, F, 2] int (lod, index), lod < 0 = padding. The reference takes any
 entry order; the kernels need W0=None or the training layout (tokens, then LOD1, then LOD2 gists; ValueError else).
 
-RoPE once: one pass of the RoPE kernel rotates q and k before attention, and its adjoint un-rotates dq, dk after. The
-alternatives, measured as sm_90 instructions per inner-loop tile (bench/results/compile_sm90.md): recomputing the
-rotation in each visited tile (the old kernel: exp, sin, cos of [BN, D/2] angles, ~70 instructions per pair, in fwd,
-dq and dk/dv alike) or per-entry cos/sin tables (a second [BN, D] fp32 load and 4 FMAs per pair per visit) put the
-rotation in every tile a key is visited from (~40 query tiles per LOD0 key, hundreds per gist), while the inner loop
-of a pre-rotated tile is the two MMAs and the softmax alone; angle addition would still rotate per tile and lose
-precision far from the tile origin. The pre-pass is memory-bound (read q, k; write them rotated), shares the angles
-across heads, and uses precise sin/cos, so angles up to 1e9 keep libdevice accuracy.
+RoPE once: one pass of the RoPE kernel rotates q and k before attention, and its adjoint un-rotates dq, dk after.
+Chosen by sm_90 instructions per inner-loop tile (bench/compile_sm90.py's probe: the forward loop, 128x64 tile, D=128,
+bf16): pre-rotated keys 350, cos/sin tables per entry 518 (+64 KB shared memory for the extra loads), rotation
+recomputed from positions 3,237 (exp, sin, cos per pair, as the old kernel did in fwd, dq and dk/dv alike). A key tile
+is visited from ~W0/BM query tiles (hundreds for a gist), so any per-tile rotation is paid that often; angle addition
+would still rotate per tile. The pre-pass is memory-bound (read q, k; write them rotated), shares each angle across
+heads and computes sin/cos to ~1 ulp up to |angle| ~ 3e9 (kernels/rope.py), so positions to 1e9 stay precise.
 
 Grid: fwd and dq: one program per (query tile of one level section, b*H), looping over the key ranges of the tile's
 pyramid (arithmetic in the level indices: ~W0 + W1 + T/K**2 keys per query); masks only on each range's boundary
@@ -71,15 +70,16 @@ def _bands_tl(c, W0, W1, KB: tl.constexpr):
 @triton.jit
 def _vis(qi, cq, b0q, b1q, QL, kj, L, KB: tl.constexpr, CAUSAL: tl.constexpr):
     """Pyramid visibility of keys kj (indices in level L) for queries qi (level QL, cursors cq, bands b0q, b1q);
-    operands broadcast ([BM, 1] x [1, BN] for a query tile, [1, BM] x [BN, 1] for a key tile)."""
+    operands broadcast ([BM, 1] x [1, BN] for a query tile, [1, BM] x [BN, 1] for a key tile). The level picks the
+    query-side bounds first, so the tile-sized work is five compares: lo <= start, end <= hi, or the query itself."""
     if CAUSAL:
         m = kj <= qi
     else:
         span = tl.where(L == 0, 1, tl.where(L == 1, KB, KB * KB))
         s = kj * span
-        e = s + span
-        m = tl.where(L == 0, (b0q <= s) & (e <= cq), tl.where(L == 1, (b1q <= s) & (e <= b0q), e <= b1q))
-        m = m | ((kj == qi) & (QL == L))
+        lo = tl.where(L == 0, b0q, tl.where(L == 1, b1q, 0))  # LOD0 [b0, c), LOD1 [b1, b0), LOD2 [0, b1)
+        hi = tl.where(L == 0, cq, tl.where(L == 1, b0q, b1q))
+        m = ((lo <= s) & (s + span <= hi)) | ((kj == qi) & (QL == L))
     return m
 
 
@@ -129,10 +129,12 @@ def _stages(lo, ilo, ihi, hi, BLOCK: tl.constexpr):
 
 @triton.jit
 def _q_tile(st0, st1, st2, q, do, lse, delta, mask, krow, kok, hk, HK, KR, V, DK, DVA, qk_scale, sm_scale,
-            MASKED: tl.constexpr, BWD: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr):
-    """One key tile (rows krow) for a query tile. fwd: online softmax into (acc, m, l). BWD: dq into st0, and with
+            MASKED: tl.constexpr, BWD: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """One key tile (rows krow..) for a query tile. fwd: online softmax into (acc, m, l). BWD: dq into st0, and with
     ATOMIC the tile's dk_rot, dv (focus-shown token keys) added to DK, DVA."""
-    kofs = (krow * HK + hk)[:, None] * D + tl.arange(0, D)[None, :]  # [BN, D] int64
+    # an int64 scalar base and int32 tile offsets: 64-bit arithmetic per element would cost registers in every stage
+    kofs = (krow * HK + hk) * D + (tl.arange(0, BLOCK_N)[:, None] * HK * D + tl.arange(0, D)[None, :])
     if MASKED:
         k = tl.load(KR + kofs, mask=kok[:, None], other=0.0).to(q.dtype)
         v = tl.load(V + kofs, mask=kok[:, None], other=0.0).to(q.dtype)
@@ -251,8 +253,8 @@ def _lod_attn_fwd_kernel(
                                        KB, CAUSAL)
                     if HAS_FOCUS:
                         mask = mask & ~(_focus_hidden(FOC, fbase, NF, kk, L)[None, :] & (L > 0) & (QL == 0))
-                st0, st1, st2 = _q_tile(st0, st1, st2, q, do, lse, delta, mask, bN + koff + kk, kok, hk, HK,
-                                        KR, V, DK, DVA, qk_scale, sm_scale, stage != 1, BWD, False, PREC, D)
+                st0, st1, st2 = _q_tile(st0, st1, st2, q, do, lse, delta, mask, bN + koff + start, kok, hk, HK,
+                                        KR, V, DK, DVA, qk_scale, sm_scale, stage != 1, BWD, False, PREC, D, BLOCK_N)
     if HAS_FOCUS:  # token tiles: tokens of each listed gist that the pyramid shows a query of the tile
         for f in range(tl.where(QL == 0, NF, 0)):
             fl = tl.load(FOC + fbase + 2 * f)
@@ -264,8 +266,9 @@ def _lod_attn_fwd_kernel(
             for start in range(fa, fhi, BLOCK_N):
                 kk = start + tl.arange(0, BLOCK_N)
                 kok = kk < fhi
-                st0, st1, st2 = _q_tile(st0, st1, st2, q, do, lse, delta, gvis[:, None] & kok[None, :], bN + kk, kok,
-                                        hk, HK, KR, V, DK, DVA, qk_scale, sm_scale, True, BWD, BWD, PREC, D)
+                st0, st1, st2 = _q_tile(st0, st1, st2, q, do, lse, delta, gvis[:, None] & kok[None, :], bN + start,
+                                        kok, hk, HK, KR, V, DK, DVA, qk_scale, sm_scale, True, BWD, BWD, PREC, D,
+                                        BLOCK_N)
     if BWD:  # dq_rot = scale * ds @ k_rot; the RoPE adjoint turns it into dq
         tl.store(DQ + qofs, st0 * sm_scale, mask=qok[:, None])
     else:
@@ -281,18 +284,19 @@ def _kv_tile(dk, dv, k, v, kk, q0, nq, qrow0, qspan, QL, L, h, H, Q, DO, LSE, DE
     """One query tile (level QL, indices q0..) for a key tile: dk_rot (unscaled) and dv, transposed as in FA2."""
     qk = q0 + tl.arange(0, BLOCK_M)
     qok = qk < nq
-    rows = qrow0 + qk
-    qofs = (rows * H + h)[:, None] * D + tl.arange(0, D)[None, :]
+    row0 = (qrow0 + q0) * H + h  # int64 scalar; int32 offsets within the tile
+    qofs = row0 * D + (tl.arange(0, BLOCK_M)[:, None] * H * D + tl.arange(0, D)[None, :])
+    rofs = row0 + tl.arange(0, BLOCK_M) * H
     if MASKED:
         q = tl.load(Q + qofs, mask=qok[:, None], other=0.0).to(k.dtype)
         do = tl.load(DO + qofs, mask=qok[:, None], other=0.0).to(k.dtype)
-        lse = tl.load(LSE + rows * H + h, mask=qok, other=0.0)
-        delta = tl.load(DELTA + rows * H + h, mask=qok, other=0.0)
+        lse = tl.load(LSE + rofs, mask=qok, other=0.0)
+        delta = tl.load(DELTA + rofs, mask=qok, other=0.0)
     else:
         q = tl.load(Q + qofs).to(k.dtype)
         do = tl.load(DO + qofs).to(k.dtype)
-        lse = tl.load(LSE + rows * H + h)
-        delta = tl.load(DELTA + rows * H + h)
+        lse = tl.load(LSE + rofs)
+        delta = tl.load(DELTA + rofs)
     pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :])  # [BN, BM]
     if MASKED:
         cq = qk * qspan
@@ -401,22 +405,34 @@ class _Meta(NamedTuple):
 
 
 def smem_bytes(kernel, cfg, D, elt):
-    """Shared memory an sm_90 compile of `kernel` ('fwd', 'dq', 'dkdv') takes at cfg, D, element size (an upper
-    bound fitted to compiles; bench/compile_sm90.py checks it against every compiled config)."""
+    """Shared memory an sm_90 compile of `kernel` ('fwd', 'dq', 'dkdv') takes at cfg, D, element size: an upper
+    bound fitted to compiles (tiles staged num_stages deep, plus layout scratch); bench/compile_sm90.py checks it."""
     bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages
     if kernel == "fwd":
         return (bm + 2 * bn * st) * D * elt + bm * bn * 4
     if kernel == "dq":
-        return (2 * bm + 2 * bn * st) * D * elt + bm * bn * 4 * 2
-    return (2 * bn + 2 * bm * st) * D * elt + bm * bn * 4 * 2
+        return (2 * bm + 2 * bn * st) * D * elt + bm * bn * 8
+    return (2 * bn + 2 * bm * st) * D * elt + bm * bn * 8
+
+
+def registers_ok(kernel, cfg, D):
+    """16-bit configs that compile without spills, by fp32 elements per thread: fwd and dq hold a [BM, D]
+    accumulator (<= 64) and [BM, BN] scores (<= 32); dk/dv holds two [BN, D] accumulators and three [BN, BM] score
+    tiles (<= 88 together). Fitted to sm_90 compiles at D = 64 and 128 (bench/results/compile_sm90.md)."""
+    bm, bn, threads = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], 32 * cfg.num_warps
+    if kernel == "dkdv":
+        return (2 * bn * D + 3 * bn * bm) // threads <= 88
+    return bm * D // threads <= 64 and bm * bn // threads <= 32
 
 
 def _prune(kernel):
     def prune(configs, named_args, **kwargs):
-        D, elt = named_args["D"], named_args["Q"].element_size()
-        keep = [c for c in configs if named_args["FB"] % c.kwargs["BLOCK_M"] == 0  # one focus list per query tile
+        a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
+        D, elt = a["D"], a["Q"].element_size()
+        keep = [c for c in configs if a["FB"] % c.kwargs["BLOCK_M"] == 0  # one focus list per query tile
                 and smem_bytes(kernel, c, D, elt) <= SMEM_LIMIT
-                and (elt == 2 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 64)]  # fp32 dots are FMAs
+                and (registers_ok(kernel, c, D) if elt == 2  # fp32: IEEE dots on FMAs; small tiles, short compiles
+                     else c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048)]
         return keep or configs[-1:]
     return prune
 
@@ -425,10 +441,10 @@ def _cfgs(*tiles):
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
-CONFIGS = dict(  # (BLOCK_M, BLOCK_N, warps, stages); the last one fits every shape
-    fwd=_cfgs((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)),
+CONFIGS = dict(  # (BLOCK_M, BLOCK_N, warps, stages), pruned per shape by _prune; the last one fits every shape
+    fwd=_cfgs((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)),
     dq=_cfgs((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)),
-    dkdv=_cfgs((64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)),
+    dkdv=_cfgs((16, 64, 4, 3), (32, 32, 4, 3), (32, 32, 4, 2)),
 )
 _KEY = ["NB", "H", "HK", "D", "KB", "CAUSAL", "HAS_FOCUS", "LOWP"]  # NB buckets the length; dtypes join the key
 _TUNED = dict(

@@ -112,10 +112,11 @@ def _complete_T(N, K):
     return next((t for t in range(max(0, T - 2), T + 3) if t + t // K + t // (K * K) == N), None)
 
 
-def training_layout(start, end, lod, B, N, K, W0, W1):
-    """(T, N1, N2) when the metadata is the training layout and tiles every query's past; else ValueError."""
+def training_layout(start, end, lod, B, N, K, W0, W1, asynchronous=None):
+    """(T, N1, N2) when the metadata is the training layout and tiles every query's past; else ValueError.
+    asynchronous (default: metadata on a GPU): check make_gists' layout with torch._assert_async, no host sync."""
     s, e, l = (as_bn(x, B, N, n) for x, n in ((start, "start"), (end, "end"), (lod, "lod")))
-    T = _complete_T(N, K) if s.is_cuda else None
+    T = _complete_T(N, K) if (s.is_cuda if asynchronous is None else asynchronous) else None
     if T is not None:  # checked on the device, asynchronously: a mismatch is a device-side assert
         N1, N2 = T // K, T // (K * K)
         cs, ce, cl = _canonical(T, N1, N2, K, s.device)

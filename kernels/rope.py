@@ -18,7 +18,7 @@ session origin near the cursor) so fp32 angles stay precise: fp32 has a spacing 
 that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
 
 Kernel: one program per ROWS (b, t) rows. The angles and the attenuation (D/2 cos, sin, exp per row) are computed
-once, with precise sin/cos, and shared by every head of q and k; the heads are streamed in [ROWS, BLOCK_H, D/2] steps of
+once (sin and cos to ~1 ulp up to |angle| ~ 3e9, see _sincos) and shared by every head of q and k; the heads are streamed in [ROWS, BLOCK_H, D/2] steps of
 at most _HEAD_ELEMS elements per row, so the tile (and the registers) stay bounded at any head count. The autotuner's
 configs are pruned by shape to 4..16 elements per thread. The frequencies come in as a D/2 fp32 vector from
 `rope_freqs`, bit-identical to the reference's; there are no [T, D/2] cos/sin tables.
@@ -43,6 +43,26 @@ def gauss_rope_ref(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base:
     sin = (torch.sin(angle) * atten)[:, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+@triton.jit
+def _sincos(x):
+    """sin, cos of fp32 angles to ~1 ulp for |x| < 3e9 (positions to 1e9 and beyond), with no local memory: the
+    quadrant reduction runs in float64 (x minus j * pi/2, pi/2 split in two 22-bit parts and a rest, so the products
+    are exact for |j| < 2**31), then Cephes' minimax polynomials on [-pi/4, pi/4]. libdevice's sinf/cosf would take a
+    Payne-Hanek path with a local array above 1e5 rad, which ptxas compiles (and spills around) in every config."""
+    xd = x.to(tl.float64)
+    j = tl.floor(xd * 0.6366197723675814 + 0.5)  # nearest multiple of pi/2
+    r = xd - j * tl.full([], 1.5707964897155762, tl.float64)  # exact (Sterbenz): hi has 22 bits, |j| < 2**31
+    r = (r - j * tl.full([], -1.6292068494294654e-07, tl.float64) - j * tl.full([], 5.390302858158119e-15, tl.float64))
+    r = r.to(tl.float32)
+    q = (j - 4.0 * tl.floor(j * 0.25)).to(tl.int32)  # quadrant, 0..3
+    r2 = r * r
+    s = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 - r2 * 1.9515295891e-4))
+    c = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    return sin, cos
 
 
 @triton.jit
@@ -104,8 +124,9 @@ def _gauss_rope_kernel(
     ws = sigma[:, None] * w[None, :]
     # exp(-0) is 1 already; the where makes sigma = 0 exactly standard RoPE even with an approximate exp on the GPU
     atten = tl.where(ws == 0.0, 1.0, tl.exp(-0.5 * ws * ws))
-    cos = tl.cos(angle) * atten  # precise libdevice sin/cos: computed once per (row, band), shared by all heads
-    sin = tl.sin(angle) * atten
+    sin, cos = _sincos(angle)  # once per (row, band), shared by all heads
+    cos = cos * atten
+    sin = sin * atten
     if BACKWARD:
         sin = -sin
     _rotate_heads(Q, QO, rows, row_ok, b, t, j, cos, sin, sqb, sqt, sqh, HQ, D, BLOCK_HQ, BLOCK_D2)
@@ -117,7 +138,8 @@ _HEAD_ELEMS = 1024  # elements of one row's head step (16 heads at D = 128): bou
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose tile gives each thread 4..16 elements per half: vector loads, no spills, short compiles."""
-    e = max(named_args["BLOCK_HQ"], named_args["BLOCK_HK"]) * named_args["BLOCK_D2"]
+    a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
+    e = max(a["BLOCK_HQ"], a["BLOCK_HK"]) * a["BLOCK_D2"]
     keep = [c for c in configs if 4 <= c.kwargs["ROWS"] * e // (32 * c.num_warps) <= 16]
     return keep or [min(configs, key=lambda c: c.kwargs["ROWS"] * c.num_warps)]
 
