@@ -3,7 +3,7 @@ throughput and MFU; every kernel figure also as a fraction of the copy bandwidth
 
     python bench/gpu_summary.py bench/results --tag NVIDIA_H100_80GB_HBM3_2026-11-30_abc1234
 
-Reads <dir>/gpu_tests_<tag>.xml (junit), <dir>/kernels_<tag>.json (pytest-benchmark) and <dir>/train_*_<tag>.json
+Reads <dir>/gpu_tests_<tag>.xml (junit), <dir>/kernels_*_<tag>.json (pytest-benchmark) and <dir>/train_*_<tag>.json
 (bench/train_throughput.py) when they exist, writes <dir>/summary_<tag>.json and prints the table.
 """
 import argparse
@@ -65,13 +65,10 @@ def summarize(directory, tag):
     tests = os.path.join(directory, f"gpu_tests_{tag}.xml")
     if os.path.exists(tests):
         result["gpu_tests"] = junit(tests)
-    path = os.path.join(directory, f"kernels_{tag}.json")
     rows = {}
-    if os.path.exists(path):
+    for path in sorted(glob.glob(os.path.join(directory, f"kernels_*_{tag}.json"))):  # one file per kernel family
         with open(path) as f:
-            bench = json.load(f)
-        rows = kernel_rows(bench)
-        result["machine"] = bench.get("machine_info", {}).get("node")
+            rows.update(kernel_rows(json.load(f)))
     for (group, prov), info in sorted(rows.items(), key=lambda kv: kv[0][0] + str(kv[0][1])):
         result["ceilings"] = result["ceilings"] or {k: info.get(k) for k in ("copy_bw_TBps", "bf16_matmul_TFLOPs")}
         result["kernels"].append({k: info.get(k) for k in ("name", "device", "torch", "triton", "git_sha", "ms_p50",

@@ -128,6 +128,18 @@ def _stages(lo, ilo, ihi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _stage(stage: tl.constexpr, lo, e1, s2, hi):
+    """[a, z) of stage 0 (masked head), 1 (unmasked interior) or 2 (masked tail) of _stages' split."""
+    if stage == 0:
+        a, z = lo, e1
+    elif stage == 1:
+        a, z = e1, s2
+    else:
+        a, z = s2, hi
+    return a, z
+
+
+@triton.jit
 def _q_tile(st0, st1, st2, q, do, lse, delta, mask, krow, kok, hk, HK, KR, V, DK, DVA, qk_scale, sm_scale,
             MASKED: tl.constexpr, BWD: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr,
             BLOCK_N: tl.constexpr):
@@ -238,12 +250,7 @@ def _lod_attn_fwd_kernel(
         hi = tl.minimum(hi, nk)
         e1, s2 = _stages(lo, ilo, ihi, hi, BLOCK_N)
         for stage in tl.static_range(3):
-            if stage == 0:
-                a, z = lo, e1
-            elif stage == 1:
-                a, z = e1, s2
-            else:
-                a, z = s2, hi
+            a, z = _stage(stage, lo, e1, s2, hi)
             for start in range(a, z, BLOCK_N):
                 kk = start + tl.arange(0, BLOCK_N)
                 kok = kk < hi
@@ -366,12 +373,7 @@ def _lod_attn_dkdv_kernel(
         qlo = qlo // BLOCK_M * BLOCK_M  # tiles aligned like the forward's (one focus list per tile)
         e1, s2 = _stages(qlo, ilo, ihi, qhi, BLOCK_M)
         for stage in tl.static_range(3):
-            if stage == 0:
-                a, z = qlo, e1
-            elif stage == 1:
-                a, z = e1, s2
-            else:
-                a, z = s2, qhi
+            a, z = _stage(stage, qlo, e1, s2, qhi)
             a += ((ch - ((a - qlo) // BLOCK_M) % nch + nch) % nch) * BLOCK_M  # this chunk's tiles: index = ch mod nch
             for g in range(H // HK):
                 for q0 in range(a, z, nch * BLOCK_M):

@@ -20,7 +20,7 @@ that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
 Kernel: one program per ROWS (b, t) rows. The angles and the attenuation (D/2 cos, sin, exp per row) are computed
 once (sin and cos to ~1 ulp up to |angle| ~ 3e9, see _sincos) and shared by every head of q and k; the heads are streamed in [ROWS, BLOCK_H, D/2] steps of
 at most _HEAD_ELEMS elements per row, so the tile (and the registers) stay bounded at any head count. The autotuner's
-configs are pruned by shape to 4..16 elements per thread. The frequencies come in as a D/2 fp32 vector from
+configs are pruned by shape to 8..16 elements per thread. The frequencies come in as a D/2 fp32 vector from
 `rope_freqs`, bit-identical to the reference's; there are no [T, D/2] cos/sin tables.
 """
 import torch
@@ -137,10 +137,10 @@ _HEAD_ELEMS = 1024  # elements of one row's head step (16 heads at D = 128): bou
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose tile gives each thread 4..16 elements per half: vector loads, no spills, short compiles."""
+    """Keep configs whose tile gives each thread 8..16 elements per half: 16-byte loads, no spills, short compiles."""
     a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
     e = max(a["BLOCK_HQ"], a["BLOCK_HK"]) * a["BLOCK_D2"]
-    keep = [c for c in configs if 4 <= c.kwargs["ROWS"] * e // (32 * c.num_warps) <= 16]
+    keep = [c for c in configs if 8 <= c.kwargs["ROWS"] * e // (32 * c.num_warps) <= 16]
     return keep or [min(configs, key=lambda c: c.kwargs["ROWS"] * c.num_warps)]
 
 

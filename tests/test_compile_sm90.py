@@ -39,15 +39,15 @@ ALL = {"gauss_rope", "gist_pool_fwd", "gist_pool_bwd", "lod_attn_fwd", "lod_attn
 
 
 def test_sm90_compile_ci(tmp_path):
-    result = run_check(tmp_path, "--subset", "ci")
-    check_records(result, ALL)
-    once, per_tile = {p["strategy"]: p for p in result["rope_probe"]}, "recompute per tile"
-    assert once["rotate once (pre-rotated keys)"]["tile"]["insts"] < once[per_tile]["tile"]["insts"]
+    check_records(run_check(tmp_path, "--subset", "ci", "--no-probe"), ALL)
 
 
 @pytest.mark.sm90
 def test_sm90_compile_all(tmp_path):
-    check_records(run_check(tmp_path, "--subset", "all", "--no-probe"), ALL)
+    result = run_check(tmp_path, "--subset", "all")
+    check_records(result, ALL)
+    probe = {p["strategy"]: p["tile"]["insts"] for p in result["rope_probe"]}  # the RoPE choice still holds
+    assert probe["rotate once (pre-rotated keys)"] < min(probe["cos/sin tables per tile"], probe["recompute per tile"])
 
 
 def test_sm90_verdict_fails_what_it_should():

@@ -49,7 +49,8 @@ def test_gpu_summary_targets(tmp_path):
             bench_row(lod + "fwd", "triton", 2.0, frac_bf16_matmul=0.55),
             bench_row(lod + "fwd", "sdpa", 30.0), bench_row(lod + "full", "triton", 10.0),
             bench_row(lod + "full", "sdpa", 30.0)]
-    (tmp_path / f"kernels_{tag}.json").write_text(json.dumps(dict(benchmarks=rows)))
+    (tmp_path / f"kernels_rope_{tag}.json").write_text(json.dumps(dict(benchmarks=rows[:2])))
+    (tmp_path / f"kernels_lod_{tag}.json").write_text(json.dumps(dict(benchmarks=rows[2:])))
     (tmp_path / f"gpu_tests_{tag}.xml").write_text('<testsuites><testsuite tests="10" failures="1" errors="0" '
                                                    'skipped="2"/></testsuites>')
     result = gpu_summary.summarize(str(tmp_path), tag)
