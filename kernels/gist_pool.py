@@ -14,7 +14,7 @@ Groups never mix: a group is K consecutive rows starting at a multiple of K, and
 block, so T must be a multiple of K. K is a power of two, 1 <= K <= 64 (one register tile per group and head).
 
 Kernels: one program per (GB consecutive groups, head h), holding a [GB, K, D] tile; GB is autotuned among configs
-pruned by shape (8..32 elements per thread), so every program streams several KB. The backward recomputes the scores
+pruned by shape (16..32 elements per thread), so every program streams several KB. The backward recomputes the scores
 and the softmax instead of saving them: it must reload the tile anyway for dp and dquery, and the scores are K*D FMAs
 on data already in registers. dquery is reduced in the kernel: each program sums its groups' ds_i x_i into a [D]
 partial and adds it to an fp32 [H, D] buffer with one atomic add (B*G/GB adds per head; the summation order, so the
@@ -105,14 +105,14 @@ def _gist_pool_bwd_kernel(
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose [GB, K, D] tile gives each thread 8..32 elements (>= 4 KB streamed, no spills)."""
+    """Keep configs whose [GB, K, D] tile gives each thread 16..32 elements (>= 4 KB streamed, no spills)."""
     a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
     e = a["K"] * a["BLOCK_D"]
-    keep = [c for c in configs if 8 <= c.kwargs["GB"] * e // (32 * c.num_warps) <= 32]
-    return keep or [min(configs, key=lambda c: c.kwargs["GB"] * c.num_warps)]
+    keep = [c for c in configs if 16 <= c.kwargs["GB"] * e // (32 * c.num_warps) <= 32]
+    return keep or configs[:1]
 
 
-CONFIGS = [triton.Config(dict(GB=gb), num_warps=nw) for gb in (1, 2, 4, 8, 16, 32, 64) for nw in (2, 4, 8)]
+CONFIGS = [triton.Config(dict(GB=gb), num_warps=nw) for gb in (1, 2, 4, 8, 16, 32, 64) for nw in (4, 8)]
 _KEY = ["H", "D", "K"]
 _gist_pool_fwd_tuned = triton.autotune(CONFIGS, key=_KEY, prune_configs_by=dict(early_config_prune=_prune))(
     _gist_pool_fwd_kernel)
