@@ -25,7 +25,7 @@ stop() { local s=$1; shift; timeout -s INT -k 5 "$s" "$@"; }  # SIGINT: pytest s
 declare -A bench_k=([rope]="rope and B4-T4096 and (triton or compiled)"
                     [gist]="gist_pool and B8-T8192-H12-D64-K32 and triton"
                     [lod]="lod_attention and T65536-H16-D128 and (triton or sdpa or flex) and (fwd or full)")
-declare -A bench_s=([rope]=50 [gist]=25 [lod]=110)
+declare -A bench_s=([rope]=45 [gist]=20 [lod]=130)
 case "$part" in
   a)
     [ "$device" != cpu ] || { echo "part a needs a CUDA GPU" >&2; exit 2; }
