@@ -142,7 +142,7 @@ def test_bench_lod_attention(benchmark, bench_record, triton_backend, case, prov
         extra = dict(useful_pairs=useful, useful_TFLOPs_equiv=None)
         visited = useful
         if provider == "triton":
-            cfg = sys.modules["kernels.lod_attention"]._fwd_tuned.best_config  # package re-exports the op
+            cfg = sys.modules["kernels.lod_attention"]._TUNED["fwd"].best_config  # package re-exports the op
             if cfg is not None:
                 visited = pairs(T, K, W0, W1, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])
                 extra["tile_cfg"] = str(cfg)

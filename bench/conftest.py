@@ -1,9 +1,9 @@
-"""Benchmark tier (GPU only): skip rules, the measured H100 ceilings, and one helper that records physics.
+"""Benchmark tier (GPU only): skip rules, the device's ceilings measured in the run, one helper that records physics.
 
 Run on the GPU box:  pytest bench/ --benchmark-json bench/results/<gpu>_<date>_<commit>.json
 Without CUDA, or under TRITON_INTERPRET=1 (do_bench and autotune need a driver), every benchmark is skipped.
 """
-import json
+import functools
 import os
 import subprocess
 import sys
@@ -16,8 +16,6 @@ sys.path.insert(0, ROOT)  # `import kernels` from the repository root
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GPU = torch.cuda.is_available() and not INTERPRET
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ceilings.json")) as f:
-    CEILINGS = json.load(f)  # copy bandwidth in TB/s, bf16 matmul and SDPA in TFLOP/s, measured 2026-11-23
 
 
 def pytest_collect_file(parent, file_path):
@@ -44,29 +42,46 @@ def _env_info() -> dict:
                 git_sha=sha or "unknown")
 
 
-def record(benchmark, fn, nbytes: float = None, flops: float = None, flops_ceiling: str = "bf16_matmul_TFLOPs"):
+@functools.cache
+def measured_ceilings() -> dict:
+    """This device's copy bandwidth (TB/s: read + write of 1 GiB) and bf16 GEMM rate (TFLOP/s, 8192^3), measured
+    once per run, so every figure is also a fraction of what this machine does (ceilings.json: the 2026-11-23 H100)."""
+    from triton.testing import do_bench
+    x = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy_ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    gemm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return dict(copy_bw_TBps=2 * x.numel() * 2 / (copy_ms * 1e-3) / 1e12,
+                bf16_matmul_TFLOPs=2 * 8192**3 / (gemm_ms * 1e-3) / 1e12, ceilings_measured=True)
+
+
+def record(benchmark, fn, nbytes: float = None, flops: float = None):
     """Time `fn` twice: do_bench's p20/p50/p80 on the device clock, and pytest-benchmark on the host clock (synced).
 
     nbytes: bytes the op must move at least (memory-bound ops, judged against the copy bandwidth);
-    flops: useful FLOPs (compute-bound ops, judged against CEILINGS[flops_ceiling]). Derived numbers use p50.
+    flops: useful FLOPs (compute-bound ops, judged against the bf16 GEMM rate). Both ceilings are measured in this
+    run (measured_ceilings); derived numbers use p50. MC_BENCH_ROUNDS sets the host-clock rounds (default 50).
     """
     from triton.testing import do_bench
 
+    ceil = measured_ceilings()
     p20, p50, p80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8])  # ms
     info = benchmark.extra_info
-    info.update(_env_info(), ms_p20=p20, ms_p50=p50, ms_p80=p80, ceilings_date=CEILINGS["date"])
+    info.update(_env_info(), ceil, ms_p20=p20, ms_p50=p50, ms_p80=p80)
     if nbytes is not None:
         gbps = nbytes / (p50 * 1e-3) / 1e9
-        info.update(bytes=nbytes, GBps=gbps, frac_copy_bw=gbps / (CEILINGS["copy_bw_TBps"] * 1e3))
+        info.update(bytes=nbytes, GBps=gbps, frac_copy_bw=gbps / (ceil["copy_bw_TBps"] * 1e3))
     if flops is not None:
         tflops = flops / (p50 * 1e-3) / 1e12
-        info.update(flops=flops, TFLOPs=tflops, **{f"frac_{flops_ceiling}": tflops / CEILINGS[flops_ceiling]})
+        info.update(flops=flops, TFLOPs=tflops, frac_bf16_matmul=tflops / ceil["bf16_matmul_TFLOPs"])
 
     def fn_sync():
         fn()
         torch.cuda.synchronize()  # pytest-benchmark reads the host clock: wait for the kernels
 
-    benchmark.pedantic(fn_sync, rounds=50, warmup_rounds=10)
+    rounds = int(os.environ.get("MC_BENCH_ROUNDS", "50"))
+    benchmark.pedantic(fn_sync, rounds=rounds, warmup_rounds=max(1, rounds // 5))
     return info
 
 

@@ -47,9 +47,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return BACKEND == "triton" and (INTERPRET or all(t.is_cuda for t in tensors))
 
 
-def pick(autotuned, plain):
-    """The autotuned kernel on a GPU; the bare jit function (launched with a fixed config) under the interpreter."""
-    return plain if INTERPRET else autotuned
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one sm_90 block may use; launchers prune configs above it
+LAUNCH_HOOK = None  # bench/compile_sm90.py sets this to record launches (kernel, grid, arguments) instead of running
+
+
+def launch(tuned, grid, default_cfg: dict, *args, **kwargs):
+    """The autotuned kernel on a GPU; its bare jit function with default_cfg under the interpreter; or LAUNCH_HOOK."""
+    if LAUNCH_HOOK is not None:
+        return LAUNCH_HOOK(tuned, grid, args, kwargs)
+    return tuned.fn[grid](*args, **kwargs, **default_cfg) if INTERPRET else tuned[grid](*args, **kwargs)
 
 
 def check(cond: bool, msg: str) -> None:

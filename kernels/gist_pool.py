@@ -13,16 +13,18 @@ Backward, with dout = d loss / d out[b, g, h]:
 Groups never mix: a group is K consecutive rows starting at a multiple of K, and the tree never pools a partial
 block, so T must be a multiple of K. K is a power of two, 1 <= K <= 64 (one register tile per group and head).
 
-Kernels: one program per (b, g, h) holding a [K, D] tile. The backward recomputes the scores and the softmax instead
-of saving them: it must reload the [K, D] tile anyway for dp and dquery, and the scores are K*D FMAs on data already
-in registers, so saving p would only add a write in forward and a read in backward. dquery is a sum over B*G programs:
-each writes its fp32 [D] partial, torch sums them (deterministic, unlike atomics; 2/K of the bytes of x in bf16).
+Kernels: one program per (GB consecutive groups, head h), holding a [GB, K, D] tile; GB is autotuned among configs
+pruned by shape (16..32 elements per thread), so every program streams several KB. The backward recomputes the scores
+and the softmax instead of saving them: it must reload the tile anyway for dp and dquery, and the scores are K*D FMAs
+on data already in registers. dquery is reduced in the kernel: each program sums its groups' ds_i x_i into a [D]
+partial and adds it to an fp32 [H, D] buffer with one atomic add (B*G/GB adds per head; the summation order, so the
+last bits, can differ run to run).
 """
 import math
 
 import torch
 
-from kernels._util import INTERPRET, check, pick, tl, triton, use_triton
+from kernels._util import check, launch, tl, triton, use_triton
 
 K_MAX = 64
 
@@ -37,72 +39,90 @@ def gist_pool_ref(x: torch.Tensor, query: torch.Tensor, K: int) -> torch.Tensor:
 
 
 @triton.jit
-def _load_group(X, QRY, pid_bg, h, scale,
-                H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The [K, D] tile of group pid_bg (= b * G + g, so its first row is pid_bg * K) and head h, its query, and p."""
+def _load_groups(X, QRY, pid, h, NG, scale,
+                 H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, GB: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [GB, K, D] tile of groups pid*GB.. (group = b * G + g, first row group * K) of head h, its query, and p."""
+    g = pid * GB + tl.arange(0, GB)  # int64 via pid
     i = tl.arange(0, K)
     d = tl.arange(0, BLOCK_D)
-    offs = (pid_bg * K + i)[:, None] * (H * D) + h * D + d[None, :]  # (K, BLOCK_D), int64 via pid_bg
+    offs = ((g[:, None] * K + i[None, :]) * (H * D) + h * D)[:, :, None] + d[None, None, :]  # (GB, K, BLOCK_D)
     dmask = d < D
-    x = tl.load(X + offs, mask=dmask[None, :], other=0.0).to(tl.float32)
+    mask = (g < NG)[:, None, None] & dmask[None, None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     qv = tl.load(QRY + h * D + d, mask=dmask, other=0.0).to(tl.float32)
-    s = tl.sum(x * qv[None, :], axis=1) * scale  # (K,) masked d contribute 0
-    e = tl.exp(s - tl.max(s, axis=0))
-    p = e / tl.sum(e, axis=0)
-    return x, qv, p, offs, d, dmask
+    s = tl.sum(x * qv[None, None, :], axis=2) * scale  # (GB, K); masked d and groups contribute 0
+    e = tl.exp(s - tl.max(s, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    return x, qv, p, offs, mask, g, d, dmask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NG"])
 def _gist_pool_fwd_kernel(
     X,  # [B, T, H, D] contiguous, T = G * K
     QRY,  # [H, D] contiguous learned queries
     OUT,  # [B, G, H, D] contiguous, x's dtype
+    NG,  # B * G groups
     scale,  # 1 / sqrt(D)
     H: tl.constexpr,  # heads
     D: tl.constexpr,  # head dim (any; padded to BLOCK_D)
     K: tl.constexpr,  # rows per group, a power of two <= 64
+    GB: tl.constexpr,  # groups per program (autotuned; GB * K rows streamed per program)
     BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
-    pid_bg = tl.program_id(0).to(tl.int64)  # b * G + g; row offsets pass 2**31 at long T
+    pid = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 at long T
     h = tl.program_id(1)
-    x, qv, p, offs, d, dmask = _load_group(X, QRY, pid_bg, h, scale, H, D, K, BLOCK_D)
-    out = tl.sum(p[:, None] * x, axis=0)  # (BLOCK_D,)
-    tl.store(OUT + (pid_bg * H + h) * D + d, out.to(OUT.dtype.element_ty), mask=dmask)
+    x, qv, p, offs, mask, g, d, dmask = _load_groups(X, QRY, pid, h, NG, scale, H, D, K, GB, BLOCK_D)
+    out = tl.sum(p[:, :, None] * x, axis=1)  # (GB, BLOCK_D)
+    o_offs = (g * H + h)[:, None] * D + d[None, :]
+    tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=(g < NG)[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NG"])
 def _gist_pool_bwd_kernel(
     X,  # [B, T, H, D] contiguous, the forward input
     QRY,  # [H, D] contiguous
     DOUT,  # [B, G, H, D] contiguous upstream gradient
     DX,  # [B, T, H, D] contiguous, x's dtype
-    DQ_PART,  # [B * G, H, D] fp32 per-program partials of dquery, summed over dim 0 in torch
+    DQRY,  # [H, D] fp32, zeroed: dquery accumulates here (one atomic add of a [D] partial per program)
+    NG,  # B * G groups
     scale,  # 1 / sqrt(D)
     H: tl.constexpr,  # heads
     D: tl.constexpr,  # head dim
     K: tl.constexpr,  # rows per group
+    GB: tl.constexpr,  # groups per program
     BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
-    pid_bg = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    x, qv, p, offs, d, dmask = _load_group(X, QRY, pid_bg, h, scale, H, D, K, BLOCK_D)
-    o_offs = (pid_bg * H + h) * D + d
-    do = tl.load(DOUT + o_offs, mask=dmask, other=0.0).to(tl.float32)  # (BLOCK_D,)
-    dp = tl.sum(x * do[None, :], axis=1)  # (K,)
-    ds = p * (dp - tl.sum(p * dp, axis=0)) * scale  # softmax Jacobian, with the score scale folded in
-    dx = p[:, None] * do[None, :] + ds[:, None] * qv[None, :]
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=dmask[None, :])
-    tl.store(DQ_PART + o_offs, tl.sum(ds[:, None] * x, axis=0), mask=dmask)
+    x, qv, p, offs, mask, g, d, dmask = _load_groups(X, QRY, pid, h, NG, scale, H, D, K, GB, BLOCK_D)
+    o_offs = (g * H + h)[:, None] * D + d[None, :]
+    do = tl.load(DOUT + o_offs, mask=(g < NG)[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (GB, BLOCK_D)
+    dp = tl.sum(x * do[:, None, :], axis=2)  # (GB, K)
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # softmax Jacobian, score scale folded in; 0 off range
+    dx = p[:, :, None] * do[:, None, :] + ds[:, :, None] * qv[None, None, :]
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.atomic_add(DQRY + h * D + d, tl.sum(tl.sum(ds[:, :, None] * x, axis=1), axis=0), mask=dmask)
 
 
-_WARPS = [triton.Config({}, num_warps=nw) for nw in (1, 2, 4, 8)]  # one [K, D] tile per program: only warps to tune
-_gist_pool_fwd_tuned = triton.autotune(configs=_WARPS, key=["H", "D", "K"])(_gist_pool_fwd_kernel)
-_gist_pool_bwd_tuned = triton.autotune(configs=_WARPS, key=["H", "D", "K"])(_gist_pool_bwd_kernel)
-DEFAULT_CFG = dict(num_warps=1)  # interpreter (autotune needs a driver); ignored there anyway
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose [GB, K, D] tile gives each thread 16..32 elements (>= 4 KB streamed, no spills)."""
+    a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
+    e = a["K"] * a["BLOCK_D"]
+    keep = [c for c in configs if 16 <= c.kwargs["GB"] * e // (32 * c.num_warps) <= 32]
+    return keep or configs[:1]
 
 
-def _grid_cfg(B, G, H, D):
-    return (B * G, H), dict(BLOCK_D=triton.next_power_of_2(D), **(DEFAULT_CFG if INTERPRET else {}))
+CONFIGS = [triton.Config(dict(GB=gb), num_warps=nw) for gb in (1, 2, 4, 8, 16, 32, 64) for nw in (4, 8)]
+_KEY = ["H", "D", "K"]
+_gist_pool_fwd_tuned = triton.autotune(CONFIGS, key=_KEY, prune_configs_by=dict(early_config_prune=_prune))(
+    _gist_pool_fwd_kernel)
+_gist_pool_bwd_tuned = triton.autotune(CONFIGS, key=_KEY, prune_configs_by=dict(early_config_prune=_prune),
+                                       reset_to_zero=["DQRY"])(_gist_pool_bwd_kernel)
+DEFAULT_CFG = dict(GB=4, num_warps=4)  # interpreter: cost is per program, so several groups per program
+
+
+def _grid(B, G, H):
+    return lambda meta: (triton.cdiv(B * G, meta["GB"]), H)
 
 
 def _gist_pool_fwd(x, query, K):
@@ -112,8 +132,8 @@ def _gist_pool_fwd(x, query, K):
     out = torch.empty((B, T // K, H, D), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    grid, cfg = _grid_cfg(B, T // K, H, D)
-    pick(_gist_pool_fwd_tuned, _gist_pool_fwd_kernel)[grid](x, query, out, 1.0 / math.sqrt(D), H=H, D=D, K=K, **cfg)
+    launch(_gist_pool_fwd_tuned, _grid(B, T // K, H), DEFAULT_CFG, x, query, out, B * (T // K), 1.0 / math.sqrt(D),
+           H=H, D=D, K=K, BLOCK_D=triton.next_power_of_2(D))
     return out
 
 
@@ -122,13 +142,12 @@ def _gist_pool_bwd(x, query, dout, K):
     assert dout.shape == (B, T // K, H, D)
     x, query, dout = x.contiguous(), query.contiguous(), dout.contiguous()
     dx = torch.empty_like(x)
-    dq_part = torch.empty((B * (T // K), H, D), device=x.device, dtype=torch.float32)
+    dquery = torch.zeros((H, D), device=x.device, dtype=torch.float32)
     if dx.numel() == 0:
-        return dx, torch.zeros_like(query)
-    grid, cfg = _grid_cfg(B, T // K, H, D)
-    pick(_gist_pool_bwd_tuned, _gist_pool_bwd_kernel)[grid](
-        x, query, dout, dx, dq_part, 1.0 / math.sqrt(D), H=H, D=D, K=K, **cfg)
-    return dx, dq_part.sum(0).to(query.dtype)
+        return dx, dquery.to(query.dtype)
+    launch(_gist_pool_bwd_tuned, _grid(B, T // K, H), DEFAULT_CFG, x, query, dout, dx, dquery, B * (T // K),
+           1.0 / math.sqrt(D), H=H, D=D, K=K, BLOCK_D=triton.next_power_of_2(D))
+    return dx, dquery.to(query.dtype)
 
 
 class GistPoolFn(torch.autograd.Function):

@@ -1,114 +1,51 @@
-"""Pyramidal (LOD-aware) attention, "MegaAttention" (DESIGN §8.3), with Gaussian RoPE fused into the tile loads.
+"""Pyramidal (LOD-aware) attention, "MegaAttention" (DESIGN §8.3), over q and k rotated once by Gaussian RoPE.
 
-N entries: tokens (lod 0, span [p, p+1)), LOD1 gists (K tokens) and LOD2 gists (K*K tokens). Query i, with cursor
-c = start_i, sees itself plus an exact tiling of the past [0, c) by the pyramid (floor division, clamped at 0):
-
-    b0 = max(0, (c - W0) // K * K)    b1 = max(0, (b0 - W1*K) // K**2 * K**2)
-    LOD0 keys in [b0, c)      LOD1 keys in [b1, b0)      LOD2 keys in [0, b1)     (a key is [start, end))
-
-W0=None: plain causal attention over entries in sequence order (working contexts); metadata is then unused.
-W1=None: no LOD2 band (b1 = 0). Focus lists (token queries only; gists keep their own pyramid): token query at
-position p uses list p // focus_block of (lod, index) nodes; a listed gist that the pyramid shows to the query is
-hidden and its K**lod tokens are shown instead. Gaussian RoPE (kernels/rope.py) rotates q and k by mu and damps band
-j by exp(-0.5 (w_j sigma)^2); o = softmax(scale * rope(q) rope(k)^T + mask) v. mu, sigma are constants (no grads).
+N entries: tokens (lod 0), LOD1 gists (K tokens) and LOD2 gists (K*K tokens). Each query sees itself plus the exact
+tiling of its past that kernels/pyramid.py defines (bands b0, b1 from W0, W1; optional focus lists; W0=None: plain
+causal). With R the Gaussian rotation of kernels/rope.py: o = softmax(scale * R(q) R(k)^T + mask) v. mu, sigma are
+constants (no grads).
 
 Layouts: q [B, N, H, D], k, v [B, N, Hk, D] (H % Hk == 0: GQA), mu, sigma [B, N] (or [N]) float, start, end, lod
 [N] or [B, N] int, focus [B, NQB, F, 2] or [NQB, F, 2] int (lod, index), lod < 0 = padding. The reference takes any
-entry order; the kernels need a canonical layout: W0=None (any metadata), or the training layout (all T tokens in
-order, then the first N1 LOD1 gists in order, then the first N2 LOD2 gists), checked with a ValueError.
-Grid: fwd and dq kernels: one program per (query tile of one level section, b*H), looping over the key ranges that
-the pyramid gives the tile (ranges are arithmetic in the level indices, so the cost per query is ~W0 + W1 + T/K**2);
-masks only on boundary tiles. dk/dv kernel: one program per (key tile of one level, b*Hk), looping over the query
-ranges that see it (the inverse pyramid) and the H/Hk query heads. Focus-shown token keys are the only keys not found
-by the inverse pyramid: the dq kernel adds their dk/dv with fp32 atomics. dtype policy: loads upcast to fp32, dots in
-the input dtype on GPU (fp32 inputs: IEEE dots), output and grads in the input dtype, lse and delta fp32.
+entry order; the kernels need W0=None or the training layout (tokens, then LOD1, then LOD2 gists; ValueError else).
+
+RoPE once: one pass of the RoPE kernel rotates q and k before attention, and its adjoint un-rotates dq, dk after.
+Chosen by sm_90 instructions per inner-loop tile (bench/compile_sm90.py's probe: the forward loop, 128x64 tile, D=128,
+bf16): pre-rotated keys 350, cos/sin tables per entry 518 (+64 KB shared memory for the extra loads), rotation
+recomputed from positions 3,237 (exp, sin, cos per pair, as the old kernel did in fwd, dq and dk/dv alike). A key tile
+is visited from ~W0/BM query tiles (hundreds for a gist), so any per-tile rotation is paid that often; angle addition
+would still rotate per tile. The pre-pass is memory-bound (read q, k; write them rotated), shares each angle across
+heads and computes sin/cos to ~1 ulp up to |angle| ~ 3e9 (kernels/rope.py), so positions to 1e9 stay precise.
+
+Grid: fwd and dq: one program per (query tile of one level section, b*H), looping over the key ranges of the tile's
+pyramid (arithmetic in the level indices: ~W0 + W1 + T/K**2 keys per query); masks only on each range's boundary
+tiles. The dq kernel computes delta = rowsum(dO * O) of its rows first (the fused pre-pass) and adds the dk/dv of
+focus-shown token keys (the only keys the inverse pyramid misses) with fp32 atomics. dk/dv: one program per (key
+tile, chunk, b*Hk), looping over the query tiles that see the tile (the inverse pyramid), boundary tiles masked. A
+gist tile's query range grows with T, so it is split into chunks of ~_CHUNK_TOKENS query rows: every program does
+similar work, and the chunks meet in fp32 atomics (so gist dk/dv may differ in the last bits run to run). dtypes: bf16
+and fp16 dots on tensor cores, fp32 inputs IEEE dots; softmax, lse, delta, dq_rot, dk_rot fp32; o and grads in the
+input dtype. Autotune keys bucket N (next power of two), and lengths are not specialized, so any context length
+reuses the tuned, compiled kernels.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels._util import INTERPRET, check, pick, tl, triton, use_triton
-from kernels.rope import gauss_rope_ref, rope_freqs
+from kernels._util import INTERPRET, SMEM_LIMIT, check, launch, tl, triton, use_triton
+from kernels.pyramid import _BIG, as_bn, focus_lists, lod_visibility, training_layout
+from kernels.rope import _gauss_rope_launch, gauss_rope_ref, rope_freqs
 
-_BIG = 1 << 30  # stands in for W0 / W1 = infinity in integer arithmetic
-
-
-def _as_bn(x, B, N, name):
-    check(x.dim() in (1, 2) and x.shape[-1] == N and (x.dim() == 1 or x.shape[0] in (1, B)),
-          f"lod_attention: {name} must be [N] or [B, N] with N={N}, B={B}, got {tuple(x.shape)}")
-    return x.expand(B, N) if x.dim() == 2 else x[None].expand(B, N)
-
-
-def _bands(c, K, W0, W1):
-    """b0, b1 of cursors c (torch ints); W1=None -> no LOD2 band."""
-    b0 = ((c - W0).div(K, rounding_mode="floor") * K).clamp_min(0)
-    if W1 is None:
-        return b0, torch.zeros_like(b0)
-    return b0, ((b0 - W1 * K).div(K * K, rounding_mode="floor") * K * K).clamp_min(0)
-
-
-def lod_visibility(start, end, lod, *, K=32, W0=None, W1=0, focus=None, focus_block=128, B=None, check_tiling=True):
-    """Boolean visibility mask [B, Nq=N, Nk=N] (True = query may attend to key), any entry order.
-
-    With check_tiling, raise ValueError unless every query sees itself plus an exact tiling of [0, cursor).
-    """
-    N = start.shape[-1]
-    B = B or (start.shape[0] if start.dim() == 2 else 1)
-    if W0 is None:
-        return torch.ones(N, N, dtype=torch.bool, device=start.device).tril()[None].expand(B, N, N)
-    s, e, l = (_as_bn(x, B, N, n).long() for x, n in ((start, "start"), (end, "end"), (lod, "lod")))
-    check(bool(((l >= 0) & (l <= 2)).all()), "lod_attention: lod must be 0, 1 or 2")
-    span = K ** l
-    check(bool(((e - s) == span).all() and (s % span == 0).all() and (s >= 0).all()),
-          "lod_attention: every entry must span [k*K**lod, (k+1)*K**lod) (aligned, complete nodes)")
-    b0, b1 = _bands(s, K, W0, W1)  # the query's cursor is its start
-    sq, b0q, b1q = s[:, :, None], b0[:, :, None], b1[:, :, None]  # (B, N, 1) query side
-    sk, ek, lk = s[:, None, :], e[:, None, :], l[:, None, :]  # (B, 1, N) key side
-    vis = (((lk == 0) & (b0q <= sk) & (ek <= sq)) | ((lk == 1) & (b1q <= sk) & (ek <= b0q))
-           | ((lk == 2) & (ek <= b1q)))
-    if focus is not None:
-        foc = focus.long()
-        foc = foc[None].expand(B, *foc.shape) if foc.dim() == 3 else foc
-        check(foc.dim() == 4 and foc.shape[0] == B and foc.shape[-1] == 2,
-              f"lod_attention: focus must be [B, NQB, F, 2] or [NQB, F, 2], got {tuple(focus.shape)}")
-        fl_all, fi_all = foc[..., 0], foc[..., 1]
-        check(bool(((fl_all < 0) | (fl_all == 1) | (fl_all == 2)).all() and (fi_all >= 0).all()),
-              "lod_attention: focus nodes must be (lod 1 or 2, index >= 0), or lod < 0 for padding")
-        qb = s.div(focus_block, rounding_mode="floor")
-        tokq = l == 0
-        check(bool((qb[tokq] < foc.shape[1]).all()), f"lod_attention: focus has {foc.shape[1]} query blocks, "
-              f"token positions need {int(qb[tokq].max()) + 1 if tokq.any() else 0} (focus_block={focus_block})")
-        lists = torch.gather(foc, 1, qb.clamp_max(foc.shape[1] - 1)[:, :, None, None].expand(-1, -1, *foc.shape[2:]))
-        hide = torch.zeros_like(vis)
-        show = torch.zeros_like(vis)
-        for f in range(foc.shape[2]):
-            fl, fi = lists[:, :, f, 0], lists[:, :, f, 1]  # (B, N) per query
-            fspan = K ** fl.clamp_min(1)
-            fa, fe = fi * fspan, (fi + 1) * fspan
-            gvis = tokq & (((fl == 1) & (b1 <= fa) & (fe <= b0)) | ((fl == 2) & (fe <= b1)))  # the gist was visible
-            g, fa, fe, fl = gvis[:, :, None], fa[:, :, None], fe[:, :, None], fl[:, :, None]
-            hide |= g & (lk == fl) & (sk == fa)
-            show |= g & (lk == 0) & (fa <= sk) & (sk < fe)
-        vis = (vis & ~hide) | show
-    if check_tiling:  # disjoint by construction once nodes are unique, so exact iff the visible lengths sum to c
-        key = (l * (1 << 40) + s).sort(dim=1).values
-        check(bool((key[:, 1:] != key[:, :-1]).all()), "lod_attention: duplicate (lod, start) entries")
-        covered = vis.float() @ (e - s).float()[:, :, None]  # exact in fp32 below 2**24 tokens
-        bad = covered[..., 0] != s.float()
-        if bad.any():
-            i = bad.nonzero()[0].tolist()
-            raise ValueError(f"lod_attention: metadata does not tile the past of query {i[1]} (batch {i[0]}, lod "
-                             f"{int(l[i[0], i[1]])}, cursor {int(s[i[0], i[1]])}): visible keys cover "
-                             f"{int(covered[i[0], i[1], 0])} tokens; missing gists or tokens?")
-    return vis | torch.eye(N, dtype=torch.bool, device=vis.device)
+__all__ = ["lod_attention", "lod_attention_ref", "lod_visibility"]
 
 
 def lod_attention_ref(q, k, v, mu, sigma, start=None, end=None, lod=None, *, K=32, W0=None, W1=0, focus=None,
                       focus_block=128, rope_base=10000.0, scale=None):
     """Reference and CPU fallback: Gaussian RoPE, the mask of lod_visibility, SDPA in fp32. Any entry order."""
     B, N, H, D = q.shape
-    mu, sigma = _as_bn(mu, B, N, "mu"), _as_bn(sigma, B, N, "sigma")
+    mu, sigma = as_bn(mu, B, N, "mu"), as_bn(sigma, B, N, "sigma")
     qr = gauss_rope_ref(q.float(), mu, sigma, rope_base).transpose(1, 2)  # (B, H, N, D)
     kr = gauss_rope_ref(k.float(), mu, sigma, rope_base).transpose(1, 2)  # (B, Hk, N, D)
     vf = v.float().transpose(1, 2)
@@ -118,38 +55,11 @@ def lod_attention_ref(q, k, v, mu, sigma, start=None, end=None, lod=None, *, K=3
         o = F.scaled_dot_product_attention(qr, kr, vf, is_causal=True, scale=scale)
     else:
         mask = lod_visibility(start, end, lod, K=K, W0=W0, W1=W1, focus=focus, focus_block=focus_block, B=B)
-        o = F.scaled_dot_product_attention(qr, kr, vf, attn_mask=mask[:, None], scale=scale)
+        o = F.scaled_dot_product_attention(qr, kr, vf, attn_mask=mask[:, None].to(q.device), scale=scale)
     return o.transpose(1, 2).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _rope(x1, x2, mu, sg, FRQ, HALF: tl.constexpr, INVERSE: tl.constexpr):
-    """Gaussian RoPE of half-split rows x1, x2 [R, HALF]; INVERSE applies the transpose (for gradients)."""
-    w = tl.load(FRQ + tl.arange(0, HALF))
-    ang = mu[:, None] * w[None, :]
-    sw = sg[:, None] * w[None, :]
-    att = tl.exp(-0.5 * sw * sw)
-    c = tl.cos(ang) * att
-    s = tl.sin(ang) * att
-    if INVERSE:
-        return x1 * c + x2 * s, x2 * c - x1 * s
-    return x1 * c - x2 * s, x1 * s + x2 * c
-
-
-@triton.jit
-def _load_rows(X, MU, SG, FRQ, rows, rmask, bN, h, NH, D: tl.constexpr, HALF: tl.constexpr):
-    """Rows `rows` (sequence indices) of head h of X [B, N, NH, D], Gaussian-rotated, as fp32 halves + row offsets."""
-    base = ((bN + rows) * NH + h) * D  # (R,) int64
-    off = base[:, None] + tl.arange(0, HALF)[None, :]
-    x1 = tl.load(X + off, mask=rmask[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(X + off + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
-    mu = tl.load(MU + bN + rows, mask=rmask, other=0.0).to(tl.float32)
-    sg = tl.load(SG + bN + rows, mask=rmask, other=0.0).to(tl.float32)
-    x1, x2 = _rope(x1, x2, mu, sg, FRQ, HALF, False)
-    return x1, x2, base
-
-
 @triton.jit
 def _bands_tl(c, W0, W1, KB: tl.constexpr):
     b0 = tl.maximum((c - W0) // KB * KB, 0)  # truncating // is harmless: negatives clamp to 0 either way
@@ -158,18 +68,19 @@ def _bands_tl(c, W0, W1, KB: tl.constexpr):
 
 
 @triton.jit
-def _vis(qk, cq, b0q, b1q, QL, kk, L, KB: tl.constexpr, CAUSAL: tl.constexpr):
-    """[BM, BN] pyramid visibility of keys kk (indices in level L) for queries qk (indices in level QL)."""
+def _vis(qi, cq, b0q, b1q, QL, kj, L, KB: tl.constexpr, CAUSAL: tl.constexpr):
+    """Pyramid visibility of keys kj (indices in level L) for queries qi (level QL, cursors cq, bands b0q, b1q);
+    operands broadcast ([BM, 1] x [1, BN] for a query tile, [1, BM] x [BN, 1] for a key tile). The level picks the
+    query-side bounds first, so the tile-sized work is five compares: lo <= start, end <= hi, or the query itself."""
     if CAUSAL:
-        return kk[None, :] <= qk[:, None]
-    span = tl.where(L == 0, 1, tl.where(L == 1, KB, KB * KB))
-    s = (kk * span)[None, :]
-    e = s + span
-    m0 = (b0q[:, None] <= s) & (e <= cq[:, None])
-    m1 = (b1q[:, None] <= s) & (e <= b0q[:, None])
-    m2 = e <= b1q[:, None]
-    m = tl.where(L == 0, m0, tl.where(L == 1, m1, m2))
-    return m | ((kk[None, :] == qk[:, None]) & (QL == L))
+        m = kj <= qi
+    else:
+        span = tl.where(L == 0, 1, tl.where(L == 1, KB, KB * KB))
+        s = kj * span
+        lo = tl.where(L == 0, b0q, tl.where(L == 1, b1q, 0))  # LOD0 [b0, c), LOD1 [b1, b0), LOD2 [0, b1)
+        hi = tl.where(L == 0, cq, tl.where(L == 1, b0q, b1q))
+        m = ((lo <= s) & (s + span <= hi)) | ((kj == qi) & (QL == L))
+    return m
 
 
 @triton.jit
@@ -177,41 +88,83 @@ def _focus_hidden(FOC, fbase, NF, kk, L):
     """[BN] keys (level L) named in the focus list at FOC + fbase (NF (lod, index) pairs)."""
     hid = kk < 0
     for f in range(NF):
-        fl = tl.load(FOC + fbase + 2 * f)
-        fi = tl.load(FOC + fbase + 2 * f + 1)
-        hid = hid | ((fl == L) & (kk == fi))
+        hid = hid | ((tl.load(FOC + fbase + 2 * f) == L) & (kk == tl.load(FOC + fbase + 2 * f + 1)))
     return hid
 
 
 @triton.jit
-def _section(pid, T, N1, N2, BLOCK: tl.constexpr, KB: tl.constexpr, CAUSAL: tl.constexpr, N):
-    """Tile pid of the concatenated level sections -> (level, tile in level, level size, sequence offset, span)."""
+def _level(L, T, N1, N2, N, KB: tl.constexpr, CAUSAL: tl.constexpr):
+    """(entries, sequence offset, token span) of level L's section; CAUSAL: one section of N entries."""
     if CAUSAL:
-        return pid * 0, pid, N, pid * 0, pid * 0 + 1
-    t0 = tl.cdiv(T, BLOCK)
-    t1 = tl.cdiv(N1, BLOCK)
-    L = tl.where(pid < t0, 0, tl.where(pid < t0 + t1, 1, 2))
-    tile = pid - tl.where(L == 0, 0, tl.where(L == 1, t0, t0 + t1))
-    n = tl.where(L == 0, T, tl.where(L == 1, N1, N2))
-    off = tl.where(L == 0, 0, tl.where(L == 1, T, T + N1))
-    span = tl.where(L == 0, 1, tl.where(L == 1, KB, KB * KB))
-    return L, tile, n, off, span
+        n, off, span = N + 0 * L, 0 * L, 1 + 0 * L
+    else:
+        n = tl.where(L == 0, T, tl.where(L == 1, N1, N2))
+        off = tl.where(L == 0, 0, tl.where(L == 1, T, T + N1))
+        span = tl.where(L == 0, 1, tl.where(L == 1, KB, KB * KB))
+    return n, off, span
 
 
 @triton.jit
-def _q_tile(st0, st1, st2, q1, q2, do, lse, delta, qrow_ok, mask, kk, kok, koff, bN, hk, HK,
-            KP, VP, MU, SG, FRQ, DKA, DVA, qk_scale, sm_scale,
-            MASKED: tl.constexpr, BWD: tl.constexpr, ATOMIC: tl.constexpr, LOWP: tl.constexpr,
-            PREC: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-    """One key tile for a query tile. fwd: online softmax into (acc, m, l). BWD: (dq1, dq2, _) (+ dk/dv atomics)."""
-    k1, k2, koffs = _load_rows(KP, MU, SG, FRQ, koff + kk, kok, bN, hk, HK, D, HALF)
-    vr = tl.load(VP + koffs[:, None] + tl.arange(0, D)[None, :], mask=kok[:, None], other=0.0)
-    v = vr.to(tl.float32)
-    if LOWP:  # tensor-core dots in the input dtype; softmax stays fp32
-        s = tl.dot(q1.to(vr.dtype), tl.trans(k1.to(vr.dtype))) + tl.dot(q2.to(vr.dtype), tl.trans(k2.to(vr.dtype)))
+def _section(pid, T, N1, N2, NCH0, NCH1, NCH2, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Program pid -> (level, tile in the level, chunk, chunks per tile); level L holds cdiv(n_L, BLOCK) * NCH_L."""
+    if CAUSAL:
+        L, tile, ch, nch = 0 * pid, pid, 0 * pid, 1 + 0 * pid
     else:
-        s = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
-    if not BWD:
+        u0 = tl.cdiv(T, BLOCK) * NCH0
+        u1 = u0 + tl.cdiv(N1, BLOCK) * NCH1
+        L = tl.where(pid < u0, 0, tl.where(pid < u1, 1, 2))
+        nch = tl.where(L == 0, NCH0, tl.where(L == 1, NCH1, NCH2))
+        u = pid - tl.where(L == 0, 0, tl.where(L == 1, u0, u1))
+        tile, ch = u // nch, u % nch
+    return L, tile, ch, nch
+
+
+@triton.jit
+def _stages(lo, ilo, ihi, hi, BLOCK: tl.constexpr):
+    """Split [lo, hi) in tiles of BLOCK from lo: masked [lo, e1), full [e1, s2) (inside [ilo, ihi)), masked [s2, hi)."""
+    ta = (tl.maximum(ilo, lo) - lo + BLOCK - 1) // BLOCK
+    tb = tl.maximum(tl.minimum(ihi, hi) - lo, 0) // BLOCK
+    return tl.where(tb > ta, lo + ta * BLOCK, hi), tl.where(tb > ta, lo + tb * BLOCK, hi)
+
+
+@triton.jit
+def _stage(stage: tl.constexpr, lo, e1, s2, hi):
+    """[a, z) of stage 0 (masked head), 1 (unmasked interior) or 2 (masked tail) of _stages' split."""
+    if stage == 0:
+        a, z = lo, e1
+    elif stage == 1:
+        a, z = e1, s2
+    else:
+        a, z = s2, hi
+    return a, z
+
+
+@triton.jit
+def _q_tile(st0, st1, st2, q, do, lse, delta, mask, krow, kok, hk, HK, KR, V, DK, DVA, qk_scale, sm_scale,
+            MASKED: tl.constexpr, BWD: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """One key tile (rows krow..) for a query tile. fwd: online softmax into (acc, m, l). BWD: dq into st0, and with
+    ATOMIC the tile's dk_rot, dv (focus-shown token keys) added to DK, DVA."""
+    # an int64 scalar base and int32 tile offsets: 64-bit arithmetic per element would cost registers in every stage
+    kofs = (krow * HK + hk) * D + (tl.arange(0, BLOCK_N)[:, None] * HK * D + tl.arange(0, D)[None, :])
+    if MASKED:
+        k = tl.load(KR + kofs, mask=kok[:, None], other=0.0).to(q.dtype)
+        v = tl.load(V + kofs, mask=kok[:, None], other=0.0).to(q.dtype)
+    else:
+        k = tl.load(KR + kofs).to(q.dtype)
+        v = tl.load(V + kofs).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if BWD:
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(mask, p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        st0 += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        if ATOMIC:
+            dkt = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
+            tl.atomic_add(DK + kofs, dkt, mask=kok[:, None])
+            tl.atomic_add(DVA + kofs, tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC), mask=kok[:, None])
+    else:
         s = s * qk_scale
         if MASKED:
             s = tl.where(mask, s, float("-inf"))
@@ -219,61 +172,38 @@ def _q_tile(st0, st1, st2, q1, q2, do, lse, delta, qrow_ok, mask, kk, kok, koff,
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(st1 - m_use)
-        if LOWP:
-            pv = tl.dot(p.to(vr.dtype), vr)
-        else:
-            pv = tl.dot(p, v, input_precision=PREC)
-        return st0 * alpha[:, None] + pv, m_new, st2 * alpha + tl.sum(p, 1)
-    p = tl.math.exp2(s * qk_scale - lse[:, None])
-    if MASKED:
-        p = tl.where(mask, p, 0.0)
-    if LOWP:
-        dp = tl.dot(do.to(vr.dtype), tl.trans(vr))
-        ds = (p * (dp - delta[:, None])).to(vr.dtype)
-        st0 += tl.dot(ds, k1.to(vr.dtype))
-        st1 += tl.dot(ds, k2.to(vr.dtype))
-    else:
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        st0 += tl.dot(ds, k1, input_precision=PREC)
-        st1 += tl.dot(ds, k2, input_precision=PREC)
-    if ATOMIC:  # focus-shown token keys: dk (rotated frame, scaled) and dv accumulate in fp32
-        ds32 = tl.where(qrow_ok[:, None], ds.to(tl.float32), 0.0)
-        p = tl.where(qrow_ok[:, None], p, 0.0)
-        dk1 = tl.dot(tl.trans(ds32), q1, input_precision=PREC) * sm_scale
-        dk2 = tl.dot(tl.trans(ds32), q2, input_precision=PREC) * sm_scale
-        dv = tl.dot(tl.trans(p), do, input_precision=PREC)
-        hoff = koffs[:, None] + tl.arange(0, HALF)[None, :]
-        tl.atomic_add(DKA + hoff, dk1, mask=kok[:, None])
-        tl.atomic_add(DKA + hoff + HALF, dk2, mask=kok[:, None])
-        tl.atomic_add(DVA + koffs[:, None] + tl.arange(0, D)[None, :], dv, mask=kok[:, None])
+        st0 = st0 * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        st1 = m_new
+        st2 = st2 * alpha + tl.sum(p, 1)
     return st0, st1, st2
 
 
-@triton.jit
+_NOSPEC = ["N", "T", "N1", "N2", "H", "HK", "W0", "W1", "NF", "FB", "NQB", "NB"]  # lengths: no recompiles per value
+
+
+@triton.jit(do_not_specialize=_NOSPEC)
 def _lod_attn_fwd_kernel(
-    Q, KP, V,  # [B, N, H, D], [B, N, HK, D] x2, contiguous, one float dtype
-    MU, SG,  # [B, N] fp32 RoPE mean and spread
-    FRQ,  # [D/2] fp32 rope_freqs
+    Q, KR, V,  # [B, N, H, D] rotated q; [B, N, HK, D] rotated k, v; contiguous, one float dtype
     FOC,  # [B, NQB, NF, 2] int32 focus lists (deduplicated), or a dummy
-    O, LSE,  # fwd out: [B, N, H, D] q.dtype; [B, N, H] fp32 log2-domain logsumexp. BWD in: o unused, lse read
-    DO, DELTA, DQ,  # BWD: [B, N, H, D] upstream grad; [B, N, H] fp32 rowsum(dO*O); [B, N, H, D] q.dtype dq out
-    DKA, DVA,  # BWD with focus: [B, N, HK, D] fp32 atomics for focus-shown token keys (zeroed)
+    O, LSE,  # [B, N, H, D] in q.dtype; [B, N, H] fp32 log2-domain logsumexp (fwd: written; BWD: read)
+    DO, DELTA, DQ,  # BWD: [B, N, H, D] upstream grad; [B, N, H] fp32 rowsum(dO*O), written; [B, N, H, D] fp32 dq_rot
+    DK, DVA,  # BWD with focus: [B, N, HK, D] fp32, zeroed: dk_rot and dv of focus-shown token keys (atomics)
     N, T, N1, N2,  # entries, tokens, LOD1 gists, LOD2 gists (training layout; CAUSAL: one section of N)
     H, HK, W0, W1,  # heads, kv heads; windows (tokens; LOD1 blocks), clamped to < 2**30
-    NF, FB, NQB,  # focus entries per list, focus_block (multiple of BLOCK_M), lists per batch row
+    NF, FB, NQB,  # focus entries per list, focus_block (a multiple of BLOCK_M), lists per batch row
+    NB,  # next power of two >= N: only read by the autotuner's key
     qk_scale, sm_scale,  # scale * log2(e); scale
     KB: tl.constexpr, CAUSAL: tl.constexpr, HAS_FOCUS: tl.constexpr, BWD: tl.constexpr,
     LOWP: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    HALF: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // (H // HK)
     bN = b.to(tl.int64) * N  # row offsets pass 2**31 at long N
-    QL, qt, nq, qoff, qspan = _section(pid, T, N1, N2, BLOCK_M, KB, CAUSAL, N)
+    QL, qt, _, _ = _section(pid, T, N1, N2, 1, 1, 1, BLOCK_M, CAUSAL)
+    nq, qoff, qspan = _level(QL, T, N1, N2, N, KB, CAUSAL)
     qk = qt * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices within level QL
     qok = qk < nq
     q_last = tl.minimum(qt * BLOCK_M + BLOCK_M, nq) - 1
@@ -281,341 +211,358 @@ def _lod_attn_fwd_kernel(
     b0q, b1q = _bands_tl(cq, W0, W1, KB)
     b0f, b1f = _bands_tl(qt * BLOCK_M * qspan, W0, W1, KB)  # cursors grow along the tile: first and last bound it
     b0l, b1l = _bands_tl(q_last * qspan, W0, W1, KB)
-    q1, q2, qoffs = _load_rows(Q, MU, SG, FRQ, qoff + qk, qok, bN, h, H, D, HALF)
+    rows = bN + qoff + qk
+    qofs = (rows * H + h)[:, None] * D + tl.arange(0, D)[None, :]
+    q = tl.load(Q + qofs, mask=qok[:, None], other=0.0)
+    if not LOWP:
+        q = q.to(tl.float32)
     fbase = ((b * NQB + (qt * BLOCK_M) // FB) * NF * 2).to(tl.int64)
     if BWD:
-        do = tl.load(DO + qoffs[:, None] + tl.arange(0, D)[None, :], mask=qok[:, None], other=0.0).to(tl.float32)
-        lse = tl.load(LSE + (bN + qoff + qk) * H + h, mask=qok, other=0.0)
-        delta = tl.load(DELTA + (bN + qoff + qk) * H + h, mask=qok, other=0.0)
-        st0 = tl.zeros([BLOCK_M, HALF], tl.float32)
-        st1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-        st2 = tl.zeros([BLOCK_M], tl.float32)
+        do = tl.load(DO + qofs, mask=qok[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * tl.load(O + qofs, mask=qok[:, None], other=0.0).to(tl.float32), 1)
+        tl.store(DELTA + rows * H + h, delta, mask=qok)
+        lse = tl.load(LSE + rows * H + h, mask=qok, other=0.0)
+        do = do.to(q.dtype)
+        st0 = tl.zeros([BLOCK_M, D], tl.float32)
+        st1 = tl.zeros([BLOCK_M], tl.float32)
     else:
-        do = q1
-        lse = cq.to(tl.float32)
+        do = q
+        lse = tl.zeros([BLOCK_M], tl.float32)
         delta = lse
         st0 = tl.zeros([BLOCK_M, D], tl.float32)
         st1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        st2 = tl.zeros([BLOCK_M], tl.float32)
-    for L in tl.static_range(1 if CAUSAL else 3):
+    st2 = tl.zeros([BLOCK_M], tl.float32)
+    for L in range(1 if CAUSAL else 3):
+        nk, koff, _ = _level(L, T, N1, N2, N, KB, CAUSAL)
         if CAUSAL:  # entries [0, i]: keys before the tile's first query are seen by all of it
-            lo, ilo, ihi, hi, nk, koff = qt * 0, qt * 0, qt * BLOCK_M, q_last + 1, N, 0
-        elif L == 0:  # tokens [b0, c) (+ itself)
-            lo, ilo, ihi, hi, nk, koff = b0f, b0l, qt * BLOCK_M * qspan, q_last * qspan + (QL == 0), T, 0
-        elif L == 1:  # LOD1 blocks [b1, b0) (+ itself)
-            lo, ilo, ihi, hi, nk, koff = b1f // KB, b1l // KB, b0f // KB, b0l // KB, N1, T
-        else:  # LOD2 [0, b1) (+ itself)
-            lo, ilo, ihi, hi, nk, koff = qt * 0, qt * 0, b1f // (KB * KB), b1l // (KB * KB), N2, T + N1
-        if not CAUSAL and L > 0:
-            lo = tl.where(QL == L, tl.minimum(lo, qt * BLOCK_M), lo)
-            hi = tl.where(QL == L, tl.maximum(hi, q_last + 1), hi)
+            lo, ilo, ihi, hi = 0 * L, 0 * L, qt * BLOCK_M + 0 * L, q_last + 1 + 0 * L
+        else:  # tokens [b0, c) (+ itself), LOD1 blocks [b1, b0), LOD2 [0, b1); [ilo, ihi) is seen by every query
+            lo = tl.where(L == 0, b0f, tl.where(L == 1, b1f // KB, 0))
+            ilo = tl.where(L == 0, b0l, tl.where(L == 1, b1l // KB, 0))
+            ihi = tl.where(L == 0, qt * BLOCK_M * qspan, tl.where(L == 1, b0f // KB, b1f // (KB * KB)))
+            hi = tl.where(L == 0, q_last * qspan + (QL == 0).to(tl.int32),
+                          tl.where(L == 1, b0l // KB, b1l // (KB * KB)))
+            own = (QL == L) & (L > 0)  # gist queries also see themselves
+            lo = tl.where(own, tl.minimum(lo, qt * BLOCK_M), lo)
+            hi = tl.where(own, tl.maximum(hi, q_last + 1), hi)
             if HAS_FOCUS:  # listed gists are hidden per token tile: no unmasked interior
-                ihi = tl.where(QL == 0, ilo, ihi)
+                ihi = tl.where((QL == 0) & (L > 0), ilo, ihi)
         hi = tl.minimum(hi, nk)
-        lo = tl.maximum(lo, 0)
-        ilo = tl.maximum(ilo, lo)
-        ihi = tl.minimum(ihi, hi)
-        ta = (ilo - lo + BLOCK_N - 1) // BLOCK_N
-        tb = tl.maximum(ihi - lo, 0) // BLOCK_N
-        e1 = tl.where(tb > ta, lo + ta * BLOCK_N, hi)  # masked [lo, e1), full [e1, s2), masked [s2, hi)
-        s2 = tl.where(tb > ta, lo + tb * BLOCK_N, hi)
+        e1, s2 = _stages(lo, ilo, ihi, hi, BLOCK_N)
         for stage in tl.static_range(3):
-            if stage == 0:
-                a, z = lo, e1
-            elif stage == 1:
-                a, z = e1, s2
-            else:
-                a, z = s2, hi
+            a, z = _stage(stage, lo, e1, s2, hi)
             for start in range(a, z, BLOCK_N):
                 kk = start + tl.arange(0, BLOCK_N)
                 kok = kk < hi
+                mask = kok[None, :]
                 if stage != 1:
-                    lvl = qt * 0 + L  # a runtime level keeps _vis one code path for both kernels
-                    mask = _vis(qk, cq, b0q, b1q, QL, kk, lvl, KB, CAUSAL) & kok[None, :]
-                    if HAS_FOCUS and L > 0:
-                        mask = mask & ~(_focus_hidden(FOC, fbase, NF, kk, lvl)[None, :] & (QL == 0))
-                else:
-                    mask = qok
-                st0, st1, st2 = _q_tile(st0, st1, st2, q1, q2, do, lse, delta, qok, mask, kk, kok, koff, bN, hk, HK,
-                                        KP, V, MU, SG, FRQ, DKA, DVA, qk_scale, sm_scale,
-                                        stage != 1, BWD, False, LOWP, PREC, D, HALF)
+                    mask = mask & _vis(qk[:, None], cq[:, None], b0q[:, None], b1q[:, None], QL, kk[None, :], L,
+                                       KB, CAUSAL)
+                    if HAS_FOCUS:
+                        mask = mask & ~(_focus_hidden(FOC, fbase, NF, kk, L)[None, :] & (L > 0) & (QL == 0))
+                st0, st1, st2 = _q_tile(st0, st1, st2, q, do, lse, delta, mask, bN + koff + start, kok, hk, HK,
+                                        KR, V, DK, DVA, qk_scale, sm_scale, stage != 1, BWD, False, PREC, D, BLOCK_N)
     if HAS_FOCUS:  # token tiles: tokens of each listed gist that the pyramid shows a query of the tile
-        nfl = tl.where(QL == 0, NF, 0)
-        for f in range(nfl):
+        for f in range(tl.where(QL == 0, NF, 0)):
             fl = tl.load(FOC + fbase + 2 * f)
-            fi = tl.load(FOC + fbase + 2 * f + 1)
             fspan = tl.where(fl == 1, KB, KB * KB)
-            fa = fi * fspan
+            fa = tl.load(FOC + fbase + 2 * f + 1) * fspan
             fe = fa + fspan
             gvis = tl.where(fl == 1, (b1q <= fa) & (fe <= b0q), fe <= b1q) & (fl > 0) & qok
             fhi = tl.where(tl.max(gvis.to(tl.int32), 0) > 0, tl.minimum(fe, T), fa)
             for start in range(fa, fhi, BLOCK_N):
                 kk = start + tl.arange(0, BLOCK_N)
                 kok = kk < fhi
-                mask = gvis[:, None] & kok[None, :]
-                st0, st1, st2 = _q_tile(st0, st1, st2, q1, q2, do, lse, delta, qok, mask, kk, kok, 0, bN, hk, HK,
-                                        KP, V, MU, SG, FRQ, DKA, DVA, qk_scale, sm_scale,
-                                        True, BWD, BWD, LOWP, PREC, D, HALF)
-    out_offs = qoffs[:, None] + tl.arange(0, D)[None, :]
-    if BWD:  # dq = scale * R^T (ds @ k_rot), R the query's Gaussian rotation
-        mu = tl.load(MU + bN + qoff + qk, mask=qok, other=0.0)
-        sg = tl.load(SG + bN + qoff + qk, mask=qok, other=0.0)
-        dq1, dq2 = _rope(st0 * sm_scale, st1 * sm_scale, mu, sg, FRQ, HALF, True)
-        hoff = qoffs[:, None] + tl.arange(0, HALF)[None, :]
-        tl.store(DQ + hoff, dq1.to(DQ.dtype.element_ty), mask=qok[:, None])
-        tl.store(DQ + hoff + HALF, dq2.to(DQ.dtype.element_ty), mask=qok[:, None])
+                st0, st1, st2 = _q_tile(st0, st1, st2, q, do, lse, delta, gvis[:, None] & kok[None, :], bN + start,
+                                        kok, hk, HK, KR, V, DK, DVA, qk_scale, sm_scale, True, BWD, BWD, PREC, D,
+                                        BLOCK_N)
+    if BWD:  # dq_rot = scale * ds @ k_rot; the RoPE adjoint turns it into dq
+        tl.store(DQ + qofs, st0 * sm_scale, mask=qok[:, None])
     else:
         l_i = tl.where(st2 == 0.0, 1.0, st2)
-        tl.store(O + out_offs, (st0 / l_i[:, None]).to(O.dtype.element_ty), mask=qok[:, None])
-        tl.store(LSE + (bN + qoff + qk) * H + h, st1 + tl.math.log2(l_i), mask=qok)
+        tl.store(O + qofs, (st0 / l_i[:, None]).to(O.dtype.element_ty), mask=qok[:, None])
+        tl.store(LSE + rows * H + h, st1 + tl.math.log2(l_i), mask=qok)
 
 
 @triton.jit
-def _lod_attn_bwd_dkdv_kernel(
-    Q, KP, V, MU, SG, FRQ, FOC,  # as in _lod_attn_fwd_kernel
-    DO, LSE, DELTA,  # [B, N, H, D] upstream grad; [B, N, H] fp32 x2 from forward / preprocess
-    DK, DV,  # [B, N, HK, D] outputs in k.dtype / v.dtype
-    DKA, DVA,  # [B, N, HK, D] fp32 focus contributions from the dq pass (read when HAS_FOCUS)
-    N, T, N1, N2, H, HK, W0, W1, NF, FB, NQB, qk_scale, sm_scale,  # as in _lod_attn_fwd_kernel
+def _kv_tile(dk, dv, k, v, kk, q0, nq, qrow0, qspan, QL, L, h, H, Q, DO, LSE, DELTA, FOC, fbase, NF, W0, W1,
+             qk_scale, KB: tl.constexpr, CAUSAL: tl.constexpr, HAS_FOCUS: tl.constexpr, MASKED: tl.constexpr,
+             PREC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query tile (level QL, indices q0..) for a key tile: dk_rot (unscaled) and dv. Scores are [BM, BN] (q @ k^T),
+    not FA2's transposed [BN, BM]: k and v then stay in shared memory as the B operands instead of being held, and
+    duplicated per warpgroup, in registers as A operands (22 fewer spilled bytes and 30% fewer instructions at D=128)."""
+    qk = q0 + tl.arange(0, BLOCK_M)
+    qok = qk < nq
+    row0 = (qrow0 + q0) * H + h  # int64 scalar; int32 offsets within the tile
+    qofs = row0 * D + (tl.arange(0, BLOCK_M)[:, None] * H * D + tl.arange(0, D)[None, :])
+    rofs = row0 + tl.arange(0, BLOCK_M) * H
+    if MASKED:
+        q = tl.load(Q + qofs, mask=qok[:, None], other=0.0).to(k.dtype)
+        do = tl.load(DO + qofs, mask=qok[:, None], other=0.0).to(k.dtype)
+        lse = tl.load(LSE + rofs, mask=qok, other=0.0)
+        delta = tl.load(DELTA + rofs, mask=qok, other=0.0)
+    else:
+        q = tl.load(Q + qofs).to(k.dtype)
+        do = tl.load(DO + qofs).to(k.dtype)
+        lse = tl.load(LSE + rofs)
+        delta = tl.load(DELTA + rofs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])  # [BM, BN]
+    if MASKED:
+        cq = qk * qspan
+        b0q, b1q = _bands_tl(cq, W0, W1, KB)
+        m = _vis(qk[:, None], cq[:, None], b0q[:, None], b1q[:, None], QL, kk[None, :], L, KB, CAUSAL) & qok[:, None]
+        if HAS_FOCUS:
+            m = m & ~(_focus_hidden(FOC, fbase, NF, kk, L)[None, :] & (L > 0) & (QL == 0))
+        p = tl.where(m, p, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_NOSPEC + ["NCH0", "NCH1", "NCH2"])
+def _lod_attn_dkdv_kernel(
+    Q, KR, V, FOC,  # as in _lod_attn_fwd_kernel
+    DO, LSE, DELTA,  # [B, N, H, D] upstream grad; [B, N, H] fp32 x2 (forward; dq kernel)
+    DK, DV, DVA,  # [B, N, HK, D]: fp32 dk_rot; dv in v.dtype; fp32 dv of split levels and focus rows (atomics)
+    N, T, N1, N2, H, HK, W0, W1, NF, FB, NQB, NB, qk_scale, sm_scale,  # as in _lod_attn_fwd_kernel
+    NCH0, NCH1, NCH2,  # programs per key tile of each level (chunks of its query range); > 1: atomics, zeroed rows
     KB: tl.constexpr, CAUSAL: tl.constexpr, HAS_FOCUS: tl.constexpr,
     LOWP: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    HALF: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HK
     hk = bhk % HK
-    G = H // HK
     bN = b.to(tl.int64) * N
-    L, kt, nk, koff, kspan = _section(pid, T, N1, N2, BLOCK_N, KB, CAUSAL, N)
+    L, kt, ch, nch = _section(pid, T, N1, N2, NCH0, NCH1, NCH2, BLOCK_N, CAUSAL)
+    nk, koff, kspan = _level(L, T, N1, N2, N, KB, CAUSAL)
     kk = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     kok = kk < nk
     k_first = kt * BLOCK_N
     k_last = tl.minimum(k_first + BLOCK_N, nk) - 1
-    k1, k2, koffs = _load_rows(KP, MU, SG, FRQ, koff + kk, kok, bN, hk, HK, D, HALF)
-    vr = tl.load(V + koffs[:, None] + tl.arange(0, D)[None, :], mask=kok[:, None], other=0.0)
-    v = vr.to(tl.float32)
-    # cursors that see some key of the tile (inverse pyramid; b0(c) >= x > 0 <=> c >= W0 + ceil(x / K) * K)
+    kofs = ((bN + koff + kk) * HK + hk)[:, None] * D + tl.arange(0, D)[None, :]
+    k = tl.load(KR + kofs, mask=kok[:, None], other=0.0)
+    v = tl.load(V + kofs, mask=kok[:, None], other=0.0)
+    if not LOWP:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    # cursors that see some key of the tile, [cmin, cmax), and every key, [fmin, fmax): the bands inverted
+    # (b0(c) <= x <=> c < W0 + (x // K + 1) K;  b0(c) >= x > 0 <=> c >= W0 + x for x a multiple of K)
     s_a = k_first * kspan
     s_b = k_last * kspan
-    KK2 = KB * KB
-    cmin = tl.where(L == 0, s_a + 1, tl.where(L == 1, W0 + s_a + KB, W0 + W1 * KB + s_a + KK2))
-    cmax = tl.where(L == 0, W0 + (s_b + KB) // KB * KB,
-                    tl.where(L == 1, W0 + W1 * KB + (s_b + KK2) // KK2 * KK2, T + 1))
-    dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    KK2: tl.constexpr = KB * KB
+    w01 = W0 + W1 * KB
+    cmin = tl.where(L == 0, s_a + 1, tl.where(L == 1, W0 + s_a + KB, w01 + s_a + KK2))
+    fmin = tl.where(L == 0, s_b + 1, tl.where(L == 1, W0 + s_b + KB, w01 + s_b + KK2))
+    cmax = tl.where(L == 0, W0 + (s_b // KB + 1) * KB, tl.where(L == 1, w01 + (s_b // KK2 + 1) * KK2, 1 << 30))
+    fmax = tl.where(L == 0, W0 + (s_a // KB + 1) * KB, tl.where(L == 1, w01 + (s_a // KK2 + 1) * KK2, 1 << 30))
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for QL in tl.static_range(1 if CAUSAL else 3):
+    for QL in range(1 if CAUSAL else 3):
+        nq, qoff, qspan = _level(QL, T, N1, N2, N, KB, CAUSAL)
         if CAUSAL:
-            qlo, qhi, nq, qoff, qspan = k_first, N, N, 0, 1
+            qlo, ilo, ihi, qhi = k_first + 0 * QL, k_last + 0 * QL, N + 0 * QL, N + 0 * QL
         else:
-            if QL == 0:
-                qspan, nq, qoff = 1, T, 0
-            elif QL == 1:
-                qspan, nq, qoff = KB, N1, T
-            else:
-                qspan, nq, qoff = KK2, N2, T + N1
             qlo = (cmin + qspan - 1) // qspan
             qhi = (cmax + qspan - 1) // qspan
-            qlo = tl.where(L == QL, tl.minimum(qlo, k_first), qlo)  # the gists themselves (self)
+            ilo = (fmin + qspan - 1) // qspan
+            ihi = (fmax + qspan - 1) // qspan
+            qlo = tl.where(L == QL, tl.minimum(qlo, k_first), qlo)  # the keys' own queries (self)
             qhi = tl.where(L == QL, tl.maximum(qhi, k_last + 1), qhi)
-            qhi = tl.minimum(qhi, nq)
+            if HAS_FOCUS:
+                ihi = tl.where((QL == 0) & (L > 0), ilo, ihi)
+        qhi = tl.minimum(qhi, nq)
         qlo = qlo // BLOCK_M * BLOCK_M  # tiles aligned like the forward's (one focus list per tile)
-        for g in range(G):
-            h = hk * G + g
-            for q0 in range(qlo, qhi, BLOCK_M):
-                qk = q0 + tl.arange(0, BLOCK_M)
-                qok = qk < nq
-                q1, q2, qoffs = _load_rows(Q, MU, SG, FRQ, qoff + qk, qok, bN, h, H, D, HALF)
-                do = tl.load(DO + qoffs[:, None] + tl.arange(0, D)[None, :], mask=qok[:, None], other=0.0)
-                do = do.to(tl.float32)
-                lse = tl.load(LSE + (bN + qoff + qk) * H + h, mask=qok, other=0.0)
-                delta = tl.load(DELTA + (bN + qoff + qk) * H + h, mask=qok, other=0.0)
-                cq = qk * qspan
-                b0q, b1q = _bands_tl(cq, W0, W1, KB)
-                mask = _vis(qk, cq, b0q, b1q, QL, kk, L, KB, CAUSAL) & kok[None, :] & qok[:, None]
-                if HAS_FOCUS and QL == 0 and not CAUSAL:
+        e1, s2 = _stages(qlo, ilo, ihi, qhi, BLOCK_M)
+        for stage in tl.static_range(3):
+            a, z = _stage(stage, qlo, e1, s2, qhi)
+            a += ((ch - ((a - qlo) // BLOCK_M) % nch + nch) % nch) * BLOCK_M  # this chunk's tiles: index = ch mod nch
+            for g in range(H // HK):
+                for q0 in range(a, z, nch * BLOCK_M):
                     fbase = ((b * NQB + q0 // FB) * NF * 2).to(tl.int64)
-                    mask = mask & ~(_focus_hidden(FOC, fbase, NF, kk, L)[None, :] & (L > 0))
-                if LOWP:
-                    s = (tl.dot(q1.to(vr.dtype), tl.trans(k1.to(vr.dtype)))
-                         + tl.dot(q2.to(vr.dtype), tl.trans(k2.to(vr.dtype))))
-                else:
-                    s = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
-                p = tl.where(mask, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-                if LOWP:
-                    dv += tl.dot(tl.trans(p.to(vr.dtype)), do.to(vr.dtype))
-                    dp = tl.dot(do.to(vr.dtype), tl.trans(vr))
-                    dsT = tl.trans((p * (dp - delta[:, None])).to(vr.dtype))
-                    dk1 += tl.dot(dsT, q1.to(vr.dtype))
-                    dk2 += tl.dot(dsT, q2.to(vr.dtype))
-                else:
-                    dv += tl.dot(tl.trans(p), do, input_precision=PREC)
-                    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                    dsT = tl.trans(p * (dp - delta[:, None]))
-                    dk1 += tl.dot(dsT, q1, input_precision=PREC)
-                    dk2 += tl.dot(dsT, q2, input_precision=PREC)
-    dk1 *= sm_scale
-    dk2 *= sm_scale
-    dvo = koffs[:, None] + tl.arange(0, D)[None, :]
-    hoff = koffs[:, None] + tl.arange(0, HALF)[None, :]
-    if HAS_FOCUS:
-        dk1 += tl.load(DKA + hoff, mask=kok[:, None], other=0.0)
-        dk2 += tl.load(DKA + hoff + HALF, mask=kok[:, None], other=0.0)
-        dv += tl.load(DVA + dvo, mask=kok[:, None], other=0.0)
-    mu = tl.load(MU + bN + koff + kk, mask=kok, other=0.0)
-    sg = tl.load(SG + bN + koff + kk, mask=kok, other=0.0)
-    dk1, dk2 = _rope(dk1, dk2, mu, sg, FRQ, HALF, True)
-    tl.store(DK + hoff, dk1.to(DK.dtype.element_ty), mask=kok[:, None])
-    tl.store(DK + hoff + HALF, dk2.to(DK.dtype.element_ty), mask=kok[:, None])
-    tl.store(DV + dvo, dv.to(DV.dtype.element_ty), mask=kok[:, None])
+                    dk, dv = _kv_tile(dk, dv, k, v, kk, q0, nq, bN + qoff, qspan, QL, L, hk * (H // HK) + g, H,
+                                      Q, DO, LSE, DELTA, FOC, fbase, NF, W0, W1, qk_scale,
+                                      KB, CAUSAL, HAS_FOCUS, stage != 1, PREC, D, BLOCK_M)
+    dk *= sm_scale
+    if nch > 1:
+        tl.atomic_add(DK + kofs, dk, mask=kok[:, None])
+        tl.atomic_add(DVA + kofs, dv, mask=kok[:, None])
+    else:
+        if HAS_FOCUS:  # the dq pass's focus-shown contributions
+            dk += tl.load(DK + kofs, mask=kok[:, None], other=0.0)
+            dv += tl.load(DVA + kofs, mask=kok[:, None], other=0.0)
+        tl.store(DK + kofs, dk, mask=kok[:, None])
+        tl.store(DV + kofs, dv.to(DV.dtype.element_ty), mask=kok[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------- launchers
-def _prune(configs, named_args, **kwargs):  # a query tile must sit inside one focus block
-    fb = named_args["FB"]
-    return [c for c in configs if fb % c.kwargs["BLOCK_M"] == 0] or configs[-1:]
+class _Meta(NamedTuple):
+    T: int  # tokens (CAUSAL: N)
+    N1: int  # LOD1 gists
+    N2: int  # LOD2 gists
+    K: int
+    W0: int | None
+    W1: int | None
+    FB: int  # focus_block
+    scale: float
+    causal: bool
 
 
-_CFGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-         for bm, bn, w, s in ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2))]
-_KEY = ["N", "T", "H", "HK", "D", "KB", "CAUSAL", "HAS_FOCUS", "LOWP"]
-_fwd_tuned = triton.autotune(configs=_CFGS, key=_KEY + ["BWD"], prune_configs_by=dict(early_config_prune=_prune),
-                             reset_to_zero=["DKA", "DVA"])(_lod_attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(configs=_CFGS, key=_KEY, prune_configs_by=dict(early_config_prune=_prune))(
-    _lod_attn_bwd_dkdv_kernel)
+def smem_bytes(kernel, cfg, D, elt):
+    """Shared memory an sm_90 compile of `kernel` ('fwd', 'dq', 'dkdv') takes at cfg, D, element size: an upper
+    bound fitted to compiles (tiles staged num_stages deep, plus layout scratch); bench/compile_sm90.py checks it."""
+    bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages
+    if kernel == "fwd":
+        return (bm + 2 * bn * st) * D * elt + bm * bn * 4
+    if kernel == "dq":
+        return (2 * bm + 2 * bn * st) * D * elt + bm * bn * 8
+    return (2 * bn + 2 * bm * st) * D * elt + bm * bn * 8
+
+
+def registers_ok(kernel, cfg, D):
+    """16-bit configs that compile without spills, by fp32 elements per thread: fwd holds a [BM, D] accumulator and
+    two [BM, BN] score tiles (<= 96, or 128 with 8 warps); dq its accumulator (<= 64) and scores (<= 32); dk/dv two
+    [BN, D] accumulators and three [BM, BN] tiles per pipeline stage (<= 88). Fitted to sm_90 compiles at D = 64 and
+    128 (bench/results/compile_sm90.md), which check every kept config."""
+    bm, bn, threads = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], 32 * cfg.num_warps
+    if kernel == "fwd":
+        return bm * (D + 2 * bn) // threads <= (128 if cfg.num_warps == 8 else 96)
+    if kernel == "dkdv":
+        return (2 * bn * D + 3 * bm * bn * cfg.num_stages) // threads <= 88
+    return bm * D // threads <= 64 and bm * bn // threads <= 32
+
+
+def _prune(kernel):
+    def prune(configs, named_args, **kwargs):
+        a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
+        D, elt = a["D"], a["Q"].element_size()
+        keep = [c for c in configs if a["FB"] % c.kwargs["BLOCK_M"] == 0  # one focus list per query tile
+                and smem_bytes(kernel, c, D, elt) <= SMEM_LIMIT
+                and (registers_ok(kernel, c, D) if elt == 2  # fp32: IEEE dots on FMAs; small tiles, short compiles
+                     else c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048)]
+        return keep or configs[-1:]
+    return prune
+
+
+def _cfgs(*tiles):
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+
+
+CONFIGS = dict(  # (BLOCK_M, BLOCK_N, warps, stages), pruned per shape by _prune; the last one fits every shape
+    fwd=_cfgs((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)),
+    dq=_cfgs((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)),
+    dkdv=_cfgs((32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 1), (32, 32, 4, 1)),
+)
+_KEY = ["NB", "H", "HK", "D", "KB", "CAUSAL", "HAS_FOCUS", "LOWP"]  # NB buckets the length; dtypes join the key
+_TUNED = dict(
+    fwd=triton.autotune(CONFIGS["fwd"], key=_KEY + ["BWD"], prune_configs_by=dict(early_config_prune=_prune("fwd")))(
+        _lod_attn_fwd_kernel),
+    dq=triton.autotune(CONFIGS["dq"], key=_KEY + ["BWD"], prune_configs_by=dict(early_config_prune=_prune("dq")),
+                       restore_value=["DK", "DVA"])(_lod_attn_fwd_kernel),
+    dkdv=triton.autotune(CONFIGS["dkdv"], key=_KEY, prune_configs_by=dict(early_config_prune=_prune("dkdv")),
+                         restore_value=["DK", "DVA"])(_lod_attn_dkdv_kernel),
+)
 DEFAULT_CFG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)  # interpreter: small tiles keep masked work cheap
+_CHUNK_TOKENS = 1024  # query rows per dk/dv program, at least: a gist key tile's range is split into chunks of this
 
 
-def _grid(B, H, causal, N, T, N1, N2, key):
-    if causal:
-        return lambda META: (triton.cdiv(N, META[key]), B * H)
-    return lambda META: (triton.cdiv(T, META[key]) + triton.cdiv(N1, META[key]) + triton.cdiv(N2, META[key]), B * H)
+def _chunks(m):
+    """dk/dv programs per key tile of each level: query rows a tile's keys are seen from, over one chunk."""
+    if m.causal:
+        return 1, 1, 1
+    unit = max(min(m.W0, m.T) + m.K, _CHUNK_TOKENS)  # >= a LOD0 tile's range: LOD0 tiles stay one program
+    r1 = m.T if m.W1 is None else min(m.W1 * m.K + m.K * m.K, m.T)
+    return 1, max(1, r1 // unit), max(1, m.T // unit) if m.W1 is not None else 1
 
 
-def _args(q, k, meta, foc):
-    T, N1, N2, K, W0, W1, FB, scale, causal = meta
+def _grid(m, B, heads, key, nch=(1, 1, 1)):
+    if m.causal:
+        return lambda META: (triton.cdiv(m.T, META[key]), B * heads)
+    return lambda META: (sum(triton.cdiv(n, META[key]) * c for n, c in zip((m.T, m.N1, m.N2), nch)), B * heads)
+
+
+def _scalars(q, k, m, foc):
     B, N, H, D = q.shape
     nf, nqb = (foc.shape[2], foc.shape[1]) if foc is not None else (0, 1)
-    w0 = 0 if causal else min(W0, T + K)  # clamps keep the int32 band arithmetic far from overflow
-    w1 = _BIG // K if (causal or W1 is None) else min(W1, T // K + 2)
-    return (N, T, N1, N2, H, k.shape[2], w0, w1, nf, FB if foc is not None else 1 << 20, nqb,
-            scale * math.log2(math.e), scale)
+    w0 = 0 if m.causal else min(m.W0, m.T + m.K)  # clamps keep the int32 band arithmetic far from overflow
+    w1 = _BIG // m.K if (m.causal or m.W1 is None) else min(m.W1, m.T // m.K + 2)
+    return (N, m.T, m.N1, m.N2, H, k.shape[2], w0, w1, nf, m.FB if foc is not None else 1 << 20, nqb,
+            triton.next_power_of_2(N), m.scale * math.log2(math.e), m.scale)
 
 
-def _consts(q, meta, foc):
-    lowp = q.dtype != torch.float32 and not INTERPRET  # interpreter: bf16 arithmetic is broken, dots stay fp32
-    return dict(KB=meta[3], CAUSAL=meta[8], HAS_FOCUS=foc is not None, LOWP=lowp,
-                PREC="ieee" if q.dtype == torch.float32 else "tf32", D=q.shape[3],
-                **(DEFAULT_CFG if INTERPRET else {}))
+def _consts(q, m, foc):
+    return dict(KB=m.K, CAUSAL=m.causal, HAS_FOCUS=foc is not None, D=q.shape[3],
+                LOWP=q.dtype != torch.float32 and not INTERPRET,  # interpreter: bf16 arithmetic is broken
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _lod_attn_fwd(q, k, v, mu, sigma, foc, meta, base):
-    B, N, H, D = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty((B, N, H), device=q.device, dtype=torch.float32)
-    frq = rope_freqs(D, base, q.device)
-    dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
-    grid = _grid(B, H, meta[8], N, *meta[:3], "BLOCK_M")
-    pick(_fwd_tuned, _lod_attn_fwd_kernel)[grid](
-        q, k, v, mu, sigma, frq, foc if foc is not None else dummy, o, lse, dummy, dummy, dummy, dummy, dummy,
-        *_args(q, k, meta, foc), BWD=False, **_consts(q, meta, foc))
+def _lod_attn_fwd(qr, kr, v, foc, m):
+    B, N, H, D = qr.shape
+    o = torch.empty_like(qr)
+    lse = torch.empty((B, N, H), device=qr.device, dtype=torch.float32)
+    dummy = torch.zeros(1, device=qr.device, dtype=torch.float32)
+    launch(_TUNED["fwd"], _grid(m, B, H, "BLOCK_M"), DEFAULT_CFG, qr, kr, v, foc if foc is not None else dummy,
+           o, lse, dummy, dummy, dummy, dummy, dummy, *_scalars(qr, kr, m, foc), BWD=False, **_consts(qr, m, foc))
     return o, lse
 
 
-def _lod_attn_bwd(q, k, v, mu, sigma, foc, o, lse, do, meta, base):
-    B, N, H, D = q.shape
-    Hk = k.shape[2]
+def _lod_attn_bwd(qr, kr, v, foc, o, lse, do, m):
+    """(dq_rot fp32, dk_rot fp32, dv in v.dtype); rows of split levels (and all rows with focus) go through atomics."""
+    B, N, H, D = qr.shape
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # (B, N, H) fp32: the FA2 preprocess, memory-bound, left to torch
-    frq = rope_freqs(D, base, q.device)
-    dq = torch.empty_like(q)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    if foc is not None:
-        dka = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dva = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    else:
-        dka = dva = torch.zeros(1, device=q.device, dtype=torch.float32)
-    fo = foc if foc is not None else dka
-    args, consts = _args(q, k, meta, foc), _consts(q, meta, foc)
-    pick(_fwd_tuned, _lod_attn_fwd_kernel)[_grid(B, H, meta[8], N, *meta[:3], "BLOCK_M")](
-        q, k, v, mu, sigma, frq, fo, o, lse, do, delta, dq, dka, dva, *args, BWD=True, **consts)
-    pick(_dkdv_tuned, _lod_attn_bwd_dkdv_kernel)[_grid(B, Hk, meta[8], N, *meta[:3], "BLOCK_N")](
-        q, k, v, mu, sigma, frq, fo, do, lse, delta, dk, dv, dka, dva, *args, **consts)
-    return dq, dk, dv
+    nch = _chunks(m)
+    delta = torch.empty((B, N, H), device=qr.device, dtype=torch.float32)
+    dqr = torch.empty(qr.shape, device=qr.device, dtype=torch.float32)
+    dkr = torch.empty(kr.shape, device=kr.device, dtype=torch.float32)
+    dva = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+    dv = torch.empty_like(v)
+    ranges = [(0, m.T), (m.T, m.T + m.N1), (m.T + m.N1, N)]
+    atomic = [r for r, c in zip(ranges, nch) if c > 1]
+    for a, z in ranges if foc is not None else atomic:
+        dkr[:, a:z].zero_()
+        dva[:, a:z].zero_()
+    args, consts = _scalars(qr, kr, m, foc), _consts(qr, m, foc)
+    fo = foc if foc is not None else delta
+    launch(_TUNED["dq"], _grid(m, B, H, "BLOCK_M"), DEFAULT_CFG, qr, kr, v, fo, o, lse, do, delta, dqr, dkr, dva,
+           *args, BWD=True, **consts)
+    launch(_TUNED["dkdv"], _grid(m, B, kr.shape[2], "BLOCK_N", nch), DEFAULT_CFG, qr, kr, v, fo, do, lse, delta,
+           dkr, dv, dva, *args, *nch, **consts)
+    for a, z in atomic:
+        dv[:, a:z] = dva[:, a:z]
+    return dqr, dkr, dv
 
 
 class LodAttentionFn(torch.autograd.Function):
-    """q, k, v -> o with Triton forward and backward; mu, sigma, metadata and focus are constants."""
+    """q, k, v -> o: RoPE pre-pass, Triton forward and backward, RoPE adjoint; mu, sigma, metadata are constants."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mu, sigma, foc, meta, base):
-        o, lse = _lod_attn_fwd(q, k, v, mu, sigma, foc, meta, base)
-        ctx.save_for_backward(q, k, v, mu, sigma, foc, o, lse)
-        ctx.meta, ctx.base = meta, base
+    def forward(ctx, q, k, v, mu, sigma, foc, m, base):
+        freqs = rope_freqs(q.shape[3], base, q.device)
+        qr, kr = _gauss_rope_launch(q, k, mu, sigma, freqs, backward=False)
+        o, lse = _lod_attn_fwd(qr, kr, v, foc, m)
+        ctx.save_for_backward(qr, kr, v, mu, sigma, freqs, foc, o, lse)
+        ctx.m = m
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, mu, sigma, foc, o, lse = ctx.saved_tensors
-        dq, dk, dv = _lod_attn_bwd(q, k, v, mu, sigma, foc, o, lse, do, ctx.meta, ctx.base)
+        qr, kr, v, mu, sigma, freqs, foc, o, lse = ctx.saved_tensors
+        dqr, dkr, dv = _lod_attn_bwd(qr, kr, v, foc, o, lse, do, ctx.m)
+        dq, dk = _gauss_rope_launch(dqr, dkr, mu, sigma, freqs, backward=True, dtypes=(qr.dtype, kr.dtype))
         return dq, dk, dv, None, None, None, None, None
-
-
-def _training_layout(start, end, lod, B, N, K, W0, W1):
-    """(T, N1, N2) when the metadata is the training layout and tiles every query's past; else ValueError."""
-    s, e, l = (_as_bn(x, B, N, n).long() for x, n in ((start, "start"), (end, "end"), (lod, "lod")))
-    check(bool((s == s[:1]).all() and (e == e[:1]).all() and (l == l[:1]).all()),
-          "lod_attention (triton): metadata must be the same for every batch row")
-    s, e, l = s[0], e[0], l[0]
-    T, N1 = int((l == 0).sum()), int((l == 1).sum())
-    N2 = N - T - N1
-    i = torch.arange(N, device=s.device)
-    cl = (i >= T).long() + (i >= T + N1).long()
-    cs = torch.where(i < T, i, torch.where(i < T + N1, (i - T) * K, (i - T - N1) * K * K))
-    ok = torch.equal(l, cl) and torch.equal(s, cs) and torch.equal(e, cs + K ** cl) and N1 * K <= T and N2 * K * K <= T
-    check(ok, "lod_attention (triton): metadata must be the training layout (tokens 0..T-1 in order, then LOD1 "
-          "gists 0..N1-1, then LOD2 gists 0..N2-1, complete spans); use W0=None for a working context, or "
-          "lod_attention_ref for any other order")
-    b0, b1 = _bands(s, K, W0, W1)  # each query's bands must lie inside the entries present
-    need = ((b0 < s) & (s > T)) | ((b1 < b0) & (b0 > N1 * K)) | (b1 > N2 * K * K)
-    check(not bool(need.any()), f"lod_attention (triton): the sequence lacks nodes the pyramid needs "
-          f"(T={T}, N1={N1}, N2={N2}, K={K}, W0={W0}, W1={W1}): the past does not tile")
-    return T, N1, N2
-
-
-def _focus_lists(focus, B, T, N1, N2, K, focus_block, device):
-    """[B, NQB, F, 2] int32, (lod, index), duplicates and padding as (-1, 0); ValueError on bad nodes."""
-    foc = focus.long()
-    foc = foc[None].expand(B, *foc.shape) if foc.dim() == 3 else foc
-    check(foc.dim() == 4 and foc.shape[0] == B and foc.shape[-1] == 2,
-          f"lod_attention: focus must be [B, NQB, F, 2] or [NQB, F, 2], got {tuple(focus.shape)}")
-    check(foc.shape[1] >= triton.cdiv(T, focus_block), f"lod_attention: focus needs {triton.cdiv(T, focus_block)} "
-          f"query blocks of {focus_block} tokens, got {foc.shape[1]}")
-    check(focus_block % 32 == 0, f"lod_attention (triton): focus_block must be a multiple of 32, got {focus_block}")
-    fl, fi = foc[..., 0], foc[..., 1]
-    real = fl >= 0
-    check(bool(((~real) | (((fl == 1) & (fi >= 0) & (fi < N1)) | ((fl == 2) & (fi >= 0) & (fi < N2)))).all()),
-          f"lod_attention: focus nodes must be existing gists (lod 1 with index < {N1}, lod 2 with index < {N2}) "
-          "or lod < 0 for padding")
-    key = torch.where(real, fl * (1 << 40) + fi, -1).sort(dim=-1).values
-    dup = torch.zeros_like(key, dtype=torch.bool)
-    dup[..., 1:] = key[..., 1:] == key[..., :-1]
-    keep = (key >= 0) & ~dup
-    out = torch.stack([torch.where(keep, key >> 40, -1), torch.where(keep, key & ((1 << 40) - 1), 0)], -1)
-    return out.to(device=device, dtype=torch.int32).contiguous()
 
 
 def lod_attention(q, k, v, mu, sigma, start=None, end=None, lod=None, *, K=32, W0=None, W1=0, focus=None,
                   focus_block=128, rope_base=10000.0, scale=None):
-    """Pyramidal attention with fused Gaussian RoPE (see the module docstring). Returns [B, N, H, D] in q.dtype.
+    """Pyramidal attention with Gaussian RoPE (see the module docstring). Returns [B, N, H, D] in q.dtype.
 
     q: [B, N, H, D]; k, v: [B, N, Hk, D], H % Hk == 0; mu, sigma: [B, N] or [N] float (RoPE mean and spread, no
     grads); start, end, lod: [N] or [B, N] int (unused, may be None, when W0 is None); K: block size, a power of two;
     W0: LOD0 window in tokens (None: plain causal over entries); W1: LOD1 window in blocks (None: no LOD2 band);
     focus: [B, NQB, F, 2] or [NQB, F, 2] int (lod, index) per block of focus_block token positions, lod < 0 pads;
     scale: softmax scale, default 1/sqrt(D). Triton path: D a power of two in [32, 256], the training layout when W0
-    is given, focus_block a multiple of 32; otherwise ValueError (lod_attention_ref takes any layout).
+    is given, focus_block a multiple of 32; otherwise ValueError (lod_attention_ref takes any layout). Metadata on
+    the host, or on the GPU in make_gists' layout, costs no host sync (kernels/pyramid.py).
     """
     check(q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and q.shape[:2] == k.shape[:2]
           and q.shape[3] == k.shape[3], f"lod_attention: q {tuple(q.shape)} must be [B, N, H, D] and k, v "
@@ -629,12 +576,12 @@ def lod_attention(q, k, v, mu, sigma, start=None, end=None, lod=None, *, K=32, W
     check(W0 is None or (int(W0) == W0 and W0 >= 0), f"lod_attention: W0 must be None or an int >= 0, got {W0}")
     check(W1 is None or (int(W1) == W1 and W1 >= 0), f"lod_attention: W1 must be None or an int >= 0, got {W1}")
     check(mu.is_floating_point() and sigma.is_floating_point(), "lod_attention: mu and sigma must be float tensors")
-    mu, sigma = _as_bn(mu, B, N, "mu"), _as_bn(sigma, B, N, "sigma")
+    mu, sigma = as_bn(mu, B, N, "mu"), as_bn(sigma, B, N, "sigma")
     if W0 is not None:
         check(start is not None and end is not None and lod is not None, "lod_attention: W0 needs start, end, lod")
         for x, n in ((start, "start"), (end, "end"), (lod, "lod")):
             check(not x.is_floating_point(), f"lod_attention: {n} must be an integer tensor, got {x.dtype}")
-            _as_bn(x, B, N, n)
+            as_bn(x, B, N, n)
     check(focus is None or W0 is not None, "lod_attention: focus lists need the pyramid (W0 is not None)")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not use_triton(q, k, v):
@@ -647,8 +594,8 @@ def lod_attention(q, k, v, mu, sigma, start=None, end=None, lod=None, *, K=32, W
     if W0 is None:
         T, N1, N2, foc = N, 0, 0, None
     else:
-        T, N1, N2 = _training_layout(start, end, lod, B, N, K, W0, W1)
-        foc = None if focus is None else _focus_lists(focus, B, T, N1, N2, K, focus_block, q.device)
-    meta = (T, N1, N2, K, W0, W1, focus_block, scale, W0 is None)
+        T, N1, N2 = training_layout(start, end, lod, B, N, K, W0, W1)
+        foc = None if focus is None else focus_lists(focus, B, T, N1, N2, K, focus_block, q.device)
+    m = _Meta(T, N1, N2, K, W0, W1, focus_block, scale, W0 is None)
     mu, sigma = mu.float().contiguous(), sigma.float().contiguous()
-    return LodAttentionFn.apply(q.contiguous(), k.contiguous(), v.contiguous(), mu, sigma, foc, meta, float(rope_base))
+    return LodAttentionFn.apply(q.contiguous(), k.contiguous(), v.contiguous(), mu, sigma, foc, m, float(rope_base))

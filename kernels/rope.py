@@ -17,13 +17,15 @@ Layouts: x: [B, T, H, D] (D even, last dim contiguous), mu, sigma: [B, T] float.
 session origin near the cursor) so fp32 angles stay precise: fp32 has a spacing of 64 at 1e9, so absolute positions
 that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
 
-Kernel: one program per ROWS (b, t) rows, all heads of q and of k in one [ROWS, H, D/2] tile each, so the angles and
-the attenuation (D/2 cos, sin, exp per row) are computed once and shared by every head of q and k. The frequencies
-come in as a D/2 fp32 vector from `rope_freqs`, bit-identical to the reference's; there are no [T, D/2] cos/sin tables.
+Kernel: one program per ROWS (b, t) rows. The angles and the attenuation (D/2 cos, sin, exp per row) are computed
+once (sin and cos to ~1 ulp up to |angle| ~ 3e9, see _sincos) and shared by every head of q and k; the heads are streamed in [ROWS, BLOCK_H, D/2] steps of
+at most _HEAD_ELEMS elements per row, so the tile (and the registers) stay bounded at any head count. The autotuner's
+configs are pruned by shape to 8..16 elements per thread. The frequencies come in as a D/2 fp32 vector from
+`rope_freqs`, bit-identical to the reference's; there are no [T, D/2] cos/sin tables.
 """
 import torch
 
-from kernels._util import INTERPRET, check, pick, tl, triton, use_triton
+from kernels._util import check, launch, tl, triton, use_triton
 
 
 def rope_freqs(D: int, base: float, device=None) -> torch.Tensor:
@@ -44,31 +46,55 @@ def gauss_rope_ref(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base:
 
 
 @triton.jit
+def _sincos(x):
+    """sin, cos of fp32 angles to ~1 ulp for |x| < 3e9 (positions to 1e9 and beyond), with no local memory: the
+    quadrant reduction runs in float64 (x minus j * pi/2, pi/2 split in two 22-bit parts and a rest, so the products
+    are exact for |j| < 2**31), then Cephes' minimax polynomials on [-pi/4, pi/4]. libdevice's sinf/cosf would take a
+    Payne-Hanek path with a local array above 1e5 rad, which ptxas compiles (and spills around) in every config."""
+    xd = x.to(tl.float64)
+    j = tl.floor(xd * 0.6366197723675814 + 0.5)  # nearest multiple of pi/2
+    r = xd - j * tl.full([], 1.5707964897155762, tl.float64)  # exact (Sterbenz): hi has 22 bits, |j| < 2**31
+    r = (r - j * tl.full([], -1.6292068494294654e-07, tl.float64) - j * tl.full([], 5.390302858158119e-15, tl.float64))
+    r = r.to(tl.float32)
+    q = (j - 4.0 * tl.floor(j * 0.25)).to(tl.int32)  # quadrant, 0..3
+    r2 = r * r
+    s = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 - r2 * 1.9515295891e-4))
+    c = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    return sin, cos
+
+
+@triton.jit
 def _rotate_heads(X, XO, rows, row_ok, b, t, j, cos, sin,
                   sxb, sxt, sxh,  # input strides of b, t, h in elements (the D stride is 1)
                   H: tl.constexpr,  # heads of this tensor (Hq or Hk)
                   D: tl.constexpr,  # head dim; pairs are (j, j + D/2)
-                  BLOCK_H: tl.constexpr,  # next power of two >= H
+                  BLOCK_H: tl.constexpr,  # heads per step of the head loop (a power of two)
                   BLOCK_D2: tl.constexpr):  # next power of two >= D/2
-    h = tl.arange(0, BLOCK_H)
-    hs = h[None, :, None].to(tl.int64) * sxh  # int64: a transposed [B, H, T, D] view has sxh = T * D
-    src = (b * sxb + t * sxt)[:, None, None] + hs + j[None, None, :]  # (ROWS, BLOCK_H, BLOCK_D2)
-    dst = rows[:, None, None] * (H * D) + h[None, :, None] * D + j[None, None, :]  # output is contiguous
-    mask = row_ok[:, None, None] & (h < H)[None, :, None] & (j < D // 2)[None, None, :]
-    x1 = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + src + D // 2, mask=mask, other=0.0).to(tl.float32)
+    src_row = (b * sxb + t * sxt)[:, None, None]  # (ROWS, 1, 1) int64
+    dst_row = (rows * (H * D))[:, None, None]  # the output is contiguous
+    jj = j[None, None, :]
+    rmask = row_ok[:, None, None] & (jj < D // 2)
     c = cos[:, None, :]
     s = sin[:, None, :]
-    tl.store(XO + dst, (x1 * c - x2 * s).to(XO.dtype.element_ty), mask=mask)
-    tl.store(XO + dst + D // 2, (x1 * s + x2 * c).to(XO.dtype.element_ty), mask=mask)
+    for h0 in range(0, H, BLOCK_H):  # a [ROWS, BLOCK_H, BLOCK_D2] tile per step bounds the registers at any H
+        h = (h0 + tl.arange(0, BLOCK_H))[None, :, None]
+        src = src_row + h.to(tl.int64) * sxh + jj  # int64: a transposed [B, H, T, D] view has sxh = T * D
+        dst = dst_row + h * D + jj
+        mask = rmask & (h < H)
+        x1 = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + src + D // 2, mask=mask, other=0.0).to(tl.float32)
+        tl.store(XO + dst, (x1 * c - x2 * s).to(XO.dtype.element_ty), mask=mask)
+        tl.store(XO + dst + D // 2, (x1 * s + x2 * c).to(XO.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_ROWS", "T"])
 def _gauss_rope_kernel(
     Q,  # q (or dq_rot in backward): [B, T, Hq, D], last dim contiguous
     K,  # k (or dk_rot): [B, T, Hk, D], last dim contiguous
-    QO,  # out: [B, T, Hq, D] contiguous, q's dtype
-    KO,  # out: [B, T, Hk, D] contiguous, k's dtype
+    QO,  # out: [B, T, Hq, D] contiguous
+    KO,  # out: [B, T, Hk, D] contiguous
     MU,  # [B*T] fp32 position means (token units, relative to the caller's origin)
     SIGMA,  # [B*T] fp32 position spreads (token units), 0 for LOD0 tokens
     FREQ,  # [D/2] fp32 band frequencies w_j from rope_freqs
@@ -79,8 +105,8 @@ def _gauss_rope_kernel(
     HQ: tl.constexpr,  # query heads
     HK: tl.constexpr,  # key heads (GQA: may differ from HQ)
     D: tl.constexpr,  # head dim, even
-    BLOCK_HQ: tl.constexpr,  # next power of two >= HQ
-    BLOCK_HK: tl.constexpr,  # next power of two >= HK
+    BLOCK_HQ: tl.constexpr,  # q heads per step: min(next power of two >= HQ, _HEAD_ELEMS / BLOCK_D2)
+    BLOCK_HK: tl.constexpr,  # k heads per step, likewise
     BLOCK_D2: tl.constexpr,  # next power of two >= D/2
     ROWS: tl.constexpr,  # (b, t) rows per program
     BACKWARD: tl.constexpr,  # rotate by -angle: the adjoint of the forward map
@@ -98,43 +124,54 @@ def _gauss_rope_kernel(
     ws = sigma[:, None] * w[None, :]
     # exp(-0) is 1 already; the where makes sigma = 0 exactly standard RoPE even with an approximate exp on the GPU
     atten = tl.where(ws == 0.0, 1.0, tl.exp(-0.5 * ws * ws))
-    cos = tl.cos(angle) * atten
-    sin = tl.sin(angle) * atten
+    sin, cos = _sincos(angle)  # once per (row, band), shared by all heads
+    cos = cos * atten
+    sin = sin * atten
     if BACKWARD:
         sin = -sin
     _rotate_heads(Q, QO, rows, row_ok, b, t, j, cos, sin, sqb, sqt, sqh, HQ, D, BLOCK_HQ, BLOCK_D2)
     _rotate_heads(K, KO, rows, row_ok, b, t, j, cos, sin, skb, skt, skh, HK, D, BLOCK_HK, BLOCK_D2)
 
 
+_HEAD_ELEMS = 1024  # elements of one row's head step (16 heads at D = 128): bounds the tile whatever the head count
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose tile gives each thread 8..16 elements per half: 16-byte loads, no spills, short compiles."""
+    a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
+    e = max(a["BLOCK_HQ"], a["BLOCK_HK"]) * a["BLOCK_D2"]
+    keep = [c for c in configs if 8 <= c.kwargs["ROWS"] * e // (32 * c.num_warps) <= 16]
+    return keep or configs[:1]
+
+
 DEFAULT_CFG = dict(ROWS=16, num_warps=4)  # interpreter: cost is per program, so B=2, T=127 takes 16 programs
+CONFIGS = [triton.Config(dict(ROWS=r), num_warps=4) for r in (1, 2, 4, 8, 16, 32)]  # elementwise: 4 warps suffice
 _gauss_rope_tuned = triton.autotune(
-    configs=[triton.Config(dict(ROWS=r), num_warps=nw) for r in (1, 2, 4, 8) for nw in (1, 2, 4, 8)],
-    key=["HQ", "HK", "D", "BACKWARD"],  # rows are independent: N_ROWS does not change the best config
-)(_gauss_rope_kernel)
+    configs=CONFIGS, key=["HQ", "HK", "D", "BACKWARD"],  # rows are independent: N_ROWS does not change the best config
+    prune_configs_by=dict(early_config_prune=_prune))(_gauss_rope_kernel)
 
 
 def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _gauss_rope_launch(q, k, mu, sigma, freqs, backward: bool):
-    """Rotate q [B, T, Hq, D] and k [B, T, Hk, D] in one launch; outputs are contiguous, in q's and k's dtypes."""
+def _gauss_rope_launch(q, k, mu, sigma, freqs, backward: bool, dtypes=(None, None)):
+    """Rotate q [B, T, Hq, D] and k [B, T, Hk, D] in one launch; contiguous outputs in `dtypes` (default: q's, k's)."""
     B, T, HQ, D = q.shape
     HK = k.shape[2]
     assert k.shape == (B, T, HK, D) and mu.shape == sigma.shape == (B, T) and freqs.shape == (D // 2,)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)  # b/t/h strides are passed: a view of qkv needs no copy
     mu, sigma = mu.float().contiguous(), sigma.float().contiguous()
-    qo = torch.empty((B, T, HQ, D), device=q.device, dtype=q.dtype)
-    ko = torch.empty((B, T, HK, D), device=k.device, dtype=k.dtype)
+    qo = torch.empty((B, T, HQ, D), device=q.device, dtype=dtypes[0] or q.dtype)
+    ko = torch.empty((B, T, HK, D), device=k.device, dtype=dtypes[1] or k.dtype)
     if q.numel() == 0 or k.numel() == 0:
         return qo, ko
-    kernel = pick(_gauss_rope_tuned, _gauss_rope_kernel)
-    cfg = DEFAULT_CFG if INTERPRET else {}
+    bd2 = triton.next_power_of_2(D // 2)
+    bh = [min(triton.next_power_of_2(h), max(1, _HEAD_ELEMS // bd2)) for h in (HQ, HK)]
     grid = lambda meta: (triton.cdiv(B * T, meta["ROWS"]),)  # noqa: E731
-    kernel[grid](q, k, qo, ko, mu, sigma, freqs, B * T, T,
-                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                 HQ=HQ, HK=HK, D=D, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
-                 BLOCK_D2=triton.next_power_of_2(D // 2), BACKWARD=backward, **cfg)
+    launch(_gauss_rope_tuned, grid, DEFAULT_CFG, q, k, qo, ko, mu, sigma, freqs, B * T, T,
+           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+           HQ=HQ, HK=HK, D=D, BLOCK_HQ=bh[0], BLOCK_HK=bh[1], BLOCK_D2=bd2, BACKWARD=backward)
     return qo, ko
 
 

@@ -49,12 +49,12 @@ def assert_close(name, ref, out, dtype=torch.float32, grad=False, ratio=None, at
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("-m") or ""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (not interpreting)")
-    skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
     for item in items:
         if "gpu" in item.keywords and not GPU:
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and "slow" not in markexpr:
-            item.add_marker(skip_slow)
+        for mark in ("slow", "sm90"):  # opt-in tiers: minutes each
+            if mark in item.keywords and mark not in markexpr:
+                item.add_marker(pytest.mark.skip(reason=f"{mark}: run with -m {mark}"))
 
 
 @pytest.fixture(autouse=True)

@@ -190,6 +190,50 @@ def test_lod_attention_interior_tiles(triton_backend, monkeypatch):
     run_case(1, 256, 1, 1, 32, 2, 48, 40, torch.float32)
 
 
+@pytest.mark.parametrize("focus", [False, True])
+def test_lod_attention_chunked_dkdv(triton_backend, monkeypatch, focus):
+    """Gist key tiles split over several dk/dv programs (the balance for long T) meet in fp32 atomics; with focus
+    lists too, whose token-key contributions come from the dq pass."""
+    mod = sys.modules["kernels.lod_attention"]
+    monkeypatch.setattr(mod, "_CHUNK_TOKENS", 8)
+    T, K, W0, W1 = 63, 4, 4, 1
+    assert mod._chunks(mod._Meta(T, T // K, T // K**2, K, W0, W1, 32, 1.0, False)) == (1, 2, 7)
+    run_case(1, T, 1, 1, 32, K, W0, W1, torch.float32, focus=random_focus(T, K, 32, 3) if focus else None, fb=32)
+
+
+def test_lod_attention_far_positions(triton_backend):
+    """Entries 1e9 tokens from the origin (a long session's far gists): the kernel's rotation of those fp32 positions
+    matches the reference's, so attention over them does too."""
+    T, K, B = 63, 4, 1
+    start, end, lod = training_layout(T, K)
+    mu, sigma = positions(start, end, lod, B)
+    mu = mu - torch.where(lod > 0, 1e9, 0.0)  # gists far in the past, tokens near the origin
+    q, k, v = (torch.randn(B, len(start), 2, 32) for _ in range(3))
+    kw = dict(K=K, W0=8, W1=2)
+    assert_close("o", lod_attention_ref(q, k, v, mu, sigma, start, end, lod, **kw),
+                 lod_attention(q, k, v, mu, sigma, start, end, lod, **kw))
+
+
+def test_lod_attention_layout_checked_on_device():
+    """The sync-free check (metadata on a GPU): T from the entry count, the layout asserted asynchronously."""
+    from kernels.pyramid import training_layout as layout
+    for T, K in ((127, 4), (4096, 32), (100, 8)):
+        s, e, l = training_layout(T, K)
+        assert layout(s, e, l, 2, len(s), K, 8, 2, asynchronous=True) == (T, T // K, T // K**2)
+    s, e, l = training_layout(127, 4)
+    with pytest.raises(RuntimeError):  # _assert_async raises at once on the CPU, as a device assert on a GPU
+        layout(s.flip(0), e.flip(0), l.flip(0), 1, len(s), 4, 8, 2, asynchronous=True)
+
+
+def test_lod_attention_tuning_is_length_free():
+    """Autotune keys hold a power-of-two bucket of N, and lengths are not specialized: any context length reuses the
+    tuned, compiled kernels."""
+    mod = sys.modules["kernels.lod_attention"]
+    for tuned in mod._TUNED.values():
+        assert "NB" in tuned.keys and not {"N", "T", "N1", "N2", "W0", "W1"} & set(tuned.keys)
+    assert {"N", "T", "N1", "N2", "W0", "W1", "NB"} <= set(mod._NOSPEC)  # triton.jit(do_not_specialize=...)
+
+
 def wc_layout(kinds, K):
     """A chronological working context from level codes: entries tile [0, T) in order."""
     start, lod, p = [], [], 0
@@ -314,3 +358,33 @@ def test_lod_attention_gpu_focus(triton_backend):
     for name, r, g in zip(("dq", "dk", "dv"), torch.autograd.grad(ref, (q32, k32, v32), do),
                           torch.autograd.grad(out, (q, k, v), do.bfloat16())):
         assert_close(name, r, g, torch.bfloat16, grad=True)
+
+
+@pytest.mark.gpu
+def test_lod_attention_gpu_no_host_sync(triton_backend):
+    """The training path (metadata on the GPU in make_gists' layout) never waits for the device, forward and backward,
+    and the forward replays from a CUDA graph."""
+    dev, T, K = "cuda", 4096, 32
+    start, end, lod = (x.to(dev) for x in training_layout(T, K))
+    N = len(start)
+    mu, sigma = positions(start, end, lod, 1)
+    q, k, v = (torch.randn(1, N, 4, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    kw = dict(K=K, W0=256, W1=4)
+    out = lod_attention(q, k, v, mu, sigma, start, end, lod, **kw)
+    ref = torch.autograd.grad(out, (q, k, v), do)  # autotunes and compiles (those sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad(lod_attention(q, k, v, mu, sigma, start, end, lod, **kw), (q, k, v), do)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, r, g in zip(("dq", "dk", "dv"), ref, grads):
+        assert_close(name, r.float(), g, torch.bfloat16, grad=True)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = lod_attention(qd, kd, vd, mu, sigma, start, end, lod, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close("o (graph)", out.detach().float(), out_g, torch.bfloat16)

@@ -12,9 +12,12 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
-import prepare
+pytest.importorskip("hypothesis")  # an optional test dependency: missing, the file skips instead of failing collection
+pytest.importorskip("tiktoken")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import prepare  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = prepare.DEFAULT_DATA

@@ -150,6 +150,21 @@ def test_gauss_rope_origin_shift(backend):
         kernels.set_backend(prev)
 
 
+def test_gauss_rope_precise_at_1e9(triton_backend):
+    """Angles far beyond libdevice's fast path (|mu| to 1e9, so |w mu| to 1e9 rad): the kernel's sin/cos of the fp32
+    angle (the op's contract, as in the reference) against float64 sin/cos of the same fp32 angle."""
+    B, T, Hq, Hk, D = 1, 48, 2, 1, 64
+    q, k = torch.randn(B, T, Hq, D, device=DEV), torch.randn(B, T, Hk, D, device=DEV)
+    mu = (torch.rand(B, T, device=DEV) * 2 - 1) * torch.logspace(0, 9, T, device=DEV)  # |mu| from 1 to 1e9
+    sigma = torch.zeros(B, T, device=DEV)
+    w = kernels.rope.rope_freqs(D, 10000.0, DEV)
+    ang = (mu[..., None] * w).double()[:, :, None, :]  # the fp32 angles, then exact trigonometry
+    x1, x2 = q.double().chunk(2, -1)
+    want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1)
+    qo, _ = gauss_rope(q, k, mu, sigma)
+    assert_close("q_rot at |mu| <= 1e9", want, qo, atol=2e-6)
+
+
 def test_gauss_rope_attenuation_closed_form(triton_backend):
     """Per band j, unit vectors in band j at (mu_q, sigma_q) and (mu_k, sigma_k) have the logit
     exp(-0.5 w_j^2 (sigma_q^2 + sigma_k^2)) cos(w_j (mu_q - mu_k)).
