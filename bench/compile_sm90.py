@@ -191,7 +191,8 @@ def plan(cases):
     for case in cases:
         for tuned, args, kwargs in record_launches(case):
             nargs = dict(zip(tuned.arg_names, args))
-            kept = tuned.early_config_prune(tuned.configs, nargs, **kwargs) if tuned.early_config_prune else tuned.configs
+            prune = tuned.early_config_prune
+            kept = prune(tuned.configs, nargs, **kwargs) if prune else tuned.configs
             name = kernel_name(tuned, kwargs)
             dtype = str(args[0].dtype).replace("torch.", "")
             for cfg in tuned.configs:
@@ -287,7 +288,8 @@ def markdown(records, probe):
     the RoPE probe; every config's figures are in the JSON."""
     rng = lambda v: f"{min(v)}" if min(v) == max(v) else f"{min(v)}–{max(v)}"  # noqa: E731
     out = ["# sm_90 compile check", "",
-           f"`python bench/compile_sm90.py` (triton {triton.__version__}, target sm_90, no GPU involved): every kernel at "
+           f"`python bench/compile_sm90.py` (triton {triton.__version__}, target sm_90, no GPU involved): every kernel "
+           "at "
            "the shapes of the GPU tier, the benchmarks and the training configs, in every config its autotuner keeps "
            "there (the launchers prune the rest before compiling). Tile instructions: SASS instructions in the "
            "innermost loops that hold matrix instructions (unmasked interior … masked boundary loops), with the "
@@ -304,11 +306,12 @@ def markdown(records, probe):
         out.append(f"| {kernel} | {dtype} | {len(rs)} | {rng([r['registers'] for r in ok])} | "
                    f"{max(r['spill_stores'] for r in ok)} | {max(r['smem'] for r in ok) / 1024:.0f} | "
                    f"{rng([t['insts'] for t in tiles]) if tiles else '-'} | "
-                   f"{rng([t['mma'] for t in tiles]) if tiles else '-'} | {rng([t['mufu'] for t in tiles]) if tiles else '-'} "
+                   f"{rng([t['mma'] for t in tiles]) if tiles else '-'} | "
+                   f"{rng([t['mufu'] for t in tiles]) if tiles else '-'} "
                    f"| {max(r['compile_s'] for r in ok):.0f} | {'; '.join(bad) or 'ok'} |")
     head = [r for r in records if any("T65536-H16-D128" in sh for sh in r["shapes"]) and r["kernel"].startswith("lod")]
     if head:
-        out += ["", "Pyramidal attention at the headline shape (T = 65,536, 16 heads, D = 128, bf16), every kept config:",
+        out += ["", "Pyramidal attention at the headline shape (T = 65,536, 16 heads, D = 128, bf16), each kept config:",
                 "", "| kernel | config | registers | spill B | smem KB (estimate) | tile insts (mma) |",
                 "|---|---|---|---|---|---|"]
         for r in head:

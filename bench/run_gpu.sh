@@ -14,7 +14,7 @@ part="${1:-}"
 case "$part" in a|b|dry) ;; *) echo "usage: bash bench/run_gpu.sh a|b|dry" >&2; exit 2 ;; esac
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
+device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tr ' ' _)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo "${MC_COMMIT:-nogit}")
 tag="${device}_$(date +%F)_${commit}"
 export PYTHONDONTWRITEBYTECODE=1

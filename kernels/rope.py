@@ -18,10 +18,10 @@ session origin near the cursor) so fp32 angles stay precise: fp32 has a spacing 
 that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
 
 Kernel: one program per ROWS (b, t) rows. The angles and the attenuation (D/2 cos, sin, exp per row) are computed
-once (sin and cos to ~1 ulp up to |angle| ~ 3e9, see _sincos) and shared by every head of q and k; the heads are streamed in [ROWS, BLOCK_H, D/2] steps of
-at most _HEAD_ELEMS elements per row, so the tile (and the registers) stay bounded at any head count. The autotuner's
-configs are pruned by shape to 8..16 elements per thread. The frequencies come in as a D/2 fp32 vector from
-`rope_freqs`, bit-identical to the reference's; there are no [T, D/2] cos/sin tables.
+once (sin and cos to ~1 ulp up to |angle| ~ 3e9, see _sincos) and shared by every head of q and k; the heads are
+streamed in [ROWS, BLOCK_H, D/2] steps of at most _HEAD_ELEMS elements per row, so the tile (and the registers) stay
+bounded at any head count. The autotuner's configs are pruned by shape to 8..16 elements per thread. The frequencies
+come in as a D/2 fp32 vector from `rope_freqs`, bit-identical to the reference's; there are no [T, D/2] cos/sin tables.
 """
 import torch
 
