@@ -27,6 +27,7 @@ import prepare
 from megacontext import MegaContextConfig, MegaContextModel
 from model import GPT, GPTConfig, sample_next
 from session import Session as MCSession
+from session import ingest_stream
 from train import fail, load_checkpoint
 
 
@@ -143,8 +144,7 @@ def run_mc(args, ckpt, model, enc, generator):
         session = MCSession.open(mc, args.tree) if resume else MCSession(mc)
         if not resume:
             session.ingest(bos)
-        print(f"[mc] {'resumed' if resume else 'new'} session: {len(session.tree):,} tokens of history, budget "
-              f"{mc.cfg.w_max}, K={mc.cfg.K}, policy {mc.cfg.policy}", file=sys.stderr, flush=True)
+        print(f"[mc] {'resumed' if resume else 'new'} session: {session.describe()}", file=sys.stderr, flush=True)
         if args.interactive:
             for line in sys.stdin:
                 if not line.strip():
@@ -154,10 +154,8 @@ def run_mc(args, ckpt, model, enc, generator):
             ids = enc.encode_ordinary(read_prompt(args) if args.prompt_file else args.prompt or "")
             if args.prompt and not args.prompt_file:
                 sys.stdout.write(args.prompt)  # a short prompt is echoed as without --mc; a book is not
-            for i in range(0, len(ids), 65536):  # a book streams into the tree chunk by chunk
-                session.ingest(ids[i:i + 65536])
-                if len(ids) > 65536:
-                    print(f"[mc] ingested {min(i + 65536, len(ids)):,} / {len(ids):,} tokens", file=sys.stderr)
+            # a book streams into the tree chunk by chunk, saved to --tree as it goes (RAM stays flat)
+            ingest_stream(session, ids, save_to=args.tree, out=sys.stderr if len(ids) > 65536 else None)
             write_stream(mc_sample(session, [], args, generator), enc)
     except ValueError as e:  # bad config, a tree from another model or K, a history the budget cannot hold
         fail(str(e))

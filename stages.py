@@ -18,7 +18,11 @@ Decisions where DESIGN and the issue are silent:
 - Both label kinds are (NLL(WC) - NLL(variant)) / (K - 1): expand > 0 helps, collapse < 0 hurts.
 - dNLL@H per level (gist eval) uses W0 = horizon, so a scored token has H..H+K-1 raw tokens before the gists, and the
   level of a position is the coarsest level it sees: LOD1 runs with W1 = inf (no LOD2 band), LOD2 runs with W1 = 0.
-  The baseline 'mean' replaces GistNet by the plain mean of the children's embeddings (LOD2 = mean of LOD1 means).
+  The pyramidal kernel has two gist levels, so deeper levels (LOD3.., where the sequence holds one) are measured on
+  explicit working contexts instead (`deep_dnll`): at cursor c = T - H + 1, the coarsest tiling of [0, b0) by nodes
+  up to that level, then raw tokens [b0, c) with b0 = (c - W0) // K * K, scored over the next H tokens against all
+  c tokens raw. The baseline 'mean' replaces GistNet by the plain mean of the children's embeddings (LOD2 = mean of
+  LOD1 means, and so on up).
 - The pyramid's gist entries are computed under their own pyramid (DESIGN §8.3 approximation).
 """
 import contextlib
@@ -30,8 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megacontext import FocusAllocator, MegaContextModel, WorkingContext, mask_scores
-from tree import TOP
+from megacontext import FocusAllocator, MegaContextModel, WorkingContext, level_sigma, mask_scores
+from tiling import coarsest_runs
+from tree import depth_of
 
 
 class Timer:
@@ -63,11 +68,12 @@ TIMER = Timer()
 # gist (JT1): one forward per sequence with pyramidal attention
 
 
-def make_gists(mc: MegaContextModel, emb, pool: str = "gist"):
-    """Token embeddings (B, T, d) -> [LOD1 (B, T//K, d), LOD2 (B, T//K**2, d)] of the complete aligned blocks."""
-    K, (B, _, d) = mc.cfg.K, emb.shape
+def make_gists(mc: MegaContextModel, emb, pool: str = "gist", levels: int | None = None):
+    """Token embeddings (B, T, d) -> [LOD1 (B, T//K, d), LOD2 (B, T//K**2, d), ..] of the complete aligned blocks:
+    `levels` levels (some maybe empty), or every level with a node (None)."""
+    K, (B, T, d) = mc.cfg.K, emb.shape
     out, x = [], emb
-    for lod in range(1, TOP + 1):
+    for lod in range(1, (levels or depth_of(T, K)) + 1):
         n = x.shape[1] // K
         children = x[:, :n * K].reshape(B * n, K, d)
         if pool == "mean":
@@ -87,7 +93,7 @@ def pyramid_meta(mc: MegaContextModel, T: int, n1: int, n2: int, device):
     start = torch.cat([torch.arange(T), torch.arange(n1) * K, torch.arange(n2) * K * K]).long()
     span = K ** lod
     mu = start.double() + (span - 1).double() / 2  # DESIGN §3: a gist sits at its span centre
-    sigma = mc.sigma_scale.detach().float().cpu()[lod] * span.float() * (lod > 0)
+    sigma = level_sigma(mc.sigma_scale.detach(), lod, span)
     return [t.to(device) for t in (start, start + span, lod, mu, sigma)]
 
 
@@ -95,7 +101,7 @@ def pyramid_logits(mc: MegaContextModel, x, W0: int, W1: int | None, pool: str =
     """Logits (B, T, V) of every token position of x (B, T) under its own pyramid, and its LOD0 boundary b0 (T,)."""
     B, T = x.shape
     emb = mc.gpt.wte(x)
-    lod1, lod2 = make_gists(mc, emb, pool)
+    lod1, lod2 = make_gists(mc, emb, pool, levels=2)  # the kernel's two gist levels
     start, end, lod, mu, sigma = pyramid_meta(mc, T, lod1.shape[1], lod2.shape[1], x.device)
     pyr = dict(start=start, end=end, lod=lod, K=mc.cfg.K, W0=W0, W1=W1)
     with TIMER("base"):
@@ -149,29 +155,56 @@ def gist_eval(mc: MegaContextModel, x, y, cfg) -> dict:
             if level == 1 and pool == "gist":
                 n = nll(logits, y)[:, at]
                 out["val_loss"] = (n.sum().item(), n.numel())
+    for pool in ("gist", "mean"):  # levels the kernel does not have, where the sequence holds one
+        out.update(deep_dnll(mc, x, y, cfg, None, pool))
     return out
+
+
+@torch.no_grad()
+def deep_dnll(mc: MegaContextModel, x, y, cfg, levels=None, pool: str = "gist") -> dict:
+    """dNLL@H at each level of `levels` (default: LOD3 up to the deepest the sequence holds) on explicit working
+    contexts, as sums and counts over the scored tokens: per sequence, cursor c = T - H + 1; the context is the
+    coarsest tiling of [0, b0) by nodes up to that level, then raw tokens [b0, c) (b0 = (c - W0) // K * K, W0 = H);
+    the next H tokens are scored against all c tokens raw."""
+    K, H = mc.cfg.K, cfg.horizon
+    c = x.shape[1] - H + 1
+    b0 = max(0, (c - H) // K * K)
+    levels = range(3, depth_of(b0, K) + 1) if levels is None else levels
+    out = defaultdict(lambda: [0.0, 0])
+    for b in range(x.shape[0] if len(levels) else 0):
+        tables = node_tables(mc, mc.gpt.wte(x[b, :c]), pool)
+        variants = [(torch.zeros(c, dtype=torch.long), torch.arange(c))]
+        for level in levels:
+            runs = coarsest_runs(b0, K, level) + [(0, b0, c - b0)]
+            variants.append((torch.cat([torch.full((n,), l) for l, _, n in runs]),
+                             torch.cat([torch.arange(k, k + n) for _, k, n in runs])))
+        losses = horizon_nll(mc, variants, tables, y[b, c - 1:c - 1 + H], c).float().cpu()
+        for level, loss in zip(levels, losses[1:]):
+            out[f"dnll_lod{level}_{pool}"][0] += (loss - losses[0]).item() * H
+            out[f"dnll_lod{level}_{pool}"][1] += H
+    return {k: tuple(v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # working contexts of a history (lens, lora)
 
 
-def node_tables(mc: MegaContextModel, emb):
-    """[tokens (c, d), LOD1 gists, LOD2 gists] of one history's token embeddings (c, d), GistNet without grads."""
+def node_tables(mc: MegaContextModel, emb, pool: str = "gist"):
+    """[tokens (c, d), LOD1 gists, LOD2 gists, ..] of one history's token embeddings (c, d), GistNet (or mean
+    pooling) without grads."""
     with torch.no_grad():
-        return [emb] + [g[0] for g in make_gists(mc, emb[None])]
+        return [emb] + [g[0] for g in make_gists(mc, emb[None], pool)]
 
 
 def entry_rows(mc: MegaContextModel, lod, index, tables):
     """Input embeddings (n, d) and positions mu, sigma (n,) of working-context entries (lod, index)."""
     x = torch.zeros(len(lod), tables[0].shape[-1], dtype=tables[0].dtype, device=tables[0].device)
-    for level in range(TOP + 1):
+    for level in range(len(tables)):
         at = lod == level
         x[at.to(x.device)] = tables[level][index[at].to(x.device)]
     span = mc.cfg.K ** lod
     mu = (index * span).double() + (span - 1).double() / 2
-    sigma = mc.sigma_scale.detach().float().cpu()[lod] * span.float() * (lod > 0)
-    return x, mu, sigma
+    return x, mu, level_sigma(mc.sigma_scale.detach(), lod, span)
 
 
 def sample_wc(mc: MegaContextModel, cursor: int, gen: torch.Generator) -> WorkingContext:
