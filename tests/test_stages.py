@@ -72,6 +72,34 @@ def test_gist_stage_learns_and_beats_mean_pooling(gist):
     assert {"mc_config", "gistnet", "model", "optimizer", "rng"} <= set(ckpt) and "lensnet" not in ckpt
 
 
+def test_gist_levels_beyond_the_kernel(gist, data_dir, tmp_path):
+    """LOD3 (512 tokens at K=8), a level the pyramidal kernel does not train: gist_eval measures it on explicit working
+    contexts, the LOD2 weights make it, and bench/gist_depth.py compares the ways to make it (an identical 'shared'
+    checkpoint differs by exactly 0; LOD3 by the LOD1 weights differs at LOD3 only)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gist_depth
+    import prepare
+    mc = gist_depth.load_mc(os.path.join(gist, "ckpt.pt"))
+    tokens = torch.from_numpy(prepare.load_split(data_dir, "val")[0][:601].astype("int64"))
+    x, y = tokens[None, :-1], tokens[None, 1:]
+    cfg = train.TrainConfig(horizon=16)
+    calls = []
+    for i, level in enumerate(mc.gistnet.levels):
+        level.register_forward_hook(lambda mod, args, out, i=i: calls.append((i, args[0].shape[0])))
+    out = stages.gist_eval(mc, x, y, cfg)
+    assert out["dnll_lod3_gist"][1] == out["dnll_lod3_mean"][1] == 16 and "dnll_lod4_gist" not in out
+    assert out["dnll_lod3_gist"][0] != out["dnll_lod3_mean"][0]
+    assert (1, 1) in calls  # the one LOD3 gist of [0, 512) came from the second (LOD2) weight set
+    ckpt = os.path.join(gist, "ckpt.pt")
+    r = gist_depth.main(["--split", ckpt, "--shared", ckpt, "--data-dir", data_dir, "--cursor", "600", "--horizon",
+                         "16", "--windows", "2", "--out", str(tmp_path / "gd")])
+    assert set(r["arms"]) == {"reuse", "reuse-lod1", "mean", "shared"}
+    assert all(r["diff_to_reuse"]["shared"][lvl]["mean"] == 0 for lvl in (1, 2, 3))
+    lod1 = r["diff_to_reuse"]["reuse-lod1"]
+    assert lod1[1]["mean"] == lod1[2]["mean"] == 0 and lod1[3]["mean"] != 0
+    assert "| reuse |" in open(str(tmp_path / "gd.md")).read()
+
+
 def test_lens_labels_sign_on_constructed_case():
     """One gist obviously matters (expanding it lowers the horizon NLL), collapses hurt: its label is the largest and
     positive, collapse labels are negative, and ranking by labels puts it first."""
