@@ -8,8 +8,9 @@
 The tokenizer is read from the checkpoint's data_dir (override with --data-dir). When the KV cache fills up, the
 newest half of the conversation is re-encoded into a fresh cache (the base model alone cannot see further back).
 --mc removes that limit: the whole history goes into a gist tree and the model reads a working context of --budget
-entries (megacontext.py). --prompt-file streams a whole book into the tree; --tree DIR resumes the session saved in
-DIR and saves it there on exit. After each refocus one line goes to stderr (stdout stays the generated text):
+entries (megacontext.py). --prompt-file streams a whole book into the tree (a progress line past 64k tokens);
+--tree DIR resumes the session saved in DIR and saves it there every 1M tokens of a long prompt and on exit, so
+memory stays flat. After each refocus one line goes to stderr (stdout stays the generated text):
 a map of the history by level of detail (oldest left), entries used / budget, edits and swap rate. A checkpoint
 without trained GistNet/LensNet weights gets untrained ones from a fixed seed (the same on every run, so a saved
 tree reopens), which keeps the loop usable before the MegaContext training stages.

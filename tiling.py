@@ -5,7 +5,8 @@ tensors or networks. Node (lod, k) covers tokens [k*K**lod, (k+1)*K**lod) (tree.
 
 The coarsest legal tiling of a history of c tokens is the protected tail (recent tokens, raw) and, before it, the
 largest aligned nodes: m = c - recent written in base K, digit l = its number of LOD l nodes. Its size is a digit
-sum, about depth*(K-1), so a budget of tail + r*(K-1) + 1 entries holds about K**r tokens once the depth can grow.
+sum, about depth*(K-1), so a budget of tail + r*(K-1) + 1 entries holds at least K**r tokens once the depth can
+grow.
 """
 
 
@@ -54,7 +55,7 @@ def check_capacity(cursor: int, K: int, recent: int, budget: int):
     """ValueError unless every history of up to `cursor` tokens has a legal tiling within `budget` entries: the
     protected tail plus the coarsest tiling of the history before it, whose size (a digit sum, about depth*(K-1)) is
     not monotone in the history length, so the maximum over all shorter histories is checked. As the depth grows
-    with the history, a budget of tail + r*(K-1) + 1 entries holds about K**r tokens."""
+    with the history, a budget of tail + r*(K-1) + 1 entries holds at least K**r tokens."""
     worst = cursor if cursor <= recent else recent + max_digit_sum(cursor - recent, K)
     if worst > budget:
         if budget < recent:

@@ -15,9 +15,10 @@ from conftest import ROOT, assert_close
 
 import kernels
 from megacontext import (FocusAllocator, GistNet, InvariantError, LensNet, MegaContextConfig, MegaContextModel,
-                         WorkingContext, check_capacity, mask_scores, pyramid_bounds, recency_scores)
+                         WorkingContext, check_capacity, level_sigma, mask_scores, pyramid_bounds, recency_scores)
 from model import GPT, GPTConfig
 from session import Session
+from tiling import coarsest_runs
 from tree import TreeError, depth_of
 
 
@@ -228,6 +229,29 @@ def test_wc_pyramid_is_monotone_and_fits():
         assert not bounds or len(wc) > budget - (len(bounds) + 2) * (K - 1), f"{len(wc)} of {budget}, {bounds}"
 
 
+def test_capacity_is_exact_for_every_history():
+    """check_capacity accepts a history iff every history up to it has a coarsest tiling (the tail, then the greedy
+    largest aligned nodes) within the budget, and the longest it names is the last it accepts; the cold-start pyramid
+    exists exactly down to the coarsest tiling's size."""
+    for K in (2, 4, 8):
+        for recent in (0, 5):
+            need = [min(recent, c) + sum(n for _, _, n in coarsest_runs(max(0, c - recent), K, 64)) for c in range(700)]
+            for budget in range(recent, recent + 3 * (K - 1) + 2):
+                for c in range(700):
+                    fits = max(need[:c + 1]) <= budget
+                    try:
+                        check_capacity(c, K, recent, budget)
+                        assert fits, (K, recent, budget, c)
+                    except ValueError as e:
+                        assert not fits, (K, recent, budget, c)
+                        assert f"holds {c - 1:,} tokens" in str(e)  # the first refused history, minus one
+                        break
+            for c in range(0, 700, 7):
+                assert len(WorkingContext.pyramid(K, recent, 10**6, c, need[c])) == need[c]
+                with pytest.raises(ValueError, match="needs at least"):
+                    WorkingContext.pyramid(K, recent, 10**6, c, need[c] - 1)
+
+
 def test_allocator_budget_error_when_no_legal_collapse():
     cfg = MegaContextConfig(block_k=4, w_max=40, recent_tokens=4, refocus_every=4)
     wc = WorkingContext(4, 36, 40)  # its own tail protects everything
@@ -380,6 +404,29 @@ def test_gistnet_per_level_or_shared_weights():
     assert shared.level(1) is shared.level(2) and split.level(1) is not split.level(2)
     x = torch.randn(2, 8, 48)
     assert torch.equal(shared(1, x), shared(2, x)) and not torch.allclose(split(1, x), split(2, x))
+    # levels past the trained ones reuse the top trained level's weights (or the shared set), and say so
+    assert all(split.level(l) is split.level(2) for l in (3, 7)) and shared.level(9) is shared.level(1)
+    assert split.describe() == "GistNet: LOD1..LOD2 own weights, LOD3+ reuse LOD2's"
+    assert shared.describe() == "GistNet: one set of weights for every level"
+    three = GistNet(mc_config(gist_levels=3), 48, 1.0)
+    assert len(three.levels) == 3 and three.level(3) is not three.level(2) and three.level(4) is three.level(3)
+
+
+def test_levels_past_the_trained_ones_reuse_sigma_and_lens_level():
+    """sigma_scale has one entry per trained level (learned in gaussian_learned); deeper levels use the last. LensNet's
+    level embedding likewise: moving an entry from LOD2 to LOD5 changes its score only through the log-span feature."""
+    scale = torch.tensor([0.0, 0.1, 0.3])
+    lod = torch.tensor([0, 1, 2, 3, 6])
+    span = 8 ** lod
+    assert torch.allclose(level_sigma(scale, lod, span), torch.tensor([0, 0.8, 19.2, 153.6, 0.3 * 8**6]))
+    m = mc_model(rope="gaussian_learned")
+    assert m.sigma_scale.shape == (3,) and isinstance(m.sigma_scale, torch.nn.Parameter)
+    lens = LensNet(mc_config(), 48).eval()
+    x, dist = torch.randn(1, 20, 48), torch.arange(20, 0, -1)[None] * 64
+    lod2, span = torch.full((1, 20), 2), torch.full((1, 20), 64)
+    base = lens(x, lod2, dist, span)
+    assert torch.equal(lens(x, lod2 + 3, dist, span), base)  # the LOD2 row serves LOD5
+    assert not torch.allclose(lens(x, lod2 - 1, dist, span), base)  # but LOD1 has its own
 
 
 @pytest.mark.parametrize("pool", ["mean", "query", "cls"])
