@@ -347,13 +347,15 @@ def test_recency_policy_converges_to_pyramid():
     wc = WorkingContext(4, 6, 60)
     wc.append(40)
     alloc = FocusAllocator(cfg)
-    for _ in range(200):  # decode: a token at a time, an allocator step every 4
+    for _ in range(800):  # decode: a token at a time, an allocator step every 4 (LOD3 is born at 64 tokens)
         wc.append(1, alloc.steps)
         if wc.cursor % 4 == 0:
             alloc.step(wc, recency_scores(wc, cfg.target))
         wc.check_invariants()
-    assert bool((wc.lod[1:] <= wc.lod[:-1]).all()) and (wc.lod == 2).any() and (wc.lod == 1).any()
-    assert len(wc) >= cfg.target - 2 * (4 - 1)  # the budget is used, not wasted
+    assert bool((wc.lod[1:] <= wc.lod[:-1]).all()) and (wc.lod == 3).any() and (wc.lod == 1).any()
+    assert len(wc) >= cfg.target - 3 * (4 - 1)  # the budget is used, not wasted
+    pyramid = WorkingContext.pyramid(4, 6, 60, wc.cursor, cfg.target)
+    assert torch.equal(wc.lod, pyramid.lod) and torch.equal(wc.index, pyramid.index)  # it is the cold start's pyramid
 
 
 # ----------------------------------------------------------------------------------------------------------------
