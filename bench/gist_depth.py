@@ -1,10 +1,9 @@
 """GistNet at a level no training reached (issue 11): dNLL@H at LOD1..LOD3 for each way of making LOD3 gists.
 
-    D=data/pg1k
+    D=data/pg1k; B=out/gd/base/ckpt.pt
     python train.py configs/tiny.py --data_dir=$D --block_size=512 --max_iters=600 --out_dir=out/gd/base
-    python train.py configs/tiny_gist.py --data_dir=$D --block_size=512 --base_ckpt=out/gd/base/ckpt.pt --out_dir=out/gd/split
-    python train.py configs/tiny_gist.py --data_dir=$D --block_size=512 --base_ckpt=out/gd/base/ckpt.pt \
-        --gist_shared=True --out_dir=out/gd/shared
+    python train.py configs/tiny_gist.py --data_dir=$D --base_ckpt=$B --out_dir=out/gd/split
+    python train.py configs/tiny_gist.py --data_dir=$D --base_ckpt=$B --gist_shared=True --out_dir=out/gd/shared
     python bench/gist_depth.py --split out/gd/split/ckpt.pt --shared out/gd/shared/ckpt.pt --data-dir $D
 
 The gist stage trains LOD1 and LOD2 (the pyramidal kernel's two gist levels), so LOD3 (K**3 tokens) is the first level
@@ -17,7 +16,6 @@ arm and level, and per-window paired differences to `reuse` with 95 % bootstrap 
 """
 import argparse
 import copy
-import json
 import os
 import sys
 import types
@@ -30,6 +28,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
 import prepare  # noqa: E402
+from long_history import write_results  # noqa: E402
 from longctx import bootstrap  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sample import mc_model  # noqa: E402
@@ -111,12 +110,7 @@ def main(argv):
               "| arm | " + " | ".join(f"LOD{lvl}" for lvl in LEVELS) + " |", "|---|" + "---|" * len(LEVELS)]
     for arm, row in result["diff_to_reuse"].items():
         lines.append(f"| {arm} | " + " | ".join(fmt(row[lvl]) for lvl in LEVELS) + " |")
-    md = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    for ext, text in (("json", json.dumps(result, indent=1)), ("md", md)):
-        with open(f"{args.out}.{ext}", "w") as f:
-            f.write(text)
-    print(md)
+    write_results(args.out, result, "\n".join(lines) + "\n")
     return result
 
 

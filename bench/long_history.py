@@ -172,8 +172,8 @@ def markdown(r) -> str:
              f"tail {r['mc']['recent_tokens']}, policy {r['mc']['policy']}; {r['gistnet']}.", "",
              f"Ingest: **{s['ingest_tokens_per_s']:,.0f} tokens/s** over {r['ingested']:,} tokens in "
              f"{r['ingest_s']:,.0f} s (load average at start {r['load_start']}, at end {r['load_end']}).", "",
-             "| history | depth | peak RSS MB | RSS now MB | tree data MB | predicted MB | equal | open s | decode ms/token "
-             "mean (p50, p90) | entries |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| history | depth | peak RSS MB | RSS now MB | tree data MB | predicted MB | equal | open s | "
+             "decode ms/token mean (p50, p90) | entries |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         d = row["decode"]
         lines.append(f"| {row['history']:,} | {row['depth']} | {row['peak_rss_mb']:.0f} | {row['rss_mb']:.0f} | "
@@ -243,13 +243,17 @@ def main(argv):
         model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode cost do not depend on "
         "the weights)", gpt=dataclasses.asdict(model.gpt.config), mc=dataclasses.asdict(cfg),
         gistnet=model.gistnet.describe(), ingested=ingested, ingest_s=ingest_s, decode_steps=args.decode, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    md = markdown(result)
+    write_results(args.out, result, markdown(result))
+    return result
+
+
+def write_results(prefix: str, result: dict, md: str):
+    """<prefix>.json and <prefix>.md (folders made as needed); the markdown also goes to stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     for ext, text in (("json", json.dumps(result, indent=1)), ("md", md)):
-        with open(f"{args.out}.{ext}", "w") as f:
+        with open(f"{prefix}.{ext}", "w") as f:
             f.write(text)
     print(md)
-    return result
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def test_ingest_stream_saves_as_it_goes_and_refuses_bad_input(tmp_path):
     counts = json.load(open(os.path.join(path, "meta.json")))["counts"]
     assert counts[0] == 9000  # saved after 3,000, 6,000 and 9,000 tokens; the caller saves the rest
     lines = log.getvalue().splitlines()
-    assert len(lines) == 10 and lines[-1].startswith("[ingest] 10,000 / 10,000 tokens (100%)") and "depth 4" in lines[-1]
+    assert len(lines) == 10 and lines[-1].startswith("[ingest] 10,000 / 10,000 tokens (100%)")
+    assert "tokens/s | ETA 0 s | depth 4" in lines[-1]
     s.save(path)
     again = Session.open(m, path)
     assert again.tree.tokens(0, 10_000).tolist() == ids.tolist()
