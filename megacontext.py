@@ -4,8 +4,9 @@ module. Two concepts live next door, each in its own file so this one stays read
 token and gist storage, on disk too) before it, and session.py (the runtime loop of DESIGN §7: ingest, refocus,
 decode over a reused KV cache, save and resume) after it.
 
-Coordinates: node (lod, k) covers tokens [k*K**lod, (k+1)*K**lod); LOD0 is a token, LOD1 a gist of K tokens, LOD2
-(the top) a gist of K LOD1 gists. Tensors hold the data (entry rows, gist rows); no Python object per node.
+Coordinates: node (lod, k) covers tokens [k*K**lod, (k+1)*K**lod); LOD0 is a token, LOD1 a gist of K tokens, LOD(l+1)
+a gist of K LOD(l) gists, as deep as the history (tree.py: a level is born when K gists of the current top exist).
+Tensors hold the data (entry rows, gist rows); no Python object per node.
 
 Decisions where DESIGN and the issue are silent:
 - The allocator keeps `refocus_every` entries of headroom (it targets w_max - refocus_every), so the working context
@@ -15,6 +16,9 @@ Decisions where DESIGN and the issue are silent:
   -tau_collapse = collapsing helps). New entries score 0 until the next refocus.
 - Budget-restoring collapses ignore `max_edits` and, when nothing else is legal, `cooldown`: the budget comes first.
 - Swap rate = share of the working context's entries that are new after a step (an expand makes K, a collapse 1).
+- Any depth: GistNet has weights for `gist_levels` levels (the levels training reaches: the pyramidal kernel's LOD1
+  and LOD2); deeper gists reuse the top trained level's weights, and the per-level sigma scales and LensNet's level
+  embedding reuse the top trained level's row (LensNet still tells deeper levels apart by its log-span feature).
 """
 import hashlib
 import json
@@ -27,13 +31,14 @@ import torch.nn.functional as F
 
 import kernels
 from model import GPT, MLP, GPTConfig, RMSNorm
-from tree import TOP
+from tiling import check_capacity, pyramid_bounds  # noqa: F401 (re-exported: the working context's arithmetic)
+from tree import depth_of
 
 
 @dataclass(frozen=True)
 class MegaContextConfig:
     # tree and working context
-    block_k: int = 32  # K: tokens per LOD1 gist and LOD1 gists per LOD2 gist; a power of two in 2..64
+    block_k: int = 32  # K: tokens per LOD1 gist and LOD(l) gists per LOD(l+1) gist; a power of two in 2..64
     w_max: int = 512  # budget: working-context entries the base model sees (a gist costs 1, like a token)
     recent_tokens: int = 64  # protected tail: the newest tokens always stay raw (LOD0)
     # focus allocator (DESIGN §6)
@@ -54,6 +59,7 @@ class MegaContextConfig:
     gist_pool: str = "query"  # 'mean' | 'query' (learned-query attention pooling, kernels.gist_pool) | 'cls'
     gist_proj: str = "mlp"  # 'linear' | 'mlp' (residual): the projection back to the embedding space
     gist_shared: bool = False  # one set of weights for every level instead of one per level
+    gist_levels: int = 2  # levels with their own weights (the trained ones); deeper levels reuse the top one's
     gist_dtype: str = "float32"  # storage of gists in the tree: 'float32' | 'float16'
     # LensNet (DESIGN §5)
     lens_layers: int = 2  # non-causal blocks over the working-context entries
@@ -90,11 +96,15 @@ class MegaContextConfig:
             raise ValueError(f"lens_preview={self.lens_preview} must be 1..3 with K**lens_preview <= 4096 nodes per entry")
         if min(self.recent_tokens, self.refocus_every, self.max_edits, self.cooldown) < 0:
             raise ValueError("recent_tokens, refocus_every, max_edits and cooldown must be >= 0")
-        least = self.recent_tokens + TOP * (K - 1) + 1  # tail, ragged LOD0 and LOD1 runs before it, one top gist
+        # the least budget worth running: the tail plus the coarsest tiling of a history that reaches LOD2 (ragged
+        # LOD0 and LOD1 runs and one gist above); check_capacity then bounds the history a budget holds
+        least = self.recent_tokens + 2 * (K - 1) + 1
         if self.target < least:
             raise ValueError(f"budget w_max={self.w_max} is too small: the protected tail ({self.recent_tokens}) plus "
-                             f"the coarsest tiling ({TOP}*(K-1)+1 = {least - self.recent_tokens}) plus the refocus "
+                             f"the coarsest tiling (2*(K-1)+1 = {least - self.recent_tokens}) plus the refocus "
                              f"headroom ({self.refocus_tokens}) need w_max >= {least + self.refocus_tokens}")
+        if self.gist_levels < 1:
+            raise ValueError(f"gist_levels must be >= 1, got {self.gist_levels}")
         for heads, width in ((self.gist_heads, n_embd or self.gist_heads), (self.lens_heads, self.lens_width)):
             if width % heads:
                 raise ValueError(f"{heads} attention heads do not divide a width of {width} (gist_heads, lens_heads)")
@@ -105,42 +115,11 @@ class MegaContextConfig:
 # working context
 
 
-def pyramid_bounds(cursor: int, K: int, recent: int, budget: int) -> list[int]:
-    """Level boundaries [b0, b1, ..] of the finest recency pyramid of <= budget entries: LOD0 covers [b0, cursor),
-    LOD1 [b1, b0), LOD2 [0, b1). b_l is a multiple of K**(l+1) (every node aligned); LOD0 holds w0 >= recent tokens,
-    and each coarser band holds about w0 - recent entries. Raises ValueError when even the coarsest tiling is over."""
-    def bounds(w0):
-        out, b = [], cursor - w0
-        for l in range(TOP):
-            b = max(0, b // K ** (l + 1) * K ** (l + 1))
-            out.append(b)
-            b -= (w0 - recent) * K ** (l + 1)
-        return out
-
-    def count(w0):
-        edges = [cursor] + bounds(w0) + [0]
-        return sum((edges[l] - edges[l + 1]) // K**l for l in range(TOP + 1))
-
-    if count(recent) > budget:
-        raise ValueError(f"a history of {cursor:,} tokens needs at least {count(recent)} entries (protected tail "
-                         f"{recent} + the coarsest tiling) but the budget leaves {budget}; raise the budget or K")
-    lo, hi = recent, max(recent, cursor)  # count() is non-decreasing in w0: the largest w0 that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid - 1)
-    return bounds(lo)
-
-
-def check_capacity(cursor: int, K: int, recent: int, budget: int):
-    """ValueError unless every history of up to `cursor` tokens has a legal tiling within `budget` entries. The
-    coarsest tiling is not monotone in the history length (a completed LOD2 gist replaces 2(K-1) entries), so this
-    bounds it from above: the tail, K-1 ragged LOD0 and LOD1 entries, and the LOD2 gists before the tail."""
-    worst = recent + TOP * (K - 1) + max(0, cursor - recent) // K**TOP
-    if worst > budget:
-        longest = (budget - recent - TOP * (K - 1) + 1) * K**TOP + recent - 1
-        raise ValueError(f"a history of {cursor:,} tokens may need {worst} working-context entries (protected tail "
-                         f"{recent} + coarsest tiling) but the budget leaves {budget}: this budget holds "
-                         f"{longest:,} tokens at K={K}; raise the budget or K")
+def level_sigma(sigma_scale: torch.Tensor, lod: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """Position spreads (n,) fp32 of entries at levels lod spanning span tokens: sigma_scale[lod] * span for gists, 0
+    for tokens. sigma_scale holds one scale per trained level (LOD0..gist_levels); deeper levels use the last one."""
+    scale = sigma_scale.float().cpu()
+    return scale[lod.clamp(max=len(scale) - 1)] * span.float() * (lod > 0)
 
 
 class InvariantError(AssertionError):
@@ -179,12 +158,11 @@ class WorkingContext:
 
     def positions(self, sigma_scale: torch.Tensor, first: int = 0):
         """(mu float64, sigma float32) of entries first..: LOD0 mu = p, sigma = 0; a gist over [a, b) has
-        mu = (a + b - 1)/2 and sigma = sigma_scale[lod] * (b - a). sigma_scale: (TOP + 1,), zeros for plain RoPE."""
+        mu = (a + b - 1)/2 and sigma = sigma_scale[lod] * (b - a) (see level_sigma)."""
         lod, index = self.lod[first:], self.index[first:]
         span = self.K**lod
         mu = (index * span).double() + (span - 1).double() / 2
-        sigma = sigma_scale.detach().float().cpu()[lod] * span.float() * (lod > 0)
-        return mu, sigma
+        return mu, level_sigma(sigma_scale.detach(), lod, span)
 
     def embeddings(self, tree, first: int = 0) -> torch.Tensor:
         """Input embeddings (n - first, d) of entries first.. for the base model (tree: a tree.MegaContextTree)."""
@@ -220,8 +198,8 @@ class WorkingContext:
         if not 0 <= i <= len(self) - self.K:
             raise ValueError(f"collapse({i}): needs K={self.K} entries from {i}, the working context has {len(self)}")
         l, k = int(self.lod[i]), int(self.index[i])
-        if l >= TOP:
-            raise ValueError(f"collapse({i}): LOD{l} is the top level and cannot collapse")
+        # K siblings always have their parent in the tree (they tile its complete span), so the tree's top level,
+        # which holds fewer than K nodes, never collapses; no depth check is needed
         if k % self.K or not bool((self.lod[i:i + self.K] == l).all()):
             raise ValueError(f"collapse({i}): entries {i}..{i + self.K - 1} are not the K siblings of one parent")
         if (k // self.K + 1) * self.K ** (l + 1) > self.protected_start:
@@ -230,15 +208,15 @@ class WorkingContext:
         self._splice(i, i + self.K, [l + 1], [k // self.K], [now], [-1])
 
     def group_starts(self) -> torch.Tensor:
-        """Indices i where collapse(i) is legal: K same-level siblings of one parent, below the top level, whose
-        parent ends before the protected tail. (Exact tiling makes same level + aligned first index sufficient.)"""
+        """Indices i where collapse(i) is legal: K same-level siblings of one parent whose parent ends before the
+        protected tail. (Exact tiling makes same level + aligned first index sufficient.)"""
         K, n = self.K, len(self)
         if n < K:
             return torch.zeros(0, dtype=torch.long)
         lod = self.lod
         same = (lod.unfold(0, K, 1) == lod[:n - K + 1, None]).all(1)
         first, lvl = self.index[:n - K + 1], lod[:n - K + 1]
-        ok = same & (first % K == 0) & (lvl < TOP) & ((first // K + 1) * K ** (lvl + 1) <= self.protected_start)
+        ok = same & (first % K == 0) & ((first // K + 1) * K ** (lvl + 1) <= self.protected_start)
         return ok.nonzero().flatten()
 
     def legal_directions(self):
@@ -255,8 +233,10 @@ class WorkingContext:
         n, lod = len(self), self.lod
         if not all(t.dtype == torch.long and t.shape == (n,) for t in (self.index, self.born, self.born_by)):
             raise InvariantError("alignment: entry tensors disagree in length or dtype")
-        if n and (int(lod.min()) < 0 or int(lod.max()) > TOP or int(self.index.min()) < 0):
-            raise InvariantError(f"alignment: levels must be in 0..{TOP} and node indices >= 0")
+        top = depth_of(self.cursor, self.K)  # a complete node inside the history; also keeps K**lod in int64
+        if n and (int(lod.min()) < 0 or int(lod.max()) > top or int(self.index.min()) < 0):
+            raise InvariantError(f"alignment: levels must be in 0..{top} (the depth of {self.cursor:,} tokens) and "
+                                 f"node indices >= 0")
         if n == 0:
             if self.cursor:
                 raise InvariantError(f"tiling: no entries but the cursor is at {self.cursor}")
@@ -286,21 +266,23 @@ class WorkingContext:
         """The static recency pyramid over [0, cursor) within `budget` entries (the cold start)."""
         wc = cls(K, recent, w_max)
         edges = [cursor] + pyramid_bounds(cursor, K, recent, budget) + [0]
-        lod = [torch.full(((edges[l] - edges[l + 1]) // K**l,), l) for l in range(TOP, -1, -1)]
-        index = [torch.arange(edges[l + 1] // K**l, edges[l] // K**l) for l in range(TOP, -1, -1)]
+        top = len(edges) - 2
+        lod = [torch.full(((edges[l] - edges[l + 1]) // K**l,), l) for l in range(top, -1, -1)]
+        index = [torch.arange(edges[l + 1] // K**l, edges[l] // K**l) for l in range(top, -1, -1)]
         lod, index = torch.cat(lod), torch.cat(index)
         wc._splice(0, 0, lod, index, torch.full_like(lod, now), torch.zeros_like(lod))
         wc.cursor, wc.dirty = cursor, 0
         return wc
 
     def level_map(self, width: int) -> str:
-        """The history as `width` characters, oldest left: the level of the entry at each column's middle token."""
+        """The history as `width` characters, oldest left: the level of the entry at each column's middle token
+        (0-9, then a-z for levels 10-35)."""
         if self.cursor == 0:
             return ""
         width = min(width, self.cursor)
         mid = ((torch.arange(width) + 0.5) * self.cursor / width).long()
         entry = torch.searchsorted(self.start, mid, right=True) - 1
-        return "".join(str(int(v)) for v in self.lod[entry])
+        return "".join("0123456789abcdefghijklmnopqrstuvwxyz"[int(v)] for v in self.lod[entry])
 
 
 RECENCY_UNIT = 3.0  # one level of mismatch with the pyramid, in the allocator's score units (> tau_expand + 1)
@@ -337,8 +319,8 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, hs)
         k, v = self.kv(c).view(B, c.shape[1], 2, self.n_head, hs).unbind(2)
         if pos is not None:
-            mu = pos.to(x.device, torch.float32).expand(B, T)
-            q, k = kernels.gauss_rope(q, k, mu, torch.zeros_like(mu))
+            mu = pos.to(x.device, torch.float32).expand(B, T)  # stride 0 over B: the reference rotates once
+            q, k = kernels.gauss_rope(q, k, mu, torch.zeros(1, T, device=x.device).expand(B, T))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
@@ -410,16 +392,24 @@ class GistLevel(nn.Module):
 
 class GistNet(nn.Module):
     """Gists of complete blocks (DESIGN §4): forward(lod, x (N, K, d)) -> (N, d) in the base embedding space, with
-    the RMS of the base model's token embeddings (`emb_rms`). One GistLevel per level, or one shared."""
+    the RMS of the base model's token embeddings (`emb_rms`). One GistLevel per trained level (gist_levels), or one
+    shared by every level; a level deeper than the trained ones reuses the top trained level's weights."""
 
     def __init__(self, cfg: MegaContextConfig, d: int, emb_rms: float):
         super().__init__()
-        self.levels = nn.ModuleList([GistLevel(cfg, d) for _ in range(1 if cfg.gist_shared else TOP)])
+        self.levels = nn.ModuleList([GistLevel(cfg, d) for _ in range(1 if cfg.gist_shared else cfg.gist_levels)])
         self.register_buffer("emb_rms", torch.tensor(float(emb_rms)))
 
     def level(self, lod: int) -> GistLevel:
-        assert 1 <= lod <= TOP, f"gists exist for LOD1..LOD{TOP}, not LOD{lod}"
+        assert lod >= 1, f"gists exist for LOD1 and above, not LOD{lod}"
         return self.levels[min(lod, len(self.levels)) - 1]
+
+    def describe(self) -> str:
+        """Which weights make which level, in one phrase (shown at session start)."""
+        n = len(self.levels)
+        if n == 1:
+            return "GistNet: one set of weights for every level"
+        return f"GistNet: LOD1..LOD{n} own weights, LOD{n + 1}+ reuse LOD{n}'s"
 
     def forward(self, lod: int, x):
         return self.level(lod)(x, self.emb_rms)
@@ -470,7 +460,7 @@ class LensNet(nn.Module):
         super().__init__()
         W, self.tail = cfg.lens_width, cfg.lens_tail
         self.embed = nn.Linear(d, W, bias=False)  # the entry's (detached) input embedding, projected down
-        self.level = nn.Embedding(TOP + 1, W)
+        self.level = nn.Embedding(cfg.gist_levels + 1, W)  # deeper levels share the top row (clamped in forward)
         self.feat = nn.Linear(2, W)  # log(1 + distance to cursor), log(span)
         self.queries = nn.Parameter(torch.randn(cfg.lens_queries, W) * 0.02)
         self.blocks = nn.ModuleList([LensBlock(W, cfg.lens_heads) for _ in range(cfg.lens_layers)])
@@ -485,6 +475,7 @@ class LensNet(nn.Module):
         children: (B, n, P, d) embeddings of each entry's previewed descendants (preview_nodes; LOD0 rows ignored).
         Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal group's mean)."""
         feats = torch.stack([torch.log1p(dist.float()), torch.log(span.float())], -1).to(self.feat.weight.dtype)
+        lod = lod.clamp(max=self.level.num_embeddings - 1)
         h = self.embed(x.detach().to(self.embed.weight.dtype)) + self.level(lod) + self.feat(feats)
         if children is not None:
             preview = self.child(children.detach().to(self.child.weight.dtype)).amax(2)  # (B, n, W)
@@ -617,7 +608,7 @@ class MegaContextModel(nn.Module):
         self.gpt = gpt
         emb_rms = gpt.wte.weight.detach().float().pow(2).mean(-1).sqrt().mean().item()
         self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d)
-        scale = torch.full((TOP + 1,), cfg.sigma_scale)
+        scale = torch.full((cfg.gist_levels + 1,), cfg.sigma_scale)  # per level; deeper levels use the last
         if cfg.rope == "gaussian_learned":
             self.sigma_scale = nn.Parameter(scale)
         else:

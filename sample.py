@@ -9,12 +9,13 @@
 The tokenizer is read from the checkpoint's data_dir (override with --data-dir). When the KV cache fills up, the
 newest half of the conversation is re-encoded into a fresh cache (the base model alone cannot see further back).
 --mc removes that limit: the whole history goes into a gist tree and the model reads a working context of --budget
-entries (megacontext.py). --prompt-file streams a whole book into the tree; --tree DIR resumes the session saved in
-DIR and saves it there on exit. After each refocus one line goes to stderr (stdout stays the generated text):
-a map of the history by level of detail (oldest left), entries used / budget, edits and swap rate; on a terminal it
-is one status line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet weights gets
-untrained ones from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop usable
-before the MegaContext training stages.
+entries (megacontext.py). --prompt-file streams a whole book into the tree (a progress line past 64k tokens);
+--tree DIR resumes the session saved in DIR and saves it there every 1M tokens of a long prompt and on exit, so
+memory stays flat. After each refocus one line goes to stderr (stdout stays the generated text): a map of the
+history by level of detail (oldest left), entries used / budget, edits and swap rate; on a terminal it is one status
+line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet weights gets untrained ones
+from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop usable before the
+MegaContext training stages.
 
 --interactive reads one prompt per `> ` line until Ctrl-D, an empty line or a quit word (quit, exit). Ctrl-C stops
 the reply being generated (the session keeps it) and, at the prompt, ends the session; a --tree session is saved on
@@ -32,7 +33,7 @@ import torch
 import prepare
 from megacontext import MegaContextConfig, MegaContextModel
 from model import GPT, GPTConfig, sample_next
-from session import Session as MCSession
+from session import Session as MCSession, ingest_stream
 from terminal import CtrlC, StatusLine, prompts, stdout_gone
 from train import fail, load_checkpoint
 from tree import TreeError, check_folder
@@ -181,8 +182,7 @@ def run_mc(args, ckpt, model, enc, generator, ctrlc):
         fail(str(e))
     if not resume:
         session.ingest([enc.encode_single_token(prepare.BOS)])
-    print(f"[mc] {'resumed' if resume else 'new'} session: {len(session.tree):,} tokens of history, budget "
-          f"{mc.cfg.w_max}, K={mc.cfg.K}, policy {mc.cfg.policy}", file=sys.stderr, flush=True)
+    print(f"[mc] {'resumed' if resume else 'new'} session: {session.describe()}", file=sys.stderr, flush=True)
     status, error, opened = StatusLine(), None, len(session.tree)
     try:
         if args.interactive:
@@ -195,13 +195,9 @@ def run_mc(args, ckpt, model, enc, generator, ctrlc):
             ids = enc.encode_ordinary(args.prompt_text)
             if args.prompt:
                 sys.stdout.write(args.prompt)  # a short prompt is echoed as without --mc; a book is not
-            with ctrlc.soft():
-                for i in range(0, len(ids), 65536):  # a book streams into the tree chunk by chunk
-                    if ctrlc():
-                        break
-                    session.ingest(ids[i:i + 65536])
-                    if len(ids) > 65536:
-                        status.show(f"[mc] ingested {min(i + 65536, len(ids)):,} / {len(ids):,} tokens")
+            with ctrlc.soft():  # a book streams into the tree chunk by chunk, saved to --tree as it goes
+                ingest_stream(session, ids, save_to=args.tree, out=sys.stderr if len(ids) > 65536 else None,
+                              stop=ctrlc)
                 write_stream(mc_sample(session, [], args, generator, status, ctrlc), enc)
     except ValueError as e:  # a history the budget cannot hold: ingest changed nothing, so what came before is kept
         error = str(e)

@@ -17,13 +17,18 @@ Decisions where DESIGN and the issue are silent:
   entries keep full fp32 precision in sessions of any length.
 - A saved session stores its working context in the tree's meta.json (the one commit record), so save -> open ->
   continue decodes exactly what an unsaved session would; opened with another budget it cold-starts instead.
+- A long history streams in through `ingest_stream`: fixed-size chunks (gists made in large batches, tree.py), a
+  progress line, and saves every `save_every` tokens when the session has a directory, so the tree's RAM tail (rows
+  not yet on disk) is bounded and resident memory does not grow with the history.
 """
+import sys
+import time
+
 import numpy as np
 import torch
 
 from megacontext import (FocusAllocator, InvariantError, MegaContextModel, WorkingContext, check_capacity,
                          preview_nodes, recency_scores)
-from tree import TOP
 from model import sample_next
 from tree import MegaContextTree
 
@@ -94,13 +99,13 @@ class Session:
 
     def refocus(self, until_stable: bool = False, scorer=None) -> dict:
         """Score the working context and apply one allocator step; returns its telemetry. until_stable: repeat until a
-        step changes nothing (at most TOP + 1 steps: a zoom from the top level down to tokens, then a check), as
+        step changes nothing (at most depth + 1 steps: a zoom from the top level down to tokens, then a check), as
         after a question arrives; the telemetry then sums the steps' edits and carries `steps`. scorer(wc) -> scores
         (n,) replaces the policy's (a diagnostic, e.g. bench/longctx.py's oracle arm)."""
         score = self.scores if scorer is None else lambda: scorer(self.wc)
         t = self.telemetry = self.alloc.step(self.wc, score())
         steps, edits = 1, dict(expands=t["expands"], collapses=t["collapses"], edits=t["edits"])
-        while until_stable and t["edits"] and steps < TOP + 1:
+        while until_stable and t["edits"] and steps < self.tree.depth + 1:
             t = self.telemetry = self.alloc.step(self.wc, score())
             steps += 1
             edits = {k: v + t[k] for k, v in edits.items()}
@@ -139,6 +144,12 @@ class Session:
         self.ingest([tok])
         return tok
 
+    def describe(self) -> str:
+        """One line for the session start: history, depth, budget, and which GistNet weights make which level."""
+        cfg = self.cfg
+        return (f"{len(self.tree):,} tokens of history, depth {self.tree.depth}, budget {cfg.w_max}, K={cfg.K}, "
+                f"policy {cfg.policy}; {self.model.gistnet.describe()}")
+
     def _shape(self):
         cfg = self.cfg
         return [cfg.block_k, cfg.w_max, cfg.recent_tokens, cfg.refocus_tokens]
@@ -157,3 +168,32 @@ class Session:
         tree, state = MegaContextTree.open(path, model.cfg.K, gpt.config.n_embd, gpt.config.vocab_size,
                                            model.identity(), model.embed_tokens, model.make_gists, verify)
         return cls(model, tree, state)
+
+
+def ingest_stream(session: Session, ids, chunk: int = 1 << 16, save_to: str | None = None, save_every: int = 1 << 20,
+                  out=sys.stderr, every_s: float = 10.0, stop=lambda: False) -> float:
+    """Ingest a long history chunk by chunk; returns tokens/s. A progress line (tokens, tokens/s, ETA, depth) goes to
+    `out` (None: silent) at most every `every_s` seconds and at the end. With `save_to`, the session is saved there
+    after every `save_every` tokens, which bounds the RAM the tree's unsaved rows take; the caller saves at the end.
+    Stops early (between chunks) once stop() is true, e.g. on Ctrl-C.
+    Bad ids or a history the budget cannot hold raise ValueError before anything is ingested."""
+    ids, cfg = session.tree.check_ids(ids), session.cfg
+    check_capacity(len(session.tree) + len(ids), cfg.K, cfg.recent_tokens, cfg.target)
+    t0 = last = time.perf_counter()
+    unsaved = 0
+    for i in range(0, len(ids), chunk):
+        if stop():
+            break
+        part = ids[i:i + chunk]
+        session.ingest(part)
+        unsaved += len(part)
+        if save_to is not None and unsaved >= save_every:
+            session.save(save_to)
+            unsaved = 0
+        now, done = time.perf_counter(), i + len(part)
+        if out is not None and (now - last >= every_s or done == len(ids)):
+            rate = done / max(now - t0, 1e-9)
+            print(f"[ingest] {done:,} / {len(ids):,} tokens ({100 * done / len(ids):.0f}%) | {rate:,.0f} tokens/s | "
+                  f"ETA {(len(ids) - done) / rate:,.0f} s | depth {session.tree.depth}", file=out, flush=True)
+            last = now
+    return len(ids) / max(time.perf_counter() - t0, 1e-9)

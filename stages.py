@@ -26,7 +26,11 @@ Decisions where DESIGN and the issues are silent:
   allocator's tau_expand, hysteresis and tau_collapse are in these units.
 - dNLL@H per level (gist eval) uses W0 = horizon, so a scored token has H..H+K-1 raw tokens before the gists, and the
   level of a position is the coarsest level it sees: LOD1 runs with W1 = inf (no LOD2 band), LOD2 runs with W1 = 0.
-  The baseline 'mean' replaces GistNet by the plain mean of the children's embeddings (LOD2 = mean of LOD1 means).
+  The pyramidal kernel has two gist levels, so deeper levels (LOD3.., where the sequence holds one) are measured on
+  explicit working contexts instead (`deep_dnll`): at cursor c = T - H + 1, the coarsest tiling of [0, b0) by nodes
+  up to that level, then raw tokens [b0, c) with b0 = (c - W0) // K * K, scored over the next H tokens against all
+  c tokens raw. The baseline 'mean' replaces GistNet by the plain mean of the children's embeddings (LOD2 = mean of
+  LOD1 means, and so on up).
 - The pyramid's gist entries are computed under their own pyramid (DESIGN §8.3 approximation).
 """
 import contextlib
@@ -42,8 +46,9 @@ import torch.nn.functional as F
 
 import prepare
 import retrieval
-from megacontext import FocusAllocator, MegaContextModel, WorkingContext, preview_nodes
-from tree import TOP
+from megacontext import FocusAllocator, MegaContextModel, WorkingContext, level_sigma, preview_nodes
+from tiling import coarsest_runs
+from tree import depth_of
 
 
 class Timer:
@@ -75,11 +80,12 @@ TIMER = Timer()
 # gist (JT1): one forward per sequence with pyramidal attention
 
 
-def make_gists(mc: MegaContextModel, emb, pool: str = "gist"):
-    """Token embeddings (B, T, d) -> [LOD1 (B, T//K, d), LOD2 (B, T//K**2, d)] of the complete aligned blocks."""
-    K, (B, _, d) = mc.cfg.K, emb.shape
+def make_gists(mc: MegaContextModel, emb, pool: str = "gist", levels: int | None = None):
+    """Token embeddings (B, T, d) -> [LOD1 (B, T//K, d), LOD2 (B, T//K**2, d), ..] of the complete aligned blocks:
+    `levels` levels (some maybe empty), or every level with a node (None)."""
+    K, (B, T, d) = mc.cfg.K, emb.shape
     out, x = [], emb
-    for lod in range(1, TOP + 1):
+    for lod in range(1, (levels or depth_of(T, K)) + 1):
         n = x.shape[1] // K
         children = x[:, :n * K].reshape(B * n, K, d)
         if pool == "mean":
@@ -99,7 +105,7 @@ def pyramid_meta(mc: MegaContextModel, T: int, n1: int, n2: int, device):
     start = torch.cat([torch.arange(T), torch.arange(n1) * K, torch.arange(n2) * K * K]).long()
     span = K ** lod
     mu = start.double() + (span - 1).double() / 2  # DESIGN §3: a gist sits at its span centre
-    sigma = mc.sigma_scale.detach().float().cpu()[lod] * span.float() * (lod > 0)
+    sigma = level_sigma(mc.sigma_scale.detach(), lod, span)
     return [t.to(device) for t in (start, start + span, lod, mu, sigma)]
 
 
@@ -107,7 +113,7 @@ def pyramid_logits(mc: MegaContextModel, x, W0: int, W1: int | None, pool: str =
     """Logits (B, T, V) of every token position of x (B, T) under its own pyramid, and its LOD0 boundary b0 (T,)."""
     B, T = x.shape
     emb = mc.gpt.wte(x)
-    lod1, lod2 = make_gists(mc, emb, pool)
+    lod1, lod2 = make_gists(mc, emb, pool, levels=2)  # the kernel's two gist levels
     start, end, lod, mu, sigma = pyramid_meta(mc, T, lod1.shape[1], lod2.shape[1], x.device)
     pyr = dict(start=start, end=end, lod=lod, K=mc.cfg.K, W0=W0, W1=W1)
     with TIMER("base"):
@@ -149,7 +155,9 @@ def gist_loss(mc: MegaContextModel, x, y, cfg, gen: torch.Generator, teacher_fit
 def gist_eval(mc: MegaContextModel, x, y, cfg) -> dict:
     """dNLL@H per level (GistNet and mean pooling) on one batch, as sums and counts: W0 = horizon, and the coarsest
     level seen is LOD1 (W1 = inf) or LOD2 (W1 = 0). Within the base's block only, where its full-context NLL is the
-    reference; positions without a target (-1) are not counted."""
+    reference; positions without a target (-1) are not counted. Levels beyond the kernel's (deep_dnll) need longer
+    sequences and read the whole of x: their reference is x raw, past the base's block when x is longer."""
+    whole = (x, y)
     x, y = x[:, :mc.gpt.config.block_size], y[:, :mc.gpt.config.block_size]
     full, _ = mc.gpt(x)
     base = nll(full, y)
@@ -163,17 +171,45 @@ def gist_eval(mc: MegaContextModel, x, y, cfg) -> dict:
             if level == 1 and pool == "gist":
                 n = nll(logits, y)[at]
                 out["val_loss"] = (n.sum().item(), n.numel())
+    for pool in ("gist", "mean"):  # levels the kernel does not have, where the sequence holds one
+        out.update(deep_dnll(mc, *whole, cfg, None, pool))
     return out
+
+
+@torch.no_grad()
+def deep_dnll(mc: MegaContextModel, x, y, cfg, levels=None, pool: str = "gist") -> dict:
+    """dNLL@H at each level of `levels` (default: LOD3 up to the deepest the sequence holds) on explicit working
+    contexts, as sums and counts over the scored tokens: per sequence, cursor c = T - H + 1; the context is the
+    coarsest tiling of [0, b0) by nodes up to that level, then raw tokens [b0, c) (b0 = (c - W0) // K * K, W0 = H);
+    the next H tokens are scored against all c tokens raw."""
+    K, H = mc.cfg.K, cfg.horizon
+    c = x.shape[1] - H + 1
+    b0 = max(0, (c - H) // K * K)
+    levels = range(3, depth_of(b0, K) + 1) if levels is None else levels
+    out = defaultdict(lambda: [0.0, 0])
+    for b in range(x.shape[0] if len(levels) else 0):
+        tables = node_tables(mc, mc.gpt.wte(x[b, :c]), pool)
+        variants = [(torch.zeros(c, dtype=torch.long), torch.arange(c))]
+        for level in levels:
+            runs = coarsest_runs(b0, K, level) + [(0, b0, c - b0)]
+            variants.append((torch.cat([torch.full((n,), l) for l, _, n in runs]),
+                             torch.cat([torch.arange(k, k + n) for _, k, n in runs])))
+        losses = horizon_nll(mc, variants, tables, y[b, c - 1:c - 1 + H], c).float().cpu()
+        for level, loss in zip(levels, losses[1:]):
+            out[f"dnll_lod{level}_{pool}"][0] += (loss - losses[0]).item() * H
+            out[f"dnll_lod{level}_{pool}"][1] += H
+    return {k: tuple(v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # working contexts of a history (lens, lora)
 
 
-def node_tables(mc: MegaContextModel, emb):
-    """[tokens (c, d), LOD1 gists, LOD2 gists] of one history's token embeddings (c, d), GistNet without grads."""
+def node_tables(mc: MegaContextModel, emb, pool: str = "gist"):
+    """[tokens (c, d), LOD1 gists, LOD2 gists, ..] of one history's token embeddings (c, d), GistNet (or mean
+    pooling) without grads."""
     with torch.no_grad():
-        return [emb] + [g[0] for g in make_gists(mc, emb[None])]
+        return [emb] + [g[0] for g in make_gists(mc, emb[None], pool)]
 
 
 def node_rows(tables, lod, index):
@@ -191,8 +227,7 @@ def entry_rows(mc: MegaContextModel, lod, index, tables):
     x = node_rows(tables, lod, index)
     span = mc.cfg.K ** lod
     mu = (index * span).double() + (span - 1).double() / 2
-    sigma = mc.sigma_scale.detach().float().cpu()[lod] * span.float() * (lod > 0)
-    return x, mu, sigma
+    return x, mu, level_sigma(mc.sigma_scale.detach(), lod, span)
 
 
 def sample_wc(mc: MegaContextModel, cursor: int, gen: torch.Generator) -> WorkingContext:
@@ -362,7 +397,8 @@ def attention_mass(gpt, ids, scored: int):
 
 
 def lens_contexts(mc, x, y, cfg, gen):
-    """Yield (wc, tables, candidates, normalised labels, needle position) per window of the batch (lens_prompt)."""
+    """Yield (wc, tables, candidates, normalised labels, needle position, raw labels) per window of the batch
+    (lens_prompt)."""
     rng = np.random.default_rng(int(torch.randint(2**62, (), generator=gen)))
     rows = torch.cat([x, y[:, -1:]], 1).cpu().numpy()
     for row in rows:
@@ -378,15 +414,18 @@ def lens_contexts(mc, x, y, cfg, gen):
                 raw = attention_labels(wc, cands, attention_mass(mc.gpt, np.concatenate([ids, scored]), len(scored)))
             else:
                 raw = counterfactual_labels(wc, cands, lambda v: horizon_nll(mc, v, tables, future, c))
-        yield wc, tables, cands, normalise(raw, cfg.lens_label_floor).to(x.device), needle_at
+        yield wc, tables, cands, normalise(raw, cfg.lens_label_floor).to(x.device), needle_at, raw
 
 
 def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
     """LensNet's loss on the batch's freshly labelled contexts plus cfg.lens_replay earlier ones from `replay` (the
     newest cfg.lens_buffer, kept as LensNet inputs): a label costs a base forward per candidate, a LensNet pass is
     cheap, so each label is learned from several times. (The buffer is not checkpointed: after a resume it refills.)"""
-    fresh = [(lens_features(wc, tables, mc.cfg.lens_preview), cands, labels) for wc, tables, cands, labels, _ in
-             lens_contexts(mc, x, y, cfg, gen)]
+    fresh, raw_stats = [], defaultdict(list)
+    for wc, tables, cands, labels, _, raw in lens_contexts(mc, x, y, cfg, gen):
+        fresh.append((lens_features(wc, tables, mc.cfg.lens_preview), cands, labels))
+        for k, v in label_stats(raw).items():
+            raw_stats[k].append(v)
     pick = torch.randperm(len(replay), generator=gen)[:cfg.lens_replay].tolist() if replay else []
     batch = fresh + [replay[i] for i in pick]
     replay.extend(fresh)
@@ -403,18 +442,27 @@ def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
         stats["label_max"].append(labels.max())
     if not losses:
         return sum(p.sum() * 0 for p in mc.lensnet.parameters()), {}
-    return torch.stack(losses).mean(), {k: torch.stack(v).mean() for k, v in stats.items()}
+    stats = {k: torch.stack(v).mean() for k, v in stats.items()}
+    return torch.stack(losses).mean(), {**stats, **{k: torch.tensor(sum(v) / len(v)) for k, v in raw_stats.items()}}
+
+
+def label_stats(raw) -> dict:
+    """The raw labels of one context (nats for the counterfactual teacher, attention mass for the other): mean,
+    spread and the share that is positive (a zoom that helps, a collapse that costs)."""
+    raw = raw.float()
+    return {"label_mean": float(raw.mean()), "label_std": float(raw.std()) if len(raw) > 1 else 0.0,
+            "label_pos": float((raw > 0).float().mean())}
 
 
 @torch.no_grad()
 def lens_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     """Per held-out context: Spearman rank correlation of scores and labels, the loss, and, where a needle was planted,
-    whether the best-scored zoom is the gist that holds it (lens_needle_top1)."""
+    whether the best-scored zoom is the gist that holds it (lens_needle_top1); the raw labels' label_stats."""
     out = defaultdict(lambda: [0.0, 0])
-    for wc, tables, cands, labels, needle_at in lens_contexts(mc, x, y, cfg, gen):
+    for wc, tables, cands, labels, needle_at, raw in lens_contexts(mc, x, y, cfg, gen):
         pred = candidate_scores(mc.lensnet(*lens_features(wc, tables, mc.cfg.lens_preview))[0], cands, wc.K)
         loss, _, _ = lens_loss_terms(pred, labels, cfg.lens_rank_weight)
-        metrics = {"lens_spearman": spearman(pred.cpu(), labels.cpu()), "val_loss": loss.item()}
+        metrics = {"lens_spearman": spearman(pred.cpu(), labels.cpu()), "val_loss": loss.item(), **label_stats(raw)}
         zooms = [j for j, (kind, _) in enumerate(cands) if kind == "zoom"]
         holder = [j for j in zooms if wc.start[cands[j][1]] <= needle_at < wc.end[cands[j][1]]]
         if needle_at >= 0 and holder:

@@ -323,11 +323,12 @@ def resolve_data_dir(path: str) -> str:
 
 def load_data(data_dir: str):
     """(train tokens, val tokens, meta) written by prepare.py: uint16 memmaps; one-line errors when missing/corrupt.
-    The tokenizer is loaded (checksum-verified) too: sample.py reads the one this run's checkpoint points to."""
+    The tokenizer is loaded (checksum-verified) too: sample.py reads the one this run's checkpoint points to (a
+    random-id corpus of bench/train_throughput.py has none)."""
     try:
         meta = prepare.load_meta(data_dir)
         splits = [prepare.load_split(data_dir, split)[0] for split in ("train", "val")]
-        n_vocab = tokenizer(data_dir).n_vocab
+        n_vocab = meta["vocab_size"] if meta.get("random_ids") else prepare.load_tokenizer(data_dir).n_vocab
     except FileNotFoundError as e:
         fail(f"cannot read the prepared data in {data_dir!r} ({os.path.basename(e.filename or '?')} not found); "
              "run `python prepare.py` (or --synthetic) first")
@@ -708,8 +709,10 @@ def main(argv, nested: bool = False):
     if cfg.retrieval_mix > 0 or cfg.copy_steps > 0:  # a drill fits a window and the tokenizer has the markers: say so now
         try:
             for T in {window(cfg, None)[0], window(cfg, 0)[0]}:
-                retrieval.plant_drills(np.zeros(T + 1, dtype=np.int64), np.random.default_rng(0), needles(data_dir),
-                                       cfg.retrieval_needles, cfg.retrieval_questions, cfg.retrieval_weight)
+                for seed in (0, 2):  # seed 0 draws no pass key, seed 2 draws one: both drill sizes are tried
+                    retrieval.plant_drills(np.zeros(T + 1, dtype=np.int64), np.random.default_rng(seed),
+                                           needles(data_dir), cfg.retrieval_needles, cfg.retrieval_questions,
+                                           cfg.retrieval_weight)
         except (ValueError, KeyError) as e:
             fail(f"retrieval drills: {e}")
     vocab_size = meta["vocab_size"]

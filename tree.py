@@ -1,23 +1,30 @@
-"""The MegaContext tree (DESIGN §2, §7): every token (LOD0) and a gist of every complete aligned span (LOD1, LOD2),
-in memory and on disk.
+"""The MegaContext tree (DESIGN §2, §7): every token (LOD0) and a gist of every complete aligned span (LOD1, LOD2,
+..., as deep as the history), in memory and on disk.
 
 Nodes are `(lod, index)` integer pairs: level l node k covers tokens [k*K**l, (k+1)*K**l); its parent is
 (l+1, k // K) and its children are (l-1, k*K + j), j < K. Storage is one append-only array per level: token ids
-(int32) for LOD0, gist vectors (n, d) for LOD1..TOP. A gist is made exactly when its span completes: LOD1 node k
-when token (k+1)*K - 1 arrives, LOD2 node k when its K-th LOD1 child exists. Partial blocks are never pooled.
+(int32) for LOD0, gist vectors (n, d) for LOD1..depth. A gist is made exactly when its span completes: LOD1 node k
+when token (k+1)*K - 1 arrives, LOD(l+1) node k when its K-th LOD(l) child exists. Partial blocks are never pooled.
+The depth grows with the history: a level is born when K gists of the current top exist, so a history of n tokens
+has depth(n) = max l with K**l <= n, and the top level always holds fewer than K nodes (nothing above it to collapse
+into). The depth is unbounded: any history the disk holds.
 
 This file is split from megacontext.py by concept: it is the storage layer (arrays, files, checksums) and knows
 nothing of the networks; `embed` (token ids -> embeddings) and `gist` (level, children -> gists) are callables.
 
-On disk a tree is a directory:
-    tokens.bin   int32 token ids                     lod1.bin, lod2.bin   gist rows, `dtype` (float32 or float16)
-    meta.json    format version, K, d, dtype, vocab size, model identity, committed row counts, crc32 per file, and
-                 `extra` (the caller's state, e.g. the working context of a session)
+On disk a tree is a directory (format v2):
+    tokens.bin   int32 token ids                 lod1.bin .. lod<depth>.bin   gist rows, `dtype` (float32 or float16)
+    meta.json    format version, K, d, dtype, vocab size, model identity, `levels` (files: LOD0 .. depth), committed
+                 row counts and crc32 per file, and `extra` (the caller's state, e.g. the working context of a session)
+Format v1 (tokens.bin, lod1.bin, lod2.bin, three counts, no `levels`) opens read-and-extend: its missing levels above
+LOD2 are made on open from its LOD2 gists (in RAM until the next save, which writes v2), nothing is lost.
 The .bin files are append-only logs and meta.json is the commit record: a save appends the new rows in place after
-the committed ones, fsyncs, then replaces meta.json atomically (temp file, flush, fsync, os.replace). A crash at any
-point leaves the previous meta.json, whose counts and checksums describe a consistent prefix; bytes past it are
-ignored and overwritten by the next save. (Rewriting a whole .bin through a temp file on every save would be atomic
-too, but costs O(history) per save.) `open` memory-maps the committed rows, so history is bounded by disk, not RAM.
+the committed ones (a level born since the last save gets a new file), fsyncs them and the directory (so a new file's
+name is durable before anything names it), then replaces meta.json atomically (temp file, flush, fsync, os.replace).
+A crash at any point leaves the previous meta.json, whose counts and checksums describe a consistent prefix; bytes
+and files past it are ignored and overwritten by the next save. (Rewriting a whole .bin through a temp file on every
+save would be atomic too, but costs O(history) per save.) `open` memory-maps the committed rows and checks checksums
+by streaming the files, so history is bounded by disk, not RAM, and opening does not grow the resident set.
 A folder holding .bin files but no meta.json, or one that cannot be written, is refused before any write
 (check_folder).
 """
@@ -29,9 +36,25 @@ import zlib
 import numpy as np
 import torch
 
-TOP = 2  # the coarsest level of detail: LOD2 covers K**2 tokens and is never collapsed
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v1 (fixed LOD2 top, three files) is read and extended, and written back as v2
 GIST_DTYPES = ("float32", "float16")  # numpy-native, so np.memmap can map them (bf16 is not)
+CHUNK_BYTES = 1 << 24  # streaming unit of checksums and whole-file copies: bounded RAM whatever the history
+
+
+def depth_of(n_tokens: int, K: int) -> int:
+    """Levels above LOD0 of a history of n_tokens: the largest l with K**l <= n_tokens (0 below K tokens)."""
+    l = 0
+    while K ** (l + 1) <= n_tokens:
+        l += 1
+    return l
+
+
+def level_file(lod: int) -> str:
+    return "tokens.bin" if lod == 0 else f"lod{lod}.bin"
+
+
+def _crash_point(what: str):
+    """Called before every durable step of `save` (a no-op): tests replace it to crash a save at each point."""
 
 
 class TreeError(ValueError):
@@ -95,6 +118,12 @@ class _Rows:
         """The rows not yet on disk."""
         return self.ram[:self.n_ram]
 
+    def chunks(self):
+        """All rows, oldest first, as contiguous arrays of at most ~CHUNK_BYTES (a whole-file copy in bounded RAM)."""
+        step = max(1, CHUNK_BYTES // max(self.row_bytes, 1))
+        for a in range(0, len(self), step):
+            yield np.ascontiguousarray(self.slice(a, min(len(self), a + step)))
+
     def map(self, path: str, n: int):
         """Make rows [0, n) the memory-mapped prefix of `path` and drop the RAM tail (they are on disk now)."""
         self.disk = np.memmap(path, self.dtype, "r", shape=(n, *self.shape)) if n else None
@@ -106,10 +135,24 @@ def _crc(rows: np.ndarray, prev: int = 0) -> int:
     return zlib.crc32(np.ascontiguousarray(rows).view(np.uint8).reshape(-1), prev)
 
 
-def _write_atomic(path: str, data: bytes):
+def _crc_file(path: str, nbytes: int) -> int:
+    """crc32 of the first nbytes of a file, streamed (through the page cache, not this process's memory)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while nbytes > 0:
+            buf = f.read(min(CHUNK_BYTES, nbytes))
+            if not buf:
+                break
+            crc, nbytes = zlib.crc32(buf, crc), nbytes - len(buf)
+    return crc
+
+
+def _write_atomic(path: str, chunks):
+    """Write an iterable of byte buffers to path through a temp file: flush, fsync, os.replace."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        for chunk in chunks:
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -158,61 +201,79 @@ def check_folder(path: str, write: bool) -> bool:
 
 
 class MegaContextTree:
-    """Token ids and gists of one history, addressed by (lod, index).
+    """Token ids and gists of one history, addressed by (lod, index); `levels[l]` holds LOD l (0 = token ids).
 
     embed(ids: LongTensor (n,)) -> (n, d) input embeddings of the base model;
     gist(lod, x: (N, K, d)) -> (N, d) gists of N complete blocks of children (x may arrive as fp32 on the CPU).
     identity: a string that names the base model and GistNet weights (their hash); a tree only opens under it.
     """
 
-    FILES = ("tokens.bin", "lod1.bin", "lod2.bin")
-
     def __init__(self, K: int, d: int, vocab_size: int, identity: str, embed, gist, dtype: str = "float32"):
         if dtype not in GIST_DTYPES:
             raise ValueError(f"gist dtype must be one of {', '.join(GIST_DTYPES)}, got {dtype!r}")
         self.K, self.d, self.vocab_size, self.identity, self.dtype = K, d, vocab_size, identity, dtype
         self.embed, self.gist = embed, gist
-        self.levels = [_Rows((), np.int32)] + [_Rows((d,), dtype) for _ in range(TOP)]  # LOD0 ids, LOD1.. gists
-        self.path, self.crcs = None, [0] * (TOP + 1)  # backing directory and the crc32 of each committed prefix
+        self.levels = [_Rows((), np.int32)]  # LOD0 ids; gist levels are added as they are born
+        self.path, self.crcs = None, [0]  # backing directory and the crc32 of each level's committed prefix
 
     def __len__(self):
         return len(self.levels[0])
 
+    @property
+    def depth(self) -> int:
+        """The top level (0 until K tokens exist); it holds fewer than K nodes."""
+        return len(self.levels) - 1
+
     def n_nodes(self, lod: int) -> int:
-        return len(self.levels[lod])
+        return len(self.levels[lod]) if lod < len(self.levels) else 0
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         return self.levels[0].slice(start, end).astype(np.int64)
 
     def gists(self, lod: int, index: np.ndarray) -> np.ndarray:
-        assert lod >= 1
+        assert 1 <= lod <= self.depth, f"this tree has gists at LOD1..LOD{self.depth}, not LOD{lod}"
         return self.levels[lod].take(np.asarray(index, np.int64))
 
-    def append(self, tokens, batch: int = 1024):
-        """Append token ids and make every gist that completes. All-or-nothing: a bad id or a failing gist leaves
-        the tree unchanged. Gists are computed `batch` blocks at a time."""
+    def check_ids(self, tokens) -> np.ndarray:
+        """Token ids as int64 (n,); ValueError (one line) unless all are in [0, vocab_size)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        new = [ids]
-        for lod in range(1, TOP + 1):
-            below, have = self.levels[lod - 1], self.n_nodes(lod)
-            n_blocks = (len(below) + len(new[-1])) // self.K - have
+        return ids
+
+    def append(self, tokens, batch: int | None = None):
+        """Append token ids and make every gist that completes, at every level, creating levels as they are born.
+        All-or-nothing: a bad id or a failing gist leaves the tree unchanged. Gists are computed `batch` blocks per
+        GistNet call (default: ~4M children values, 16 MB per fp32 activation: large batches amortise the per-call
+        cost on a CPU). `append([])` only completes missing levels (a v1 tree on open)."""
+        batch = batch or max(1, 2**22 // (self.K * self.d))
+        ids = self.check_ids(tokens)
+        new, lod = [ids], 1  # new[l]: rows that level l gains
+        while True:
+            have, below = self.n_nodes(lod), self.n_nodes(lod - 1)
+            n_blocks = (below + len(new[-1])) // self.K - have
             if n_blocks == 0:  # most appends (one decoded token) complete no block
+                if lod > self.depth:  # and no level is born
+                    break
                 new.append(np.zeros((0, self.d), self.dtype))
+                lod += 1
                 continue
-            old = below.slice(have * self.K, len(below))  # children not yet pooled, then the new ones
+            old = self.levels[lod - 1].slice(have * self.K, below) if below else new[-1][:0]  # children not pooled
             kids = np.concatenate([old, new[-1]]) if len(new[-1]) else old
             made = [self._pool(lod, kids[i * self.K:(i + b) * self.K], b)
                     for i in range(0, n_blocks, batch) for b in [min(batch, n_blocks - i)]]
             new.append(np.concatenate(made))
-        for rows, level in zip(new, self.levels):  # commit only once everything is computed
-            level.append(rows)
+            lod += 1
+        for l, rows in enumerate(new):  # commit only once everything is computed
+            if l == len(self.levels):  # a level is born
+                self.levels.append(_Rows((self.d,), self.dtype))
+                self.crcs.append(0)
+            self.levels[l].append(rows)
 
     @torch.no_grad()
     def _pool(self, lod: int, kids: np.ndarray, n: int) -> np.ndarray:
-        """Gists of n complete blocks: kids holds n*K token ids (lod 1) or n*K gist rows (lod 2)."""
+        """Gists of n complete blocks: kids holds n*K token ids (lod 1) or n*K gist rows of LOD(lod-1)."""
         x = self._to_embeddings(lod - 1, kids)  # (n*K, d)
         out = self.gist(lod, x.view(n, self.K, self.d))
         return out.float().cpu().numpy().astype(self.dtype)
@@ -231,11 +292,10 @@ class MegaContextTree:
             return x
         out = x.new_empty((len(lod_np), self.d))
         out[torch.from_numpy(tok).to(x.device)] = x
-        for l in range(1, TOP + 1):
+        for l in np.unique(lod_np[~tok]).tolist():
             sel = lod_np == l
-            if sel.any():
-                rows = torch.from_numpy(self.levels[l].take(idx_np[sel]).astype(np.float32))
-                out[torch.from_numpy(sel).to(x.device)] = rows.to(x.device, x.dtype)
+            rows = torch.from_numpy(self.gists(l, idx_np[sel]).astype(np.float32))
+            out[torch.from_numpy(sel).to(x.device)] = rows.to(x.device, x.dtype)
         return out
 
     # ------------------------------------------------------------------------------------------------------------
@@ -244,7 +304,7 @@ class MegaContextTree:
     def _meta(self, counts, crcs, extra) -> dict:
         return {"format_version": FORMAT_VERSION, "K": self.K, "d": self.d, "dtype": self.dtype,
                 "token_dtype": "int32", "vocab_size": self.vocab_size, "identity": self.identity,
-                "counts": counts, "crc32": crcs, "extra": extra}
+                "levels": len(counts), "counts": counts, "crc32": crcs, "extra": extra}
 
     def save(self, path: str, extra: dict | None = None):
         """Write (or append to) the tree in directory `path`; then the tree is backed by it (memory-mapped).
@@ -257,31 +317,40 @@ class MegaContextTree:
         os.makedirs(path, exist_ok=True)
         fresh = path != self.path
         counts, crcs = [len(level) for level in self.levels], list(self.crcs)
-        for l, (name, level) in enumerate(zip(self.FILES, self.levels)):
-            file = os.path.join(path, name)
-            if fresh:  # a new directory: whole files, each through a temp file
-                rows = level.slice(0, len(level))
-                crcs[l] = _crc(rows)
-                _write_atomic(file, np.ascontiguousarray(rows).tobytes())
+        for l, level in enumerate(self.levels):
+            file = os.path.join(path, level_file(l))
+            _crash_point(f"write {level_file(l)}")
+            if fresh:  # a new directory: whole files, each through a temp file, streamed in chunks
+                crcs[l] = 0
+                for rows in level.chunks():
+                    crcs[l] = _crc(rows, crcs[l])
+                _write_atomic(file, level.chunks())
                 continue
             tail = level.tail()
             crcs[l] = _crc(tail, crcs[l])
-            with open(file, "r+b") as f:  # append after the committed rows, over any uncommitted bytes
+            # append after the committed rows, over any uncommitted bytes; a level born since the last save (or a
+            # leftover file of a crashed save) starts at offset 0
+            with os.fdopen(os.open(file, os.O_RDWR | os.O_CREAT, 0o644), "r+b") as f:
                 f.seek(level.n_disk * level.row_bytes)
                 f.write(np.ascontiguousarray(tail).tobytes())
                 f.truncate()
                 f.flush()
                 os.fsync(f.fileno())
-        _write_atomic(os.path.join(path, "meta.json"), json.dumps(self._meta(counts, crcs, extra or {})).encode())
+        _crash_point("fsync directory")
+        _fsync_dir(path)  # the data files' names (new levels, replaced files) are durable before meta.json names them
+        _crash_point("write meta.json")
+        _write_atomic(os.path.join(path, "meta.json"), [json.dumps(self._meta(counts, crcs, extra or {})).encode()])
+        _crash_point("fsync directory after commit")
         _fsync_dir(path)
-        for name, level, n in zip(self.FILES, self.levels, counts):
-            level.map(os.path.join(path, name), n)
+        for l, (level, n) in enumerate(zip(self.levels, counts)):
+            level.map(os.path.join(path, level_file(l)), n)
         self.path, self.crcs = path, crcs
 
     @classmethod
     def open(cls, path: str, K: int, d: int, vocab_size: int, identity: str, embed, gist, verify: bool = True):
-        """Open a saved tree memory-mapped; returns (tree, extra). Checks version, K, d, model identity, sizes and
-        (when `verify`) checksums, raising TreeError with one line that names the problem."""
+        """Open a saved tree (format v2, or v1 read-and-extend) memory-mapped; returns (tree, extra). Checks version,
+        K, d, model identity, sizes and (when `verify`) checksums, raising TreeError with one line that names the
+        problem. A v1 tree's levels above LOD2 are made here (with `gist`) and written by the next save."""
         path = os.path.abspath(path)
         meta_path = os.path.join(path, "meta.json")
         if not check_folder(path, write=False):
@@ -289,33 +358,41 @@ class MegaContextTree:
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
-            counts, crcs, dtype = meta["counts"], meta["crc32"], meta["dtype"]
+            counts, crcs, dtype, version = meta["counts"], meta["crc32"], meta["dtype"], meta.get("format_version")
+            n_levels = meta["levels"] if version == FORMAT_VERSION else 3
         except (ValueError, KeyError, TypeError) as e:
             raise TreeError(f"{meta_path} is corrupt ({type(e).__name__})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise TreeError(f"tree in {path} has format version {meta.get('format_version')}, this code reads "
-                            f"{FORMAT_VERSION}")
+        if version not in (1, FORMAT_VERSION):
+            raise TreeError(f"tree in {path} has format version {version}, this code reads 1 and {FORMAT_VERSION}")
         if meta["K"] != K:
             raise TreeError(f"tree in {path} was built with block size K={meta['K']}, this session uses K={K}")
         if meta["d"] != d or meta["vocab_size"] != vocab_size or meta["identity"] != identity:
             raise TreeError(f"tree in {path} was built by another model (identity {meta['identity'][:12]}, "
                             f"d={meta['d']}, vocab {meta['vocab_size']}; this model: {identity[:12]}, d={d}, "
                             f"vocab {vocab_size})")
-        if dtype not in GIST_DTYPES or len(counts) != TOP + 1 or len(crcs) != TOP + 1:
-            raise TreeError(f"{meta_path} is corrupt (dtype {dtype!r}, {len(counts)} levels)")
+        if dtype not in GIST_DTYPES or not len(counts) == len(crcs) == n_levels >= 1:
+            raise TreeError(f"{meta_path} is corrupt (dtype {dtype!r}, {len(counts)} counts for {n_levels} levels)")
+        for lod in range(1, n_levels):  # every complete span has its gist and no partial one does
+            if counts[lod] != counts[lod - 1] // K:
+                raise TreeError(f"{meta_path} is corrupt: {counts[lod]} LOD{lod} gists for {counts[lod - 1]} "
+                                f"LOD{lod - 1} nodes at K={K}")
+        if version == FORMAT_VERSION and depth_of(counts[0], K) != n_levels - 1:
+            raise TreeError(f"{meta_path} is corrupt: {n_levels} levels for {counts[0]} tokens at K={K} (the depth "
+                            f"is {depth_of(counts[0], K)})")
         tree = cls(K, d, vocab_size, identity, embed, gist, dtype)
-        for name, level, n, crc in zip(cls.FILES, tree.levels, counts, crcs):
-            file = os.path.join(path, name)
+        for lod in range(n_levels):
+            if lod and not counts[lod]:  # v1 kept empty LOD1/LOD2 files; v2 has a level once it has a node
+                break
+            if lod:
+                tree.levels.append(_Rows((d,), dtype))
+            level, n, file = tree.levels[lod], counts[lod], os.path.join(path, level_file(lod))
             size = os.path.getsize(file) if os.path.isfile(file) else -1
             if size < n * level.row_bytes:
                 raise TreeError(f"tree file {file} is truncated: {max(size, 0)} bytes, meta.json commits "
                                 f"{n * level.row_bytes}")
-            level.map(file, n)
-            if verify and n and _crc(level.disk) != crc:
+            if verify and n and _crc_file(file, n * level.row_bytes) != crcs[lod]:
                 raise TreeError(f"tree file {file} is corrupt (crc32 mismatch over its {n} committed rows)")
-        for lod in range(1, TOP + 1):  # every complete span has its gist and no partial one does
-            if counts[lod] != counts[lod - 1] // K:
-                raise TreeError(f"{meta_path} is corrupt: {counts[lod]} LOD{lod} gists for {counts[lod - 1]} "
-                                f"LOD{lod - 1} nodes at K={K}")
-        tree.path, tree.crcs = path, list(crcs)
+            level.map(file, n)
+        tree.path, tree.crcs = path, [int(c) for c in crcs[:len(tree.levels)]]
+        tree.append([])  # a v1 tree with K or more LOD2 gists: the levels above are born now
         return tree, meta.get("extra", {})

@@ -28,7 +28,8 @@ import train  # noqa: E402
 
 
 def random_corpus(path, vocab, n_train=1 << 22, n_val=1 << 16, seed=0):
-    """A prepared-data directory (prepare.py's shard format) of uniform random token ids."""
+    """A prepared-data directory (prepare.py's shard format) of uniform random token ids; no tokenizer (meta.json's
+    `random_ids` tells train.py not to look for one)."""
     rng = np.random.default_rng(seed)
     splits = {}
     for split, n in (("train", n_train), ("val", n_val)):
@@ -37,7 +38,7 @@ def random_corpus(path, vocab, n_train=1 << 22, n_val=1 << 16, seed=0):
         splits[split] = dict(n_docs=1, n_tokens=n, n_chars=0, docs=[])
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump(dict(vocab_size=vocab, synthetic="uniform random token ids (throughput only)", splits=splits,
-                       facts={}), f)
+                       facts={}, random_ids=True), f)
 
 
 def run_tag(device: str) -> tuple[str, str]:

@@ -36,6 +36,8 @@ def rope_freqs(D: int, base: float, device=None) -> torch.Tensor:
 def gauss_rope_ref(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """Reference and CPU fallback. x: [B, T, H, D]; mu, sigma: [B, T]. Computes in fp32, returns x.dtype."""
     D = x.shape[-1]
+    if mu.dim() == 2 and mu.stride(0) == 0 and sigma.stride(0) == 0:  # one row of positions for every batch entry
+        mu, sigma = mu[:1], sigma[:1]  # (GistNet's local positions): angles once, broadcast over B
     w = rope_freqs(D, base, x.device)  # (D/2,)
     angle = mu.float()[..., None] * w  # (B, T, D/2)
     atten = torch.exp(-0.5 * (sigma.float()[..., None] * w) ** 2)

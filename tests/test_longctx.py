@@ -27,9 +27,9 @@ TINY = ["--histories", "96,320", "--budgets", "64,128", "--docs", "2", "--window
         "--depths", "0.2,0.5,0.95", "--trials", "3", "--decode", "4", "--threads", "1"]
 
 
-def save_ckpt(path, data_dir, mc=False):
+def save_ckpt(path, data_dir, mc=False, block_size=128):
     """A random tiny GPT in train.py's checkpoint format; with mc, also GistNet/LensNet weights and mc_config."""
-    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64, rope_heads=1)
+    cfg = GPTConfig(vocab_size=512, block_size=block_size, n_layer=2, n_head=2, n_embd=64, rope_heads=1)
     gpt = GPT(cfg)
     ckpt = dict(model=gpt.state_dict(), model_args=dataclasses.asdict(cfg), step=0,
                 config=dict(data_dir=data_dir, max_position=2**20))
@@ -152,7 +152,7 @@ def test_longctx_legal_depths():
 def test_longctx_needle_reaches_the_model(data_dir, tmp_path):
     """A session with room for the whole prompt reads every token raw, the needle included, at its positions;
     truncation keeps the needle only when it is recent."""
-    ckpt = torch.load(save_ckpt(tmp_path / "ckpt.pt", data_dir), weights_only=False)
+    ckpt = torch.load(save_ckpt(tmp_path / "ckpt.pt", data_dir, block_size=1024), weights_only=False)
     gpt = GPT(GPTConfig(**ckpt["model_args"]))
     gpt.load_state_dict(ckpt["model"])
     needles = retrieval.Needles(prepare.load_tokenizer(data_dir))

@@ -15,10 +15,11 @@ from conftest import ROOT, assert_close
 
 import kernels
 from megacontext import (FocusAllocator, GistNet, InvariantError, LensNet, MegaContextConfig, MegaContextModel,
-                         WorkingContext, check_capacity, preview_nodes, pyramid_bounds, recency_scores)
+                         WorkingContext, check_capacity, level_sigma, preview_nodes, pyramid_bounds, recency_scores)
 from model import GPT, GPTConfig
 from session import Session
-from tree import TOP, TreeError
+from tiling import coarsest_runs
+from tree import TreeError, depth_of
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,7 +57,7 @@ def legal_collapse(wc, i):
         return False
     l, k = lod[i], idx[i]
     siblings = all(lod[i + j] == l and idx[i + j] == k + j for j in range(K))
-    return siblings and k % K == 0 and l < TOP and (k // K + 1) * K ** (l + 1) <= max(0, wc.cursor - wc.recent)
+    return siblings and k % K == 0 and (k // K + 1) * K ** (l + 1) <= max(0, wc.cursor - wc.recent)
 
 
 def snapshot(wc):
@@ -67,15 +68,17 @@ def same(a, b):
     return all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(a, b))
 
 
-def fuzz_sequence(rng, K, n_ops=8):
-    """One random sequence of ingests, expands, collapses and allocator steps; invariants after every edit."""
+def fuzz_sequence(rng, K, depth, n_ops=8):
+    """One random sequence of ingests, expands, collapses and allocator steps over a history of up to `depth` levels
+    (cursor < K**(depth+1)); invariants after every edit."""
     R = rng.choice([0, 1, K - 1, K, 2 * K + 3])
     refocus = rng.choice([1, K // 2, K])
-    w_max = R + 2 * (K - 1) + 1 + refocus + rng.randrange(0, 3 * K)
+    levels = rng.randrange(2, depth + 2)  # budgets from the least valid to one that holds every level's digits
+    w_max = R + levels * (K - 1) + 1 + refocus + rng.randrange(0, 3 * K)
     cfg = MegaContextConfig(block_k=K, w_max=w_max, recent_tokens=R, refocus_every=refocus,
                             max_edits=rng.randrange(0, 5), cooldown=rng.randrange(0, 3),
                             hysteresis=rng.choice([0.0, 0.1]), tau_collapse=rng.choice([0.5, 100.0])).validate()
-    cursor = rng.randrange(0, 4 * K * K)
+    cursor = int(K ** rng.uniform(0, depth + 1))  # log-uniform: every depth up to `depth` is as likely
     try:
         check_capacity(cursor, K, R, cfg.target)
         wc = WorkingContext.pyramid(K, R, w_max, cursor, cfg.target)
@@ -128,13 +131,22 @@ def fuzz_sequence(rng, K, n_ops=8):
             wc.check_invariants(cfg.target)
 
 
-@pytest.mark.parametrize("K", [8, 32])
+@pytest.mark.parametrize("K", [2, 4, 8, 32])
 def test_wc_fuzz_invariants(K):
-    """5,000 random sequences per K (10,000 over both): no edit or allocator step breaks an invariant; every illegal
-    edit raises and leaves the working context unchanged."""
+    """2,500 random sequences per K (10,000 over the four) over histories of depth 0..8: no edit or allocator step
+    breaks an invariant; every illegal edit raises and leaves the working context unchanged."""
     rng = random.Random(K)
-    for _ in range(5000):
-        fuzz_sequence(rng, K)
+    for _ in range(2500):
+        fuzz_sequence(rng, K, depth=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("K", [2, 4, 8, 16, 32, 64])
+def test_wc_fuzz_invariants_long(K):
+    """The same fuzzer, 20,000 more sequences per K (another seed), depths up to 8 (10 for K = 2)."""
+    rng = random.Random(1000 + K)
+    for _ in range(20000):
+        fuzz_sequence(rng, K, depth=10 if K == 2 else 8)
 
 
 def test_wc_invariant_checker_catches_each_breakage():
@@ -144,7 +156,7 @@ def test_wc_invariant_checker_catches_each_breakage():
         "tiling: overlap at entry": lambda w: w.index.__setitem__(-2, w.index[-2] - 1),
         "tiling: entry 0 starts at token": lambda w: w._splice(0, 1, [], [], [], []),
         "the cursor is": lambda w: setattr(w, "cursor", w.cursor + 1),
-        "alignment: levels must be": lambda w: w.lod.__setitem__(0, TOP + 1),
+        r"alignment: levels must be in 0..3 \(the depth of 100 tokens\)": lambda w: w.lod.__setitem__(0, 4),
         "budget: 28 entries > 27": lambda w: None,
         "protected tail: entry": lambda w: setattr(w, "recent", 40),
     }
@@ -162,8 +174,8 @@ def test_wc_illegal_edits_raise_with_reason():
     lod = wc.lod.tolist()
     with pytest.raises(ValueError, match="LOD0 token and has no finer level"):
         wc.expand(len(wc) - 1)
-    with pytest.raises(ValueError, match="top level and cannot collapse"):
-        wc.collapse(0)
+    with pytest.raises(ValueError, match="not the K siblings"):
+        wc.collapse(0)  # three LOD2 gists and a LOD1 gist
     with pytest.raises(ValueError, match="no entry"):
         wc.expand(len(wc))
     with pytest.raises(ValueError, match="not the K siblings"):
@@ -179,12 +191,28 @@ def test_wc_illegal_edits_raise_with_reason():
     tail.collapse(0)
 
 
+def test_wc_top_level_never_collapses():
+    """The tree's top level holds fewer than K nodes, so no sibling group of it exists in any working context: at the
+    coarsest tiling of 100 tokens (K=4: LOD3 node 0, LOD2 nodes 4 and 5, then the tail) nothing can collapse."""
+    K = 4
+    wc = WorkingContext.pyramid(K, 4, 40, 100, 7)
+    assert wc.lod.tolist() == [3, 2, 2, 0, 0, 0, 0] and wc.index[:3].tolist() == [0, 4, 5]
+    assert wc.group_starts().numel() == 0 and not wc.legal_directions()[1].any()
+    for i in range(3):  # the gists: never K siblings (the tail's tokens are protected as well)
+        with pytest.raises(ValueError, match="not the K siblings"):
+            wc.collapse(i)
+    wc.expand(0)  # LOD3 node 0 -> LOD2 nodes 0..3, which can collapse back
+    assert wc.group_starts().tolist() == [0]
+    wc.collapse(0)
+    wc.check_invariants()
+
+
 def test_wc_pyramid_is_monotone_and_fits():
     rng = random.Random(0)
     for _ in range(300):
         K = rng.choice([2, 4, 8, 32])
-        R, cursor = rng.randrange(0, 3 * K), rng.randrange(0, 5 * K**3)
-        budget = R + 2 * (K - 1) + 1 + rng.randrange(0, 400)
+        R, cursor = rng.randrange(0, 3 * K), int(K ** rng.uniform(0, 9))
+        budget = R + rng.randrange(2, 10) * (K - 1) + 1 + rng.randrange(0, 400)
         try:
             check_capacity(cursor, K, R, budget)
         except ValueError:
@@ -192,10 +220,36 @@ def test_wc_pyramid_is_monotone_and_fits():
         wc = WorkingContext.pyramid(K, R, budget, cursor, budget)
         wc.check_invariants()
         assert bool((wc.lod[1:] <= wc.lod[:-1]).all()), "older entries must be at least as coarse"
-        b0, b1 = pyramid_bounds(cursor, K, R, budget)
-        assert cursor - b0 >= min(R, cursor) and b0 % K == 0 and b1 % K**2 == 0
-        # the finest that fits: one more LOD0 token would add at most 2(K-1) entries, so less than that is left
-        assert b0 == 0 or len(wc) > budget - 2 * K, f"pyramid uses {len(wc)} of {budget} entries, b0={b0}"
+        bounds = pyramid_bounds(cursor, K, R, budget)
+        assert int(wc.lod.max()) == len(bounds) <= depth_of(cursor, K)
+        assert all(b % K ** (l + 1) == 0 for l, b in enumerate(bounds)) and bounds == sorted(bounds, reverse=True)
+        assert not bounds or (cursor - bounds[0] >= min(R, cursor) and bounds[-1] > 0)
+        # the finest that fits: one more LOD0 token moves each boundary by at most one node of its level (K-1 more
+        # entries each, and maybe a new level), so less than that is left
+        assert not bounds or len(wc) > budget - (len(bounds) + 2) * (K - 1), f"{len(wc)} of {budget}, {bounds}"
+
+
+def test_capacity_is_exact_for_every_history():
+    """check_capacity accepts a history iff every history up to it has a coarsest tiling (the tail, then the greedy
+    largest aligned nodes) within the budget, and the longest it names is the last it accepts; the cold-start pyramid
+    exists exactly down to the coarsest tiling's size."""
+    for K in (2, 4, 8):
+        for recent in (0, 5):
+            need = [min(recent, c) + sum(n for _, _, n in coarsest_runs(max(0, c - recent), K, 64)) for c in range(700)]
+            for budget in range(recent, recent + 3 * (K - 1) + 2):
+                for c in range(700):
+                    fits = max(need[:c + 1]) <= budget
+                    try:
+                        check_capacity(c, K, recent, budget)
+                        assert fits, (K, recent, budget, c)
+                    except ValueError as e:
+                        assert not fits, (K, recent, budget, c)
+                        assert f"holds {c - 1:,} tokens" in str(e)  # the first refused history, minus one
+                        break
+            for c in range(0, 700, 7):
+                assert len(WorkingContext.pyramid(K, recent, 10**6, c, need[c])) == need[c]
+                with pytest.raises(ValueError, match="needs at least"):
+                    WorkingContext.pyramid(K, recent, 10**6, c, need[c] - 1)
 
 
 def test_allocator_budget_error_when_no_legal_collapse():
@@ -254,8 +308,8 @@ def run_adversary(cooldown, hysteresis, steps=40, noise=None):
             fresh = wc.born == step - 1
             scores[fresh & (wc.born_by == 1)] = -5.0
             scores[fresh & (wc.born_by == -1)] = 5.0
-            if not fresh.any():
-                scores[int((wc.lod == 1).nonzero()[-1])] = 1.0
+            if not fresh.any():  # the newest gist (once collapses reach LOD3, the LOD1 gists may all be expanded)
+                scores[int((wc.lod > 0).nonzero()[-1])] = 1.0
                 g = int(wc.group_starts()[0])
                 scores[g:g + K] = -1.0
         before = set(zip(wc.lod.tolist(), wc.index.tolist()))
@@ -294,13 +348,15 @@ def test_recency_policy_converges_to_pyramid():
     wc = WorkingContext(4, 6, 60)
     wc.append(40)
     alloc = FocusAllocator(cfg)
-    for _ in range(200):  # decode: a token at a time, an allocator step every 4
+    for _ in range(800):  # decode: a token at a time, an allocator step every 4 (LOD3 is born at 64 tokens)
         wc.append(1, alloc.steps)
         if wc.cursor % 4 == 0:
             alloc.step(wc, recency_scores(wc, cfg.target))
         wc.check_invariants()
-    assert bool((wc.lod[1:] <= wc.lod[:-1]).all()) and (wc.lod == 2).any() and (wc.lod == 1).any()
-    assert len(wc) >= cfg.target - 2 * (4 - 1)  # the budget is used, not wasted
+    assert bool((wc.lod[1:] <= wc.lod[:-1]).all()) and (wc.lod == 3).any() and (wc.lod == 1).any()
+    assert len(wc) >= cfg.target - 3 * (4 - 1)  # the budget is used, not wasted
+    pyramid = WorkingContext.pyramid(4, 6, 60, wc.cursor, cfg.target)
+    assert torch.equal(wc.lod, pyramid.lod) and torch.equal(wc.index, pyramid.index)  # it is the cold start's pyramid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,6 +407,29 @@ def test_gistnet_per_level_or_shared_weights():
     assert shared.level(1) is shared.level(2) and split.level(1) is not split.level(2)
     x = torch.randn(2, 8, 48)
     assert torch.equal(shared(1, x), shared(2, x)) and not torch.allclose(split(1, x), split(2, x))
+    # levels past the trained ones reuse the top trained level's weights (or the shared set), and say so
+    assert all(split.level(l) is split.level(2) for l in (3, 7)) and shared.level(9) is shared.level(1)
+    assert split.describe() == "GistNet: LOD1..LOD2 own weights, LOD3+ reuse LOD2's"
+    assert shared.describe() == "GistNet: one set of weights for every level"
+    three = GistNet(mc_config(gist_levels=3), 48, 1.0)
+    assert len(three.levels) == 3 and three.level(3) is not three.level(2) and three.level(4) is three.level(3)
+
+
+def test_levels_past_the_trained_ones_reuse_sigma_and_lens_level():
+    """sigma_scale has one entry per trained level (learned in gaussian_learned); deeper levels use the last. LensNet's
+    level embedding likewise: moving an entry from LOD2 to LOD5 changes its score only through the log-span feature."""
+    scale = torch.tensor([0.0, 0.1, 0.3])
+    lod = torch.tensor([0, 1, 2, 3, 6])
+    span = 8 ** lod
+    assert torch.allclose(level_sigma(scale, lod, span), torch.tensor([0, 0.8, 19.2, 153.6, 0.3 * 8**6]))
+    m = mc_model(rope="gaussian_learned")
+    assert m.sigma_scale.shape == (3,) and isinstance(m.sigma_scale, torch.nn.Parameter)
+    lens = LensNet(mc_config(), 48).eval()
+    x, dist = torch.randn(1, 20, 48), torch.arange(20, 0, -1)[None] * 64
+    lod2, span = torch.full((1, 20), 2), torch.full((1, 20), 64)
+    base = lens(x, lod2, dist, span)
+    assert torch.equal(lens(x, lod2 + 3, dist, span), base)  # the LOD2 row serves LOD5
+    assert not torch.allclose(lens(x, lod2 - 1, dist, span), base)  # but LOD1 has its own
 
 
 @pytest.mark.parametrize("pool", ["mean", "query", "cls"])
@@ -382,7 +461,9 @@ def test_lensnet_legal_directions_and_permutation():
     raw = lens(x, lod, dist, span)[0]
     assert raw.shape == (len(wc),)
     can_expand, can_collapse = wc.legal_directions()
-    assert torch.equal(can_expand, wc.lod > 0) and not can_collapse[(wc.lod == TOP)].any()
+    assert torch.equal(can_expand, wc.lod > 0)
+    # 12 LOD2 gists: the first 8 are the children of LOD3 node 0 and may collapse into it, the ragged 4 may not
+    assert (wc.lod[:12] == 2).all() and can_collapse[:8].all() and not can_collapse[8:12].any()
     assert can_collapse.sum() % 8 == 0 and not can_collapse[-12:].any()  # whole groups, none in the tail
     # non-causal, no positions beyond the features: permuting the non-tail entries permutes the scores
     perm = torch.cat([torch.randperm(len(wc) - 8), torch.arange(len(wc) - 8, len(wc))])
@@ -550,6 +631,44 @@ def test_session_save_open_continue_equals_never_saved(tmp_path):
     assert d.wc.cursor == len(c.tree) - 10 and len(d.wc) <= 80
 
 
+def test_session_across_three_level_births_equals_reopened(tmp_path):
+    """A session streamed over a history that crosses three level births (K=4: LOD3 at 64 tokens, LOD4 at 256, LOD5
+    at 1,024), decoding and saving in between (saves that create lod3.bin .. lod5.bin), equals a fresh session opened
+    on the saved tree: every level of the tree, the working context, the allocator state and the next tokens."""
+    m = mc_model(block_k=4, w_max=48, recent_tokens=8)
+    with torch.no_grad():  # a decisive LensNet, so the allocator edits at every level
+        m.lensnet.head.weight.mul_(300)
+    history = torch.randint(0, 97, (1110,), generator=torch.Generator().manual_seed(7)).tolist()
+    a, path, pos, depths = Session(m), str(tmp_path / "session"), 0, []
+    for chunk in (50, 30, 140, 60, 720, 110):  # births inside the 2nd (64), 4th (256) and 5th (1,024) ingests
+        a.ingest(history[pos:pos + chunk])
+        pos += chunk
+        for _ in range(9):
+            a.step()
+            a.wc.check_invariants(a.cfg.w_max)
+        a.save(path)
+        depths.append(a.tree.depth)
+    assert depths == [2, 3, 3, 4, 5, 5] and a.alloc.summary()["collapses"] > 0
+    assert (a.wc.lod >= 3).any()  # the working context reads the new levels
+    b = Session.open(m, path)
+    assert b.tree.depth == 5 and len(b.tree) == len(a.tree) == 1110 + 6 * 9
+    assert b.tree.tokens(0, len(a.tree)).tolist() == a.tree.tokens(0, len(a.tree)).tolist()
+    for lod in range(1, 6):
+        every = list(range(a.tree.n_nodes(lod)))
+        assert b.tree.n_nodes(lod) == len(every) and (b.tree.gists(lod, every) == a.tree.gists(lod, every)).all()
+    assert all(torch.equal(getattr(a.wc, k), getattr(b.wc, k)) for k in ("lod", "index", "born", "born_by"))
+    assert (b.pending, b.alloc.steps, b.alloc.totals) == (a.pending, a.alloc.steps, a.alloc.totals)
+    assert_close("logits", a.logits(), b.logits(), ratio=1e-5, atol=1e-4)
+    assert [a.step() for _ in range(30)] == [b.step() for _ in range(30)]
+    # the gists do not depend on how the history was chunked, across every birth
+    c = Session(m)
+    c.ingest(a.tree.tokens(0, len(a.tree)).tolist())
+    for lod in range(1, 6):
+        every = list(range(a.tree.n_nodes(lod)))
+        assert_close(f"LOD{lod} gists", torch.from_numpy(a.tree.gists(lod, every)),
+                     torch.from_numpy(c.tree.gists(lod, every)), ratio=1e-5)
+
+
 def test_session_refuses_tree_of_another_model_or_K(tmp_path):
     m = mc_model()
     s = Session(m)
@@ -575,15 +694,16 @@ def test_bad_input_is_a_clear_error_and_changes_nothing():
     mc_config(w_max=35).validate()
     with pytest.raises(ValueError, match="budget w_max=34 is too small"):
         MegaContextModel(tiny_gpt(), mc_config(w_max=34))
-    s = Session(mc_model())
+    s = Session(mc_model(w_max=35))
     s.ingest(list(range(50)))
     for _ in range(5):
         s.step()
     before = (len(s.tree), s.tree.n_nodes(1), snapshot(s.wc), s.pending)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 97\)"):
         s.ingest([3, 97])
-    with pytest.raises(ValueError, match="raise the budget or K"):
-        s.ingest([1] * 4000)  # a budget of 64 (target 56) holds 1,995 tokens at K=8
+    # target 27 = tail 12 + 15 = 2*(K-1) + 1: the coarsest tiling fits until a history needs digit sum 16 (2, 7, 7)
+    with pytest.raises(ValueError, match="this budget holds 202 tokens at K=8; raise the budget or K"):
+        s.ingest([1] * 200)
     assert before[:2] == (len(s.tree), s.tree.n_nodes(1)) and same(before[2], snapshot(s.wc)) and before[3] == s.pending
 
 
@@ -595,14 +715,14 @@ def test_session_streams_a_long_history_and_stays_in_budget():
     for _ in range(3):
         s.ingest(torch.randint(0, 97, (40,)).tolist())  # smaller chunks: budget steps make room
         s.wc.check_invariants()
-    assert s.tree.n_nodes(1) == len(s.tree) // 8 and s.tree.n_nodes(2) == len(s.tree) // 64
+    assert s.tree.depth == 3 and all(s.tree.n_nodes(l) == len(s.tree) // 8**l for l in range(4))
     levels = s.wc.level_map(30)
-    assert len(levels) == 30 and levels[0] == "2" and list(levels) == sorted(levels, reverse=True)
+    assert len(levels) == 30 and levels[0] == str(int(s.wc.lod.max())) and list(levels) == sorted(levels)[::-1]
 
 
 def test_session_refocus_until_stable_zooms_to_tokens():
-    """After a question arrives the session refocuses until nothing changes, at most TOP + 1 steps: scores that want
-    one old token's detail zoom its LOD2 gist, then the LOD1 child, to tokens (two steps and a check), within the
+    """After a question arrives the session refocuses until nothing changes, at most depth + 1 steps: scores that want
+    one old token's detail zoom the gist over it level by level to tokens (a step per level and a check), within the
     budget; one plain step zooms one level only."""
     s = Session(mc_model(w_max=96, recent_tokens=16))
     s.ingest(torch.randint(0, 97, (2500,)).tolist())
@@ -614,13 +734,14 @@ def test_session_refocus_until_stable_zooms_to_tokens():
     def level_at(wc):
         return int(wc.lod[int(((wc.start <= p) & (wc.end > p)).nonzero())])
 
-    assert level_at(s.wc) == 2
+    top = level_at(s.wc)
+    assert top >= 2
     one = Session(mc_model(w_max=96, recent_tokens=16))
     one.ingest(s.tree.tokens(0, 2500).tolist())
     one.refocus(scorer=scorer)
-    assert level_at(one.wc) == 1  # a single step zooms one level
+    assert level_at(one.wc) == top - 1  # a single step zooms one level
     t = s.refocus(until_stable=True, scorer=scorer)
-    assert level_at(s.wc) == 0 and t["steps"] == TOP + 1 and t["expands"] == TOP
+    assert level_at(s.wc) == 0 and t["steps"] == top + 1 and t["expands"] == top
     s.wc.check_invariants(s.cfg.target)
 
 
@@ -656,14 +777,14 @@ def checkpoint(tmp_path_factory, data_dir):
 def test_sample_mc_end_to_end(checkpoint):
     ckpt, book, root = checkpoint
     tree = str(root / "tree")
-    common = ["sample.py", "--ckpt", ckpt, "--mc", "--budget", "160", "--block", "8", "--recent", "16"]
+    common = ["sample.py", "--ckpt", ckpt, "--mc", "--budget", "128", "--block", "8", "--recent", "16"]
     r = run(common + ["--prompt-file", book, "--max-new-tokens", "30", "--temperature", "0", "--tree", tree])
     assert r.returncode == 0, r.stderr
     status = [line for line in r.stderr.splitlines() if line.startswith("[mc] ") and "entries" in line]
     assert len(status) >= 3, r.stderr  # a refocus line every 8 generated tokens
     for line in status:
         levels, used = line.split(" | ")[0][5:], int(line.split(" | ")[1].split("/")[0])
-        assert set(levels) <= set("012") and levels[0] == "2" and used <= 160 and "swap" in line
+        assert levels.isdigit() and levels[0] == max(levels) > "1" and used <= 160 and "swap" in line
     assert len(r.stdout.strip()) > 0 and "The end of the book" not in r.stdout  # a book is not echoed
     n_first = json.load(open(os.path.join(tree, "meta.json")))["counts"][0]
     assert n_first > 5000
@@ -675,7 +796,7 @@ def test_sample_mc_end_to_end(checkpoint):
     # bad input: one line on stderr, exit 1, the saved tree untouched
     before = {n: open(os.path.join(tree, n), "rb").read() for n in os.listdir(tree)}
     for extra, message in [(["--block", "12"], "power of two"), (["--budget", "30"], "too small"),
-                           (["--block", "16", "--budget", "200"], "block size K=8, this session uses K=16")]:
+                           (["--block", "16", "--budget", "128"], "block size K=8, this session uses K=16")]:
         r = run(common + ["--tree", tree, "--prompt", "x", "--max-new-tokens", "3"] + extra)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
         assert message in r.stderr

@@ -15,7 +15,8 @@ SCRIPT = os.path.join(ROOT, "bench", "run_gpu.sh")
 
 def run_script(*args, out):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OUT=str(out), MC_KERNELS="torch")
+    env.update(OUT=str(out), MC_KERNELS="torch")  # the script's `python` is this interpreter, venv or not
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 

@@ -21,7 +21,7 @@ from conftest import ROOT
 from test_megacontext import checkpoint  # noqa: F401  (a random tiny GPT in train.py's format, a book, a folder)
 from test_tree import dir_digest, unwritable
 
-MC = ["--mc", "--budget", "160", "--block", "8", "--recent", "16"]
+MC = ["--mc", "--budget", "128", "--block", "8", "--recent", "16"]
 LAUNCHED = []
 
 

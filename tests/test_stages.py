@@ -73,6 +73,34 @@ def test_gist_stage_learns_and_beats_mean_pooling(gist):
     assert {"mc_config", "gistnet", "model", "optimizer", "rng"} <= set(ckpt) and "lensnet" not in ckpt
 
 
+def test_gist_levels_beyond_the_kernel(gist, data_dir, tmp_path):
+    """LOD3 (512 tokens at K=8), a level the pyramidal kernel does not train: gist_eval measures it on explicit working
+    contexts, the LOD2 weights make it, and bench/gist_depth.py compares the ways to make it (an identical 'shared'
+    checkpoint differs by exactly 0; LOD3 by the LOD1 weights differs at LOD3 only)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gist_depth
+    import prepare
+    mc = gist_depth.load_mc(os.path.join(gist, "ckpt.pt"))
+    tokens = torch.from_numpy(prepare.load_split(data_dir, "val")[0][:601].astype("int64"))
+    x, y = tokens[None, :-1], tokens[None, 1:]
+    cfg = train.TrainConfig(horizon=16)
+    calls = []
+    for i, level in enumerate(mc.gistnet.levels):
+        level.register_forward_hook(lambda mod, args, out, i=i: calls.append((i, args[0].shape[0])))
+    out = stages.gist_eval(mc, x, y, cfg)
+    assert out["dnll_lod3_gist"][1] == out["dnll_lod3_mean"][1] == 16 and "dnll_lod4_gist" not in out
+    assert out["dnll_lod3_gist"][0] != out["dnll_lod3_mean"][0]
+    assert (1, 1) in calls  # the one LOD3 gist of [0, 512) came from the second (LOD2) weight set
+    ckpt = os.path.join(gist, "ckpt.pt")
+    r = gist_depth.main(["--split", ckpt, "--shared", ckpt, "--data-dir", data_dir, "--cursor", "600", "--horizon",
+                         "16", "--windows", "2", "--out", str(tmp_path / "gd")])
+    assert set(r["arms"]) == {"reuse", "reuse-lod1", "mean", "shared"}
+    assert all(r["diff_to_reuse"]["shared"][lvl]["mean"] == 0 for lvl in (1, 2, 3))
+    lod1 = r["diff_to_reuse"]["reuse-lod1"]
+    assert lod1[1]["mean"] == lod1[2]["mean"] == 0 and lod1[3]["mean"] != 0
+    assert "| reuse |" in open(str(tmp_path / "gd.md")).read()
+
+
 def test_lens_labels_on_constructed_case():
     """One LOD2 gist holds what the scored tokens need: zooming it to its tokens lowers their summed NLL by 5 nats, any
     other zoom changes nothing, every collapse costs 0.3. Its label is the largest (zoom credit for a coarse gist),
@@ -105,7 +133,12 @@ def test_lens_labels_on_constructed_case():
     mass = torch.full((400,), 0.01)
     mass[a:b] = 1.0
     att = dict(zip(cands, stages.attention_labels(wc, cands, mass).tolist()))
-    assert max(att, key=att.get) == ("zoom", key) and att[("zoom", key)] == pytest.approx(b - a)
+    zooms = {c: v for c, v in att.items() if c[0] == "zoom"}
+    assert max(zooms, key=zooms.get) == ("zoom", key) and att[("zoom", key)] == pytest.approx(b - a)
+    for (kind, i), v in att.items():  # a collapse loses its group's whole mass
+        if kind == "collapse":
+            lo, hi = int(wc.start[i]), int(wc.end[i + wc.K - 1])
+            assert v == pytest.approx(0.01 * (hi - lo) + 0.99 * max(0, min(hi, b) - max(lo, a)), rel=1e-4)
     assert stages.spearman(raw, raw) == pytest.approx(1.0)
 
 

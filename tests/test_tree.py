@@ -4,13 +4,16 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from tree import TOP, MegaContextTree, TreeError, check_folder, children, node_span, parent
+import tree as tree_module
+from tree import MegaContextTree, TreeError, check_folder, children, depth_of, node_span, parent
 
 D, V = 6, 50
 
@@ -46,14 +49,13 @@ def dir_digest(path):
 
 def test_tree_node_arithmetic_round_trips():
     for K in (2, 8, 32):
-        for lod in range(TOP + 1):
+        for lod in range(6):
             for k in (0, 1, K - 1, K, 12345):
                 a, b = node_span(lod, k, K)
                 assert (a, b) == (k * K**lod, (k + 1) * K**lod)
-                if lod < TOP:
-                    pl, pk = parent(lod, k, K)
-                    pa, pb = node_span(pl, pk, K)
-                    assert pa <= a and b <= pb and (lod, k) in children(pl, pk, K)
+                pl, pk = parent(lod, k, K)
+                pa, pb = node_span(pl, pk, K)
+                assert pa <= a and b <= pb and (lod, k) in children(pl, pk, K)
                 if lod > 0:
                     kids = children(lod, k, K)
                     child = K ** (lod - 1)
@@ -152,7 +154,8 @@ def test_tree_save_open_append_round_trip(tmp_path):
         every = np.arange(ref.n_nodes(lod))
         assert np.array_equal(again.gists(lod, every), ref.gists(lod, every))
     meta = json.load(open(os.path.join(path, "meta.json")))
-    assert meta["counts"] == [200, 50, 12] and meta["K"] == K and meta["d"] == D and meta["identity"] == "model-a"
+    assert meta["counts"] == [200, 50, 12, 3] and meta["levels"] == 4 and meta["format_version"] == 2
+    assert meta["K"] == K and meta["d"] == D and meta["identity"] == "model-a"
     assert os.path.getsize(os.path.join(path, "lod1.bin")) == 50 * D * 4
 
 
@@ -279,3 +282,135 @@ def test_tree_save_to_unwritable_folder_fails_before_writing(tmp_path):
             tree.save(os.path.join(path, "sub"))  # a folder save would create inside it
         assert check_folder(path, write=False) is False  # reading needs no write access
     assert os.listdir(path) == []
+# ----------------------------------------------------------------------------------------------------------------
+# any depth: levels are born as the history grows; format v2; v1 trees open and extend; crash safety of a save that
+# creates a level
+
+
+def test_tree_depth_grows_a_level_per_K_gists():
+    """A level is born exactly when K gists of the current top exist; every level holds len // K**l nodes; the top
+    holds fewer than K; chunking across level births does not change a single gist."""
+    K, n = 2, 600  # depth 9 at 512 tokens
+    ids = np.random.default_rng(3).integers(0, V, n)
+    tree, pos = make_tree(K), 0
+    for chunk in (1, 1, 3, 2, 9, 17, 30, 1, 64, 100, 1, 250, 121):
+        tree.append(ids[pos:pos + chunk])
+        pos += chunk
+        assert tree.depth == depth_of(pos, K) and (pos < K**tree.depth * K)
+        assert [tree.n_nodes(l) for l in range(tree.depth + 2)] == [pos // K**l for l in range(tree.depth + 1)] + [0]
+        assert 1 <= tree.n_nodes(tree.depth) < K or tree.depth == 0
+    assert pos == n and tree.depth == 9
+    one = make_tree(K)
+    one.append(ids)
+    for lod in range(1, 10):
+        every = np.arange(one.n_nodes(lod))
+        assert np.array_equal(one.gists(lod, every), tree.gists(lod, every))
+        # LOD l node k = (sum of its K children) + l with the recording gist, at every level
+        below = fake_embed(torch.from_numpy(ids)).numpy() if lod == 1 else one.gists(lod - 1, np.arange(len(every) * K))
+        assert np.allclose(one.gists(lod, every), below[:len(every) * K].reshape(-1, K, D).sum(1) + lod)
+
+
+def write_v1(path, tree):
+    """The format of this code before issue 11, written independently: tokens.bin, lod1.bin, lod2.bin and a
+    version-1 meta.json with three counts (LOD3 and above did not exist)."""
+    os.makedirs(path)
+    counts, crcs = [], []
+    for lod, name in enumerate(("tokens.bin", "lod1.bin", "lod2.bin")):
+        n = len(tree) // tree.K**lod
+        rows = (tree.tokens(0, n).astype(np.int32) if lod == 0 else np.zeros((0, D), np.float32) if n == 0
+                else tree.gists(lod, np.arange(n)).astype(np.float32))
+        open(os.path.join(path, name), "wb").write(rows.tobytes())
+        counts.append(n)
+        crcs.append(zlib.crc32(rows.tobytes()))
+    meta = {"format_version": 1, "K": tree.K, "d": D, "dtype": "float32", "token_dtype": "int32", "vocab_size": V,
+            "identity": "model-a", "counts": counts, "crc32": crcs, "extra": {"note": "v1"}}
+    open(os.path.join(path, "meta.json"), "w").write(json.dumps(meta))
+
+
+@pytest.mark.parametrize("n", [3, 37, 300], ids=["no-gists", "lod1-only", "lod2-and-above"])
+def test_tree_v1_opens_and_extends_without_loss(tmp_path, n):
+    K, path = 4, str(tmp_path / "v1")
+    ids = np.random.default_rng(4).integers(0, V, n + 90)
+    ref = make_tree(K)
+    ref.append(ids[:n])
+    write_v1(path, ref)
+    before = dir_digest(path)
+    tree, extra = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert extra == {"note": "v1"} and dir_digest(path) == before  # opening writes nothing
+    assert tree.depth == ref.depth == depth_of(n, K)  # 300 tokens at K=4: LOD3 and LOD4 made on open
+    for lod in range(1, tree.depth + 1):
+        every = np.arange(ref.n_nodes(lod))
+        assert np.array_equal(tree.gists(lod, every), ref.gists(lod, every))
+    tree.append(ids[n:])
+    ref.append(ids[n:])
+    tree.save(path)  # extended and written back as v2, the v1 rows kept in place
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    assert meta["format_version"] == 2 and meta["levels"] == ref.depth + 1 and meta["counts"][0] == n + 90
+    with open(os.path.join(path, "tokens.bin"), "rb") as f:
+        assert f.read(4 * n) == ids[:n].astype(np.int32).tobytes()
+    again, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert np.array_equal(again.tokens(0, n + 90), ids)
+    for lod in range(1, ref.depth + 1):
+        every = np.arange(ref.n_nodes(lod))
+        assert np.array_equal(again.gists(lod, every), ref.gists(lod, every))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_tree_crash_at_every_point_of_a_save_that_creates_a_level(tmp_path, monkeypatch):
+    """A save that appends rows and creates LOD3 is cut at each of its durable steps, with torn bytes left in every
+    file (and a leftover lod3.bin): the directory opens as the last commit until meta.json is replaced, as the new one
+    after; either way the next save completes it, and it equals a tree that never crashed."""
+    K = 4
+    ids = np.random.default_rng(5).integers(0, V, 80)
+    committed = str(tmp_path / "committed")
+    first = make_tree(K)
+    first.append(ids[:60])  # depth 2: 3 LOD2 gists
+    first.save(committed)
+    whole = make_tree(K)
+    whole.append(ids)  # 80 tokens: 5 LOD2 gists, so LOD3 is born
+    points = []
+    monkeypatch.setattr(tree_module, "_crash_point", points.append)
+    probe = str(tmp_path / "probe")
+    shutil.copytree(committed, probe)
+    t, _ = MegaContextTree.open(probe, K, D, V, "model-a", fake_embed, Recorder())
+    t.append(ids[60:])
+    t.save(probe)
+    assert "write lod3.bin" in points and points.index("write lod3.bin") < points.index("write meta.json")
+
+    def crash_at(k):
+        calls = []
+
+        def point(what):
+            calls.append(what)
+            if len(calls) == k + 1:
+                raise Crash(what)
+        return point
+
+    for k, what in enumerate(points):
+        path = str(tmp_path / f"crash{k}")
+        shutil.copytree(committed, path)
+        t, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+        t.append(ids[60:])
+        monkeypatch.setattr(tree_module, "_crash_point", crash_at(k))
+        with pytest.raises(Crash):
+            t.save(path)
+        monkeypatch.setattr(tree_module, "_crash_point", lambda what: None)
+        for name in ("tokens.bin", "lod1.bin", "lod2.bin", "lod3.bin"):
+            with open(os.path.join(path, name), "ab") as f:
+                f.write(b"\x5a" * 23)  # torn rows of the interrupted write
+        after_commit = k > points.index("write meta.json")
+        t, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+        n = 80 if after_commit else 60
+        assert len(t) == n and t.depth == depth_of(n, K), what
+        assert np.array_equal(t.tokens(0, n), ids[:n])
+        t.append(ids[n:])
+        t.save(path)
+        t, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+        assert len(t) == 80 and t.depth == 3, what
+        for lod in range(1, 4):
+            every = np.arange(whole.n_nodes(lod))
+            assert np.array_equal(t.gists(lod, every), whole.gists(lod, every)), (what, lod)
+        assert os.path.getsize(os.path.join(path, "lod3.bin")) == 1 * D * 4
