@@ -57,7 +57,8 @@ PY
 )
 echo "lens teacher kept: $best"
 for split in val test; do
-    python bench/longctx.py --ckpt $OUT/lens_$best/ckpt.pt --split $split --out $OUT/harness_$split > /dev/null
+    python bench/longctx.py --ckpt $OUT/lens_$best/ckpt.pt --split $split --retrieval-histories 1024,2048,4096 \
+        --out $OUT/harness_$split > /dev/null
 done
 python bench/mc_report.py --out bench/results/mc_demo_cpu --val $OUT/harness_val.json --test $OUT/harness_test.json \
     --select counterfactual=$OUT/select_counterfactual.json attention=$OUT/select_attention.json --kept $best \
