@@ -129,9 +129,11 @@ class Session:
 
 
 def mc_model(ckpt, args, gpt):
-    """The checkpoint's MegaContext config and weights when it has them (training stages), else untrained nets."""
+    """The checkpoint's MegaContext config and weights when it has them (training stages), else untrained nets. The
+    budget defaults to the checkpoint's, else to the default capped at the base's block."""
     fields = {f.name for f in dataclasses.fields(MegaContextConfig)}
-    saved = {k: v for k, v in ckpt.get("mc_config", {}).items() if k in fields}
+    saved = {"w_max": min(MegaContextConfig.w_max, gpt.config.block_size)}
+    saved |= {k: v for k, v in ckpt.get("mc_config", {}).items() if k in fields}
     given = {"block_k": args.block, "w_max": args.budget, "recent_tokens": args.recent, "policy": args.policy}
     cfg = MegaContextConfig(**{**saved, **{k: v for k, v in given.items() if v is not None}})
     if cfg.w_max > gpt.config.block_size:  # DESIGN §2: PoSE trains positions, not spans

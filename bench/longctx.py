@@ -682,6 +682,9 @@ def main(argv):
     print(f"[gate] in-block retrieval (full attention, history {T}): {hits}/{n} = {acc:.3f} [{lo:.3f}, {hi:.3f}] "
           f"({', '.join(f'{k} {a:.2f}' for k, a in in_block['per_kind'].items())})", file=sys.stderr)
     if args.gate is not None:
+        if args.out:  # the gate's figures, met or not
+            with open(f"{args.out}.json", "w") as f:
+                json.dump(dict(in_block, threshold=args.gate, split=args.split, checkpoint=args.ckpt), f, indent=1)
         if not acc >= args.gate:  # (nan when nothing could be asked)
             fail(f"the base model retrieves {acc:.3f} < {args.gate} of the needles inside its own {T}-token window "
                  f"({args.split} split): the MegaContext stages would measure nothing; train the base longer")

@@ -1,6 +1,8 @@
 """The MegaContext demonstration's report (bench/mc_demo.sh's last step): the harness results on the val and test
 splits (bench/longctx.py JSON) and the LensNet-teacher selection (made on val only) -> <out>.json with a top-level
-`summary` (the test split's), <out>.md (tables and each target met or missed) and <out>.png (test split).
+`summary` (the test split's) and the run's device, versions, date, commit and command, <out>.md (tables and each
+target met or missed) and <out>.png (test split). With --base-log, the base stage's throughput and MFU (medians over
+its logged steps; MFU is n/a on a CPU).
 
     python bench/mc_report.py --out bench/results/mc_demo_cpu --val V.json --test T.json \
         --select counterfactual=S1.json attention=S2.json --kept counterfactual --seconds 1700
@@ -79,6 +81,27 @@ def targets(result) -> list[tuple[str, bool, str]]:
     return out
 
 
+def base_throughput(path: str) -> dict:
+    """Median tokens/s and MFU over the base stage's logged training steps (log.jsonl), and how many steps."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    steps = [r for r in rows if "loss" in r and "tok_per_s" in r]
+    mfu = [r["mfu"] for r in steps if r.get("mfu") is not None]
+    return dict(steps=len(steps), tokens_per_s=float(np.median([r["tok_per_s"] for r in steps])) if steps else None,
+                mfu=float(np.median(mfu)) if mfu else None)
+
+
+def gate_base_line(report) -> str:
+    """One line: the gate's in-block retrieval and the base stage's throughput."""
+    g, b, parts = report["gate"], report["base"], []
+    if g:
+        parts.append(f"Gate: in-block retrieval {g['hits']}/{g['trials']} = {g['accuracy']:.3f} "
+                     f"[{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] (threshold {g['threshold']}).")
+    if b and b["tokens_per_s"]:
+        mfu = "n/a" if b["mfu"] is None else f"{100 * b['mfu']:.1f}%"
+        parts.append(f"Base stage: {b['tokens_per_s']:,.0f} tokens/s, MFU {mfu} (medians over {b['steps']} steps).")
+    return " ".join(parts)
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output prefix")
@@ -87,20 +110,30 @@ def main(argv):
     p.add_argument("--select", nargs="+", default=[], help="TEACHER=PATH: val results of each LensNet teacher")
     p.add_argument("--kept", required=True, help="the teacher kept")
     p.add_argument("--seconds", type=float, default=None, help="wall time of the whole demonstration")
+    p.add_argument("--size", default="cpu", help="the demonstration's size (mc_demo.sh --size)")
+    p.add_argument("--gate", default=None, help="the gate's JSON (longctx.py --gate ... --out)")
+    p.add_argument("--base-log", default=None, help="the base stage's log.jsonl: throughput and MFU")
+    p.add_argument("--command", default=None, help="the command that ran the demonstration")
     a = p.parse_args(argv)
     res = {split: json.load(open(path)) for split, path in (("val", a.val), ("test", a.test))}
     teachers = {}
     for item in a.select:
         name, _, path = item.partition("=")
         teachers[name] = json.load(open(path))["summary"]["retrieval"].get("lens")
-    report = dict(summary=res["test"]["summary"], summary_val=res["val"]["summary"], lens_teacher=dict(
+    meta = {k: res["test"].get(k) for k in ("device", "threads", "torch", "triton", "kernels", "date", "commit",
+                                              "dirty")}
+    report = dict(size=a.size, command=a.command, **meta, gate=json.load(open(a.gate)) if a.gate else None,
+                  base=base_throughput(a.base_log) if a.base_log else None,
+                  summary=res["test"]["summary"], summary_val=res["val"]["summary"], lens_teacher=dict(
         kept=a.kept, val_retrieval=teachers), seconds=a.seconds, targets={
         split: [dict(target=t, met=bool(m), value=v) for t, m, v in targets(r)] for split, r in res.items()}, **res)
     with open(f"{a.out}.json", "w") as f:
         json.dump(report, f, indent=1)
-    lines = [f"# MegaContext demonstration (CPU): {a.kept} LensNet teacher", "",
-             f"Wall time {a.seconds / 60:.1f} min for the whole chain (`bash bench/mc_demo.sh`)." if a.seconds else "",
-             "", "LensNet teacher chosen on val retrieval (lens arm, question last, both kinds): " + ", ".join(
+    lines = [f"# MegaContext demonstration ({a.size}, {meta['device']}): {a.kept} LensNet teacher", "",
+             f"Wall time {a.seconds / 60:.1f} min for the whole chain (`{a.command or 'bash bench/mc_demo.sh'}`; "
+             f"torch {meta['torch']}, triton {meta['triton']}, kernels {meta['kernels']}, {meta['date']}, commit "
+             f"{meta['commit']})." if a.seconds else "",
+             "", gate_base_line(report), "", "LensNet teacher chosen on val retrieval (lens arm, question last, both kinds): " + ", ".join(
                  f"{t} {', '.join(f'{k} {v:.2f}' for k, v in acc.items())}" for t, acc in teachers.items() if acc), ""]
     for split in ("test", "val"):
         lines += [f"## Targets, {split} split", "", "| target | met | value |", "|---|---|---|"]
