@@ -196,7 +196,7 @@ def deep_dnll(mc: MegaContextModel, x, y, cfg, levels=None, pool: str = "gist") 
                              torch.cat([torch.arange(k, k + n) for _, k, n in runs])))
         losses = horizon_nll(mc, variants, tables, y[b, c - 1:c - 1 + H], c).float().cpu()
         for level, loss in zip(levels, losses[1:]):
-            out[f"dnll_lod{level}_{pool}"][0] += (loss - losses[0]).item() * H
+            out[f"dnll_lod{level}_{pool}"][0] += (loss - losses[0]).item()  # summed over the H tokens
             out[f"dnll_lod{level}_{pool}"][1] += H
     return {k: tuple(v) for k, v in out.items()}
 
