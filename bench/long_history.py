@@ -45,8 +45,8 @@ from session import Session, ingest_stream  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
 from tree import GIST_DTYPES, level_file  # noqa: E402
 
-RETRIEVAL_NOTE = ("retrieval cells not run: retrieval_cells() awaits the MegaContext-effect demo's model and harness "
-                  "(issue 9), which the lead wires in")
+RETRIEVAL_NOTE = ("retrieval cells not run: retrieval_cells() is not wired to bench/longctx.py's harness yet, and the "
+                  "demo's base copies a raw needle from at most ~2k positions back (bench/results/mc_demo_cpu.md)")
 
 
 def parse_args(argv):
