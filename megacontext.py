@@ -93,7 +93,8 @@ class MegaContextConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         if not 1 <= self.lens_preview <= 3 or K**self.lens_preview > 4096:
-            raise ValueError(f"lens_preview={self.lens_preview} must be 1..3 with K**lens_preview <= 4096 nodes per entry")
+            raise ValueError(f"lens_preview={self.lens_preview} must be 1..3 with K**lens_preview <= 4096 nodes per "
+                             "entry")
         if min(self.recent_tokens, self.refocus_every, self.max_edits, self.cooldown) < 0:
             raise ValueError("recent_tokens, refocus_every, max_edits and cooldown must be >= 0")
         # the least budget worth running: the tail plus the coarsest tiling of a history that reaches LOD2 (ragged

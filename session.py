@@ -93,7 +93,8 @@ class Session:
             return recency_scores(wc, self.cfg.target)
         x = self.tree.node_embeddings(wc.lod, wc.index)[None]
         child_lod, child_index = preview_nodes(wc.lod, wc.index, wc.K, self.cfg.lens_preview)
-        children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1)).view(1, len(wc), -1, x.shape[-1])
+        children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1))
+        children = children.view(1, len(wc), -1, x.shape[-1])
         lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
         return self.model.lensnet(x, lod, dist, span, children)[0].cpu()
 

@@ -1,5 +1,5 @@
-"""The MegaContext training stages (DESIGN §4, §5, §9; issues 5 and 9): their losses, labels and evaluations. train.py
-owns the loop (data, DDP, optimizer, checkpoints, logs); this file owns what one stage computes on one batch.
+"""The MegaContext training stages (DESIGN §4, §5, §9; issues 5 and 9): their losses, labels and evaluations.
+train.py owns the loop (data, DDP, optimizer, checkpoints, logs); this file owns what one stage computes on one batch.
 
     gist (JT1)  base frozen; GistNet learns substitutability in one pass per sequence with pyramidal attention: every
                 token position is scored under its own working context (raw tokens within W0, LOD1 gists for W1 blocks,
@@ -283,7 +283,8 @@ def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int, chu
 def lens_features(wc: WorkingContext, tables, preview: int):
     """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, and the embeddings of the
     nodes `preview` levels below each entry (preview_nodes)."""
-    x, children = node_rows(tables, wc.lod, wc.index), node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, preview))
+    x = node_rows(tables, wc.lod, wc.index)
+    children = node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, preview))
     dev = x.device
     return (x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev),
             children[None])
@@ -348,9 +349,9 @@ def spearman(a, b) -> float:
 
 def lens_prompt(x_row, cfg, rng: np.random.Generator, needles):
     """One lens example from the book window x_row (T + 1,): (history ids, scored ids, needle position or -1), the
-    history max(T/4, 2 w_max)..T tokens long. A share cfg.lens_retrieval holds a needle (pass key or kv with distractors, half each)
-    beyond the newest w_max + recent tokens, asked at the history's end, and scores its answer; the rest scores the
-    `horizon` book tokens after the history."""
+    history max(T/4, 2 w_max)..T tokens long. A share cfg.lens_retrieval holds a needle (pass key or kv with
+    distractors, half each) beyond the newest w_max + recent tokens, asked at the history's end, and scores its answer;
+    the rest scores the `horizon` book tokens after the history."""
     n = int(rng.integers(min(len(x_row), max(len(x_row) // 4, 2 * cfg.w_max)), len(x_row) + 1))
     x_row = x_row[len(x_row) - n:]
     if rng.random() >= cfg.lens_retrieval:
@@ -385,7 +386,8 @@ def attention_mass(gpt, ids, scored: int):
         q, k, _ = module.c_attn(x).view(B, T, 3, module.n_head, module.head_dim).unbind(2)
         q, k = module.rotate(module.q_norm(q), module.k_norm(k), mu, sigma)
         att = torch.einsum("bqhd,bkhd->bhqk", q[:, -scored - 1:-1], k) / module.head_dim**0.5
-        causal = torch.arange(T, device=x.device)[None, :] <= torch.arange(T - scored - 1, T - 1, device=x.device)[:, None]
+        rows = torch.arange(T - scored - 1, T - 1, device=x.device)
+        causal = torch.arange(T, device=x.device)[None, :] <= rows[:, None]
         masses.append(att.masked_fill(~causal, -math.inf).softmax(-1)[0].sum(1).mean(0))  # (T,)
     hooks = [b.attn.register_forward_hook(keep) for b in gpt.blocks]
     try:
@@ -520,7 +522,8 @@ def lora_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     for b in range(x.shape[0]):
         tables = node_tables(mc, mc.gpt.wte(x[b, :c]))
         wc = allocator_wc(mc, c, tables, gen)
-        total += horizon_nll(mc, [(wc.lod, wc.index)], tables, y[b, c - 1:c - 1 + cfg.horizon], c)[0].item() / cfg.horizon
+        future = y[b, c - 1:c - 1 + cfg.horizon]
+        total += horizon_nll(mc, [(wc.lod, wc.index)], tables, future, c)[0].item() / cfg.horizon
     return {"val_loss": (total, x.shape[0])}
 
 

@@ -706,7 +706,7 @@ def main(argv, nested: bool = False):
     data_dir = resolve_data_dir(cfg.data_dir)
     train_tokens, val_tokens, meta = load_data(data_dir)
     cfg = dataclasses.replace(cfg, data_dir=data_dir)  # the config logged and saved names the data actually read
-    if cfg.retrieval_mix > 0 or cfg.copy_steps > 0:  # a drill fits a window and the tokenizer has the markers: say so now
+    if cfg.retrieval_mix > 0 or cfg.copy_steps > 0:  # a drill fits a window, the tokenizer has the markers: say so now
         try:
             for T in {window(cfg, None)[0], window(cfg, 0)[0]}:
                 for seed in (0, 2):  # seed 0 draws no pass key, seed 2 draws one: both drill sizes are tried

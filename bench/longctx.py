@@ -329,7 +329,8 @@ def answer(method, gpt, mc, prompt, budget, stream):
     if method in ("full", "truncation"):
         ctx = ids if method == "full" else ids[-budget:]
         x = torch.as_tensor(ctx, device=dev)[None]
-        return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=gpt.make_cache(1, len(ctx) + n_new))], None
+        cache = gpt.make_cache(1, len(ctx) + n_new)
+        return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=cache)], None
     at = prompt["needle_at"]
     s = stream_session(mc, ids, stream, settle=True, scorer=oracle_scorer(at) if method == "oracle" else None)
     raw = at >= 0 and bool(((s.wc.lod == 0) & (s.wc.start >= at) & (s.wc.start < at + retrieval.NEEDLE_LEN)).sum()
@@ -502,7 +503,8 @@ def nll_tables(nll, title) -> list[str]:
         return []
     methods = [m for m in METHODS if any(r["method"] == m for r in nll)]
     lines = [f"## {title} (nats/token; 95% bootstrap CI over documents)", "",
-             "| history | budget | docs | " + " | ".join(methods) + " | gap trunc→full |", "|---" * (len(methods) + 4) + "|"]
+             "| history | budget | docs | " + " | ".join(methods) + " | gap trunc→full |",
+             "|---" * (len(methods) + 4) + "|"]
     cells = sorted({(r["history"], r["budget"]) for r in nll})
     for L, W in cells:
         cell = {r["method"]: r for r in nll if (r["history"], r["budget"]) == (L, W)}
@@ -553,8 +555,8 @@ def markdown(result) -> str:
         for kind, control, L in sorted({(r["kind"], r["control"] or "", r["history"]) for r in ret}):
             cell = {r["method"]: r for r in ret if (r["kind"], r["control"] or "", r["history"]) == (kind, control, L)}
             row = [kind, CONTROL_NAMES[control or None], f"{L:,}"]
-            row += ["–" if m not in cell else f"{cell[m]['accuracy']:.2f} [{cell[m]['ci'][0]:.2f}, {cell[m]['ci'][1]:.2f}]"
-                    for m in shown]
+            row += ["–" if m not in cell else
+                    f"{cell[m]['accuracy']:.2f} [{cell[m]['ci'][0]:.2f}, {cell[m]['ci'][1]:.2f}]" for m in shown]
             lines.append("| " + " | ".join(row) + " |")
         sess = [r for r in ret if "telemetry" in r and r["control"] is None]
         if sess:
@@ -567,7 +569,7 @@ def markdown(result) -> str:
                 lines.append(f"| {r['kind']} | {r['history']:,} | {r['method']} | {t['steps']:.2f} | "
                              f"{t['expands']:.2f} | {t['needle_raw']:.2f} | {depth} |")
     if result["telemetry"]:
-        lines += ["", "## Allocator telemetry (NLL sessions on book text; decode overhead vs the base at equal WC size)",
+        lines += ["", "## Allocator telemetry (NLL sessions on book text; decode overhead vs the base, same WC size)",
                   "", "| budget | method | swap rate | residency | expands | collapses | utilisation | compliance | "
                   "mc ms/tok | base ms/tok | overhead |", "|---" * 11 + "|"]
         for t in result["telemetry"]:

@@ -133,7 +133,8 @@ def main(argv):
              f"Wall time {a.seconds / 60:.1f} min for the whole chain (`{a.command or 'bash bench/mc_demo.sh'}`; "
              f"torch {meta['torch']}, triton {meta['triton']}, kernels {meta['kernels']}, {meta['date']}, commit "
              f"{meta['commit']})." if a.seconds else "",
-             "", gate_base_line(report), "", "LensNet teacher chosen on val retrieval (lens arm, question last, both kinds): " + ", ".join(
+             "", gate_base_line(report), "",
+             "LensNet teacher chosen on val retrieval (lens arm, question last, both kinds): " + ", ".join(
                  f"{t} {', '.join(f'{k} {v:.2f}' for k, v in acc.items())}" for t, acc in teachers.items() if acc), ""]
     for split in ("test", "val"):
         lines += [f"## Targets, {split} split", "", "| target | met | value |", "|---|---|---|"]
