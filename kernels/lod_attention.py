@@ -414,8 +414,8 @@ def smem_bytes(kernel, cfg, D, elt):
     bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages
     if kernel == "fwd":
         return (bm + 2 * bn * st) * D * elt + bm * bn * 4
-    if kernel == "dq":
-        return (2 * bm + 2 * bn * st) * D * elt + bm * bn * 8
+    if kernel == "dq":  # scores in fp32 and the 16-bit ds tile staged for its second dot
+        return (2 * bm + 2 * bn * st) * D * elt + bm * bn * 10
     return (2 * bn + 2 * bm * st) * D * elt + bm * bn * 8
 
 
