@@ -19,13 +19,22 @@ loss, answers a higher weight). Prompts for the harness and the lens stage (`mak
 `history` tokens, a needle at a relative depth, the question last; or the controls: `query_first` (the question opens
 the prompt and the prompt ends with a bare <|query|>, a cue that does not name the key) and `no_needle`.
 """
+import functools
 import math
 
 import numpy as np
 
+import prepare
+
 KINDS = ("passkey", "kv")
 NEEDLE_LEN = 7  # tokens of either needle: marker, 5 contents, closing marker
 CONTROLS = (None, "query_first", "no_needle")
+
+
+@functools.lru_cache(maxsize=4)
+def needles_for(data_dir: str) -> "Needles":
+    """The Needles of a prepared-data directory's tokenizer, built once per directory (train.py, stages.py)."""
+    return Needles(prepare.load_tokenizer(data_dir))
 
 
 class Needles:

@@ -34,7 +34,6 @@ Decisions where DESIGN and the issues are silent:
 - The pyramid's gist entries are computed under their own pyramid (DESIGN §8.3 approximation).
 """
 import contextlib
-import functools
 import math
 import time
 from collections import defaultdict
@@ -44,7 +43,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import prepare
 import retrieval
 from megacontext import FocusAllocator, MegaContextModel, WorkingContext, level_sigma, preview_nodes
 from tiling import coarsest_runs
@@ -404,7 +402,7 @@ def lens_contexts(mc, x, y, cfg, gen):
     rng = np.random.default_rng(int(torch.randint(2**62, (), generator=gen)))
     rows = torch.cat([x, y[:, -1:]], 1).cpu().numpy()
     for row in rows:
-        ids, scored, needle_at = lens_prompt(row, cfg, rng, _needles(cfg.data_dir))
+        ids, scored, needle_at = lens_prompt(row, cfg, rng, retrieval.needles_for(cfg.data_dir))
         c, future = len(ids), torch.as_tensor(scored, device=x.device)  # a question is the history's end
         tables = node_tables(mc, mc.gpt.wte(torch.as_tensor(ids, device=x.device)))
         wc = sample_lens_wc(mc, c, needle_at, rng, gen)
@@ -476,11 +474,6 @@ def lens_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
                 out[key][0] += v
                 out[key][1] += 1
     return {k: tuple(v) for k, v in out.items()}
-
-
-@functools.lru_cache(maxsize=4)
-def _needles(data_dir: str) -> retrieval.Needles:
-    return retrieval.Needles(prepare.load_tokenizer(data_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ so sample.py --mc and the next stage read them; `model` holds the GPT with its a
 exact: the batch of step s depends only on (seed, s), and model, optimizer and RNG state are saved.
 """
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -393,7 +392,7 @@ def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool
             if copying:
                 w[b] = retrieval.copy_spans(xy[b], rng, cfg.retrieval_weight)
             elif rng.random() < cfg.retrieval_mix:
-                w[b], q_start = retrieval.plant_drills(xy[b], rng, needles(cfg.data_dir), cfg.retrieval_needles,
+                w[b], q_start = retrieval.plant_drills(xy[b], rng, retrieval.needles_for(cfg.data_dir), cfg.retrieval_needles,
                                                        cfg.retrieval_questions, cfg.retrieval_weight)
                 if far and rng.random() < cfg.retrieval_gaps:
                     forced[b] = q_start
@@ -404,11 +403,6 @@ def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool
         y[w == 0] = -1
     mu = pose_positions(B, T, gen, cfg, forced) if gaps else torch.arange(T).repeat(B, 1)
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in (x, y, mu, w))
-
-
-@functools.lru_cache(maxsize=4)
-def needles(data_dir: str) -> retrieval.Needles:
-    return retrieval.Needles(prepare.load_tokenizer(data_dir))
 
 
 def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -711,7 +705,7 @@ def main(argv, nested: bool = False):
             for T in {window(cfg, None)[0], window(cfg, 0)[0]}:
                 for seed in (0, 2):  # seed 0 draws no pass key, seed 2 draws one: both drill sizes are tried
                     retrieval.plant_drills(np.zeros(T + 1, dtype=np.int64), np.random.default_rng(seed),
-                                           needles(data_dir), cfg.retrieval_needles, cfg.retrieval_questions,
+                                           retrieval.needles_for(data_dir), cfg.retrieval_needles, cfg.retrieval_questions,
                                            cfg.retrieval_weight)
         except (ValueError, KeyError) as e:
             fail(f"retrieval drills: {e}")
