@@ -34,6 +34,8 @@ class GPTConfig:
     tie_embeddings: bool = True  # share wte with lm_head
     rope_base: float = 10000.0  # w_j = rope_base ** (-2j / head_dim)
     rope_heads: int = 0  # heads rotated by (Gaussian) RoPE; the others are position-free (NoPE); 0 = all heads
+    rope_bands: int = 0  # bands that rotate in each RoPE head, the fastest; the slower ones get frequency 0 (p-RoPE,
+    # Barbero et al. 2024): position-free channels that match content at any distance; 0 = all head_dim / 2 bands
     rope_layers: int = 0  # blocks with RoPE heads (the first ones); the later blocks are all NoPE; 0 = every block
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (kernels.lod_attention, RoPE fused; no-cache forwards)
     dropout: float = 0.0
@@ -103,6 +105,8 @@ class CausalSelfAttention(nn.Module):
         self.rope_base, self.attn = config.rope_base, config.attn
         self.rope_heads = config.rope_heads or config.n_head
         assert 0 < self.rope_heads <= self.n_head, f"rope_heads must be in 0..n_head, got {config.rope_heads}"
+        self.rope_bands = config.rope_bands or self.head_dim // 2
+        assert 0 < self.rope_bands <= self.head_dim // 2, f"rope_bands must be in 0..hs/2, got {config.rope_bands}"
         if config.rope_layers and layer >= config.rope_layers:
             self.rope_heads = 0  # a position-free block (as Llama 4's interleaved NoPE layers)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
@@ -125,7 +129,7 @@ class CausalSelfAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if pyramid is not None or (self.attn == "lod" and cache is None):  # RoPE fused into the kernel's loads
             assert cache is None, "pyramid metadata is for cache-free (training) forwards"
-            if self.rope_heads < self.n_head:  # rotate here, so the kernel's fused rotation must be the identity
+            if not self.rotates_all:  # rotate here, so the kernel's fused rotation must be the identity
                 q, k = self.rotate(q, k, mu, sigma)
                 mu, sigma = torch.zeros_like(mu), torch.zeros_like(sigma)
             y = kernels.lod_attention(q, k, v, mu, sigma, **(pyramid or {}), rope_base=self.rope_base)
@@ -143,16 +147,24 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+    @property
+    def rotates_all(self) -> bool:
+        return self.rope_heads == self.n_head and self.rope_bands == self.head_dim // 2
+
     def rotate(self, q, k, mu, sigma):
-        """Gaussian RoPE on the first rope_heads heads of q and k (B, T, nh, hs); NoPE heads pass unchanged: they
-        match content at any distance, where every rotated band of a far key has an arbitrary phase."""
-        r = self.rope_heads
-        if r == self.n_head:
+        """Gaussian RoPE on the first rope_heads heads of q and k (B, T, nh, hs), in their rope_bands fastest bands;
+        NoPE heads and frequency-0 bands pass unchanged: they match content at any distance, where every rotated band
+        of a far key has an arbitrary phase. Band j pairs dims j and hs/2 + j; the rotating bands j < R are gathered
+        into a head of 2R dims, whose bands at base**(2R/hs) have exactly the frequencies base**(-2j/hs)."""
+        r, R, half = self.rope_heads, self.rope_bands, self.head_dim // 2
+        if self.rotates_all:
             return kernels.gauss_rope(q, k, mu, sigma, self.rope_base)
         if r == 0:
             return q, k
-        qr, kr = kernels.gauss_rope(q[:, :, :r], k[:, :, :r], mu, sigma, self.rope_base)
-        return torch.cat([qr, q[:, :, r:]], 2), torch.cat([kr, k[:, :, r:]], 2)
+        qr, kr = (torch.cat([t[:, :, :r, :R], t[:, :, :r, half:half + R]], -1) for t in (q, k))
+        qr, kr = kernels.gauss_rope(qr, kr, mu, sigma, self.rope_base ** (R / half))
+        return tuple(torch.cat([torch.cat([tr[..., :R], t[:, :, :r, R:half], tr[..., R:], t[:, :, :r, half + R:]], -1),
+                                t[:, :, r:]], 2) for t, tr in ((q, qr), (k, kr)))
 
 
 class MLP(nn.Module):

@@ -86,6 +86,7 @@ class TrainConfig:
     tie_embeddings: bool = True  # share the token embedding with the output head
     rope_base: float = 10000.0  # rotary base
     rope_heads: int = 0  # heads with (Gaussian) RoPE; the rest are position-free (NoPE: content matching at any distance)
+    rope_bands: int = 0  # bands that rotate per RoPE head (the fastest); the rest are position-free (p-RoPE); 0 = all
     rope_layers: int = 0  # the first blocks have RoPE heads, the later ones none (position-free); 0 = every block
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (pyramidal attention kernel, causal, RoPE fused)
     dropout: float = 0.0  # dropout on embeddings
@@ -177,6 +178,9 @@ class TrainConfig:
             raise ConfigError(f"short_block={self.short_block} must be in 1..block_size={self.block_size}")
         if self.rope_heads > self.n_head:
             raise ConfigError(f"rope_heads must be in [0, n_head={self.n_head}], got {self.rope_heads}")
+        if self.rope_bands > self.n_embd // self.n_head // 2:
+            raise ConfigError(f"rope_bands must be in [0, head_dim/2={self.n_embd // self.n_head // 2}], "
+                              f"got {self.rope_bands}")
         if self.stage == "base":
             return
         if not self.base_ckpt:
@@ -209,8 +213,8 @@ RANGES = dict(
     seed="[0, 1e7)", retrieval_mix="[0, 1]", retrieval_needles="[1, inf)", retrieval_questions="[1, inf)",
     retrieval_weight="(0, inf)", copy_steps="[0, inf)", short_block="[0, inf)", short_steps="[0, inf)",
     retrieval_gaps="[0, 1]", block_size="[1, inf)", n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)",
-    rope_base="(1, inf)", rope_heads="[0, inf)", rope_layers="[0, inf)", dropout="[0, 1)", pose_prob="[0, 1]",
-    pose_chunks="[1, inf)",
+    rope_base="(1, inf)", rope_heads="[0, inf)", rope_bands="[0, inf)", rope_layers="[0, inf)", dropout="[0, 1)",
+    pose_prob="[0, 1]", pose_chunks="[1, inf)",
     max_position="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", max_iters="[1, inf)", lr="(0, inf)",
     min_lr="[0, inf)", warmup_iters="[0, inf)", decay_frac="[0, 1]", weight_decay="[0, inf)", beta1="[0, 1)",
     beta2="[0, 1)", grad_clip="[0, inf)", eval_interval="[1, inf)", eval_iters="[1, inf)", eval_gap="[0, inf)",

@@ -114,6 +114,18 @@ class _Rows:
     def slice(self, a: int, b: int) -> np.ndarray:
         return self.take(np.arange(a, b, dtype=np.int64))
 
+    def put(self, a: int, rows: np.ndarray):
+        """Overwrite rows [a, a + len(rows)) in memory: committed rows through a copy-on-write map (the file is
+        never written), the others in the RAM tail."""
+        rows = np.asarray(rows, self.dtype).reshape(-1, *self.shape)
+        idx = np.arange(a, a + len(rows), dtype=np.int64)
+        on_disk = idx < self.n_disk
+        if on_disk.any():
+            if self.disk.mode != "c":
+                self.disk = np.memmap(self.disk.filename, self.dtype, "c", shape=self.disk.shape)
+            self.disk[idx[on_disk]] = rows[on_disk]
+        self.ram[idx[~on_disk] - self.n_disk] = rows[~on_disk]
+
     def tail(self) -> np.ndarray:
         """The rows not yet on disk."""
         return self.ram[:self.n_ram]
@@ -215,6 +227,7 @@ class MegaContextTree:
         self.embed, self.gist = embed, gist
         self.levels = [_Rows((), np.int32)]  # LOD0 ids; gist levels are added as they are born
         self.path, self.crcs = None, [0]  # backing directory and the crc32 of each level's committed prefix
+        self.rewritten = False  # rewrite() changed rows in memory only: saving would lose them
 
     def __len__(self):
         return len(self.levels[0])
@@ -271,6 +284,24 @@ class MegaContextTree:
                 self.crcs.append(0)
             self.levels[l].append(rows)
 
+    def rewrite(self, start: int, tokens):
+        """Replace tokens [start, start + n) by `tokens` and remake every gist above them: depth x (1 or 2) GistNet
+        calls, however long the history (a needle planted into a saved 16M-token history without re-ingesting it).
+        In memory only: the files are not touched, and this tree can no longer be saved (its files would not hold
+        the rewrite). ValueError on bad ids or a span outside the history."""
+        ids = self.check_ids(tokens)
+        if not 0 <= start <= start + len(ids) <= len(self):
+            raise ValueError(f"rewrite of tokens [{start}, {start + len(ids)}) is outside the history "
+                             f"[0, {len(self)})")
+        self.levels[0].put(start, ids)
+        a, b = start, start + len(ids)  # nodes [a, b) of the level below changed
+        for lod in range(1, self.depth + 1):
+            a, b = a // self.K, min(-(-b // self.K), self.n_nodes(lod))  # their parents (complete ones only)
+            if a >= b:
+                break
+            self.levels[lod].put(a, self._pool(lod, self.levels[lod - 1].slice(a * self.K, b * self.K), b - a))
+        self.rewritten = True
+
     @torch.no_grad()
     def _pool(self, lod: int, kids: np.ndarray, n: int) -> np.ndarray:
         """Gists of n complete blocks: kids holds n*K token ids (lod 1) or n*K gist rows of LOD(lod-1)."""
@@ -312,6 +343,8 @@ class MegaContextTree:
         A folder holding another tree, or tree files without a commit record, is refused before anything is
         written (check_folder)."""
         path = os.path.abspath(path)
+        if self.rewritten:
+            raise TreeError("this tree was rewritten in memory (MegaContextTree.rewrite) and cannot be saved")
         if check_folder(path, write=True) and path != self.path:
             raise TreeError(f"{path} already holds a MegaContext tree; open it, or save to another directory")
         os.makedirs(path, exist_ok=True)

@@ -1,21 +1,35 @@
 """Unbounded history on one CPU (issue 11): a 16M-token history streamed into a MegaContext session, with ingest speed,
-resident memory, tree size on disk against the format's prediction, and decode latency per token by history length;
-plus the retrieval cells, kept in one separate function until the demo's harness is wired to it.
+resident memory, tree size on disk against the format's prediction, decode latency per token by history length, and
+retrieval at chosen lengths with the demo's model and harness arms.
 
     python bench/long_history.py                                   # untrained model of the demo's shape, 16M tokens
     python bench/long_history.py --ckpt out/demo/ckpt.pt           # a train.py checkpoint (its GistNet/LensNet if any)
     python bench/long_history.py --lengths 65536,1048576 --decode 32 --out /tmp/lh   # a quick look
+    python bench/long_history.py --ckpt out/mc_demo/lens_counterfactual/ckpt.pt --data-dir data/pg1k \
+        --retrieval 1048576,16777216 --decode 64                   # the issue's run (bench/results/long_history_cpu)
 
 Model: --ckpt, or an untrained model of the demo's shape (vocab 1024, 4 layers x 4 heads x 128, block 512; K = 8,
 budget 128, tail 32, GistNet 2 layers, LensNet width 64; flags below). Ingest and decode cost do not depend on the
-weights, so an untrained model measures them. History: random token ids streamed with session.ingest_stream in 64k
-chunks, the session saved to a tree directory every --save-every tokens (the tree's RAM tail stays bounded). At each
-length of --lengths the stream pauses: the session is saved and reopened from disk (memory-mapped, checksums
-verified), the data files' bytes are compared to the format's prediction (4 bytes per token, d values of the gist
-dtype per gist, every level), and --decode tokens are decoded greedily after --warmup (refocus every K tokens; each
-token timed with its refocus). Peak RSS (ru_maxrss, Linux) is read at each length: flat memory means equal peaks.
+weights, so an untrained model measures them. History: random token ids, or with --data-dir book text (the test, val,
+then train splits), streamed with session.ingest_stream in 64k chunks, the session saved to a tree directory every
+--save-every tokens (the tree's RAM tail stays bounded). At each length of --lengths the stream pauses: the session is
+saved and reopened from disk (memory-mapped, checksums verified), the data files' bytes are compared to the format's
+prediction (4 bytes per token, d values of the gist dtype per gist, every level), and --decode tokens are decoded
+greedily after --warmup (refocus every K tokens; each token timed with its refocus). Peak RSS (ru_maxrss, Linux) is
+read at each length: flat memory means equal peaks.
+
+Retrieval (--retrieval lengths, before the decode at that stop): --trials prompts per kind, built as
+retrieval.make_prompt builds them but planted into the saved history instead of re-ingesting it: the needle (and kv
+distractors) written over the book text at a relative depth by MegaContextTree.rewrite, in memory (the gists above it
+remade, depth x K GistNet work; the files untouched), the question appended, then bench/longctx.py's arms: lens and
+recency sessions (cold start over the history, the question ingested, refocus until the working context stops
+changing, greedy decode), oracle (the recency session zoomed exactly onto the needle: what a perfect LensNet reaches
+with this base, GistNet and allocator, i.e. the gate that the base can answer at that distance) and truncation (the
+newest budget tokens). Wilson 95% intervals; refocus steps, expansions and needle-raw share per cell.
+
 Writes <out>.json and <out>.md (default bench/results/long_history_cpu); the JSON's top-level `summary` is
-{"ingest_tokens_per_s": x, "peak_rss_mb": {tokens: mb}, "retrieval": {method: {tokens: accuracy}}}.
+{"ingest_tokens_per_s": x, "peak_rss_mb": {tokens: mb}, "retrieval": {method: {tokens: accuracy}}} (pass key; kv in
+"retrieval_kv").
 """
 import argparse
 import dataclasses
@@ -37,16 +51,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
+import longctx  # noqa: E402
+import prepare  # noqa: E402
+import retrieval  # noqa: E402
 from decode_latency import rss_mb  # noqa: E402
 from megacontext import MegaContextConfig, MegaContextModel  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sample import mc_model  # noqa: E402
 from session import Session, ingest_stream  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
-from tree import GIST_DTYPES, level_file  # noqa: E402
+from tree import GIST_DTYPES, MegaContextTree, level_file  # noqa: E402
 
-RETRIEVAL_NOTE = ("retrieval cells not run: retrieval_cells() is not wired to bench/longctx.py's harness yet, and the "
-                  "demo's base copies a raw needle from at most ~2k positions back (bench/results/mc_demo_cpu.md)")
+RETRIEVAL_METHODS = ("lens", "recency", "oracle", "truncation")  # bench/longctx.py's arms that need no full attention
 
 
 def parse_args(argv):
@@ -60,6 +76,16 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "long_history_cpu"), help="output prefix")
     p.add_argument("--tree", default=None, help="tree directory (default: a temporary one, removed at the end)")
+    r = p.add_argument_group("retrieval at stop lengths (needs --ckpt with GistNet and LensNet, and --data-dir)")
+    r.add_argument("--data-dir", default=None, help="stream book text from these prepared data (test, val, then "
+                   "train splits) instead of random ids")
+    r.add_argument("--retrieval", default="", help="stop lengths at which to run the retrieval cells ('' = none)")
+    r.add_argument("--trials", type=int, default=30, help="prompts per (kind, length)")
+    r.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths in [0, 1), in rotation")
+    r.add_argument("--kinds", default="passkey,kv", help="retrieval tasks, of " + ",".join(retrieval.KINDS))
+    r.add_argument("--retrieval-methods", default="lens,recency,oracle,truncation", help="arms, of "
+                   + ",".join(RETRIEVAL_METHODS))
+    r.add_argument("--distractors", type=int, default=3, help="other kv needles in each kv prompt")
     shape = p.add_argument_group("model shape without --ckpt (MegaContext flags apply with --ckpt too)")
     for flag, default in (("vocab", 1024), ("n-layer", 4), ("n-head", 4), ("n-embd", 128), ("block-size", 512),
                           ("gist-layers", 2), ("lens-width", 64)):
@@ -72,28 +98,44 @@ def parse_args(argv):
     args = p.parse_args(argv)
     try:
         args.lengths = sorted(int(x) for x in args.lengths.split(","))
-    except ValueError:
-        fail(f"--lengths must be comma-separated integers, got {args.lengths!r}")
+        args.retrieval = sorted(int(x) for x in args.retrieval.split(",") if x.strip())
+        args.depths = [float(x) for x in args.depths.split(",") if x.strip()]
+    except ValueError as e:
+        fail(f"--lengths, --retrieval and --depths must be comma-separated numbers ({e})")
     if args.lengths[0] < 1 or min(args.decode, args.warmup) < 0 or args.save_every < 1:
         fail("need lengths >= 1, decode and warmup >= 0 and save-every >= 1")
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    args.retrieval_methods = [m for m in args.retrieval_methods.split(",") if m]
+    if args.retrieval:
+        if not (args.ckpt and args.data_dir):
+            fail("--retrieval needs --ckpt (a checkpoint with GistNet and LensNet) and --data-dir (book text)")
+        if set(args.retrieval) - set(args.lengths):
+            fail(f"--retrieval lengths must be among --lengths {args.lengths}, got {args.retrieval}")
+        if set(args.kinds) - set(retrieval.KINDS) or set(args.retrieval_methods) - set(RETRIEVAL_METHODS) or \
+                not args.kinds or not args.retrieval_methods:
+            fail(f"--kinds must be from {','.join(retrieval.KINDS)} and --retrieval-methods from "
+                 f"{','.join(RETRIEVAL_METHODS)}")
+        if not args.depths or any(not 0 <= d < 1 for d in args.depths) or args.trials < 1 or args.distractors < 0:
+            fail("--depths must be in [0, 1), --trials >= 1 and --distractors >= 0")
     return args
 
 
-def build_model(args) -> MegaContextModel:
-    """The checkpoint's GPT (and GistNet/LensNet/config when trained) or an untrained model of the demo's shape."""
+def build_model(args) -> tuple[MegaContextModel, dict | None]:
+    """(model, checkpoint): the checkpoint's GPT (and GistNet/LensNet/config when trained) or (an untrained model of
+    the demo's shape, None)."""
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
         gpt = GPT(GPTConfig(**ckpt["model_args"]))
         gpt.load_state_dict(ckpt["model"])
         ns = types.SimpleNamespace(block=args.block, budget=args.budget, recent=args.recent, policy=args.policy)
-        return mc_model(ckpt, ns, gpt.eval())
+        return mc_model(ckpt, ns, gpt.eval()), ckpt
     torch.manual_seed(args.seed)
     gpt = GPT(GPTConfig(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                         n_embd=args.n_embd)).eval()
     cfg = MegaContextConfig(block_k=args.block or 8, w_max=args.budget or 128, recent_tokens=args.recent or 32,
                             policy=args.policy or "lens", gist_layers=args.gist_layers, lens_width=args.lens_width,
                             gist_dtype=args.gist_dtype)
-    return MegaContextModel(gpt, cfg).eval()
+    return MegaContextModel(gpt, cfg).eval(), None
 
 
 def predicted_bytes(n: int, K: int, d: int, dtype: str) -> dict:
@@ -123,43 +165,125 @@ def decode(session: Session, n: int, warmup: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# retrieval: the function the demo's harness plugs into
+# retrieval at the stop lengths, with the demo's harness pieces (bench/longctx.py)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (95 % by default) of k successes in n trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p, den = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+class BookText:
+    """Book text for the history: the test, val, then train splits of a prepared-data directory, documents back to
+    back with <|bos|> removed (held-out text first; train text only past it), read from the memory-mapped shards, so
+    it takes no resident memory worth counting."""
+
+    def __init__(self, data_dir: str):
+        self.bos = prepare.load_tokenizer(data_dir).encode_single_token(prepare.BOS)
+        self.splits = [prepare.load_split(data_dir, s)[0] for s in ("test", "val", "train")]
+        self.data_dir, self.split, self.at = data_dir, 0, 0
+
+    def take(self, n: int) -> np.ndarray:
+        """The next <= n tokens (int64, at least one); ValueError once every split is used up."""
+        while self.split < len(self.splits):
+            tokens = self.splits[self.split]
+            part = np.asarray(tokens[self.at:self.at + n], np.int64)
+            self.at += len(part)
+            if self.at >= len(tokens):
+                self.split, self.at = self.split + 1, 0
+            part = part[part != self.bos]
+            if len(part):
+                return part
+        raise ValueError(f"{self.data_dir} has too little book text in all its splits for the longest length; "
+                         "pass shorter --lengths")
 
 
-def retrieval_cells(session_factory, prompt_builder, histories, trials: int, methods=("lens", "recency", "truncation"),
-                    n_new: int = 8, seed: int = 0) -> dict:
-    """Accuracy per (method, history length) with Wilson 95 % intervals and refocus steps per answer.
+def plan_prompt(tree, needles, kind: str, depth: float, rng: np.random.Generator, distractors: int,
+                raw_window: int = 1024) -> dict:
+    """One retrieval prompt for a history tree, as retrieval.make_prompt builds them: the needle to write over the
+    book text at relative depth `depth`, plus `distractors` other kv needles at uniform depths for kv (kv words avoid
+    the tokens a base reads raw near the needle and at the end). Returns dict(spots [(position, ids)], the asked
+    needle last so no distractor overwrites it; question, answer, needle_at)."""
+    n = len(tree)
+    at = min(round(depth * n), n - retrieval.NEEDLE_LEN)
+    avoid = set(tree.tokens(max(0, at - raw_window // 2), min(n, at + raw_window // 2)).tolist())
+    avoid |= set(tree.tokens(n - raw_window, n).tolist())
+    needle, question, answer = needles.make(kind, rng, avoid)
+    spots = [(at, needle)]
+    for _ in range(distractors if kind == "kv" else 0):
+        avoid.update(spots[-1][1])
+        spots.insert(0, (int(rng.integers(0, n - retrieval.NEEDLE_LEN)), needles.make("kv", rng, avoid)[0]))
+    return dict(spots=spots, question=question, answer=answer, needle_at=at)
 
-    session_factory(method, history) -> a fresh session-like object: .ingest(ids) and .step() -> next token id (a
-        session.Session, or a wrapper for truncation). It may already hold a shared haystack prefix (a tree opened
-        from disk), in which case prompt_builder returns only the rest.
-    prompt_builder(history, rng) -> (ids: int64 array to ingest, check: callable(list of generated ids) -> bool).
-    Every method sees the same prompts (one rng per history, seeded). Long prompts stream in through ingest_stream.
-    Returns {method: {history: {"accuracy", "lo", "hi", "correct", "trials", "refocus_steps"}}}."""
-    out = {m: {} for m in methods}
-    for L in histories:
-        prompts = [prompt_builder(L, rng) for rng in [np.random.default_rng([seed, L])] for _ in range(trials)]
-        for m in methods:
-            correct, steps = 0, []
-            for ids, check in prompts:
-                s = session_factory(m, L)
-                ingest_stream(s, ids, out=None) if isinstance(s, Session) else s.ingest(ids)
-                before = s.alloc.steps if isinstance(s, Session) else 0
-                correct += bool(check([s.step() for _ in range(n_new)]))
-                steps.append(s.alloc.steps - before if isinstance(s, Session) else 0)
-            lo, hi = wilson(correct, trials)
-            out[m][L] = dict(accuracy=correct / trials, lo=lo, hi=hi, correct=correct, trials=trials,
-                             refocus_steps=statistics.mean(steps) if steps else 0.0)
+
+@torch.no_grad()
+def answer_far(method: str, mc, tree_dir: str, plan: dict, budget: int):
+    """(greedy answer ids, telemetry or None) of one arm for a prompt planted into the saved tree at tree_dir: the
+    tree opened memory-mapped, the needles planted in memory, then truncation (the base on the newest budget - |q|
+    tokens and the question) or a cold-start session that ingests the question, refocuses until stable (oracle: by
+    the needle's position) and decodes."""
+    gpt, n_new = mc.gpt, len(plan["answer"])
+    tree, _ = MegaContextTree.open(tree_dir, *tree_args(mc), verify=False)
+    for pos, ids in plan["spots"]:
+        tree.rewrite(pos, ids)
+    q, at = plan["question"], plan["needle_at"]
+    if method == "truncation":
+        ctx = np.concatenate([tree.tokens(len(tree) - (budget - len(q)), len(tree)), q])
+        x = torch.as_tensor(ctx, device=gpt.wte.weight.device)[None]
+        cache = gpt.make_cache(1, len(ctx) + n_new)
+        return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=cache)], None
+    s = Session(mc, tree)
+    s.ingest(q)
+    s.refocus(until_stable=True, scorer=longctx.oracle_scorer(at) if method == "oracle" else None)
+    wc = s.wc
+    raw = int(((wc.lod == 0) & (wc.start >= at) & (wc.start < at + retrieval.NEEDLE_LEN)).sum()) == retrieval.NEEDLE_LEN
+    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"], needle_raw=raw)
+    return [s.step(0.0) for _ in range(n_new)], tel
+
+
+def retrieval_rows(ckpt, gpt, tree_dir: str, args, rng: np.random.Generator) -> list[dict]:
+    """Rows {kind, history, method, trials, hits, accuracy, ci, per_depth, telemetry} at the tree saved in tree_dir:
+    --trials prompts per kind, depths in rotation, every arm on the same planted prompts."""
+    needles, W = retrieval.needles_for(args.data_dir), args.retrieval_budget
+    models = {m: longctx.session_model(ckpt, gpt, "recency" if m == "oracle" else m, W, args.block or 8,
+                                       args.recent) for m in args.retrieval_methods if m != "truncation"}
+    models["truncation"] = next(iter(models.values()), None) or longctx.session_model(ckpt, gpt, "recency", W,
+                                                                                        args.block or 8, args.recent)
+    history, _ = MegaContextTree.open(tree_dir, *tree_args(models["truncation"]), verify=False)
+    rows, n = [], len(history)
+    for kind in args.kinds:
+        hits = {m: {} for m in args.retrieval_methods}
+        tel = {m: [] for m in args.retrieval_methods}
+        for t in range(args.trials):
+            depth = args.depths[t % len(args.depths)]
+            plan = plan_prompt(history, needles, kind, depth, rng, args.distractors)
+            for m in args.retrieval_methods:
+                got, tm = answer_far(m, models[m], tree_dir, plan, W)
+                hits[m].setdefault(depth, []).append(got == plan["answer"])
+                if tm:
+                    tel[m].append(tm)
+        for m in args.retrieval_methods:
+            k = sum(map(sum, hits[m].values()))
+            acc, lo, hi = retrieval.wilson(k, args.trials)
+            row = dict(kind=kind, history=n, method=m, trials=args.trials, hits=k, accuracy=acc, ci=[lo, hi],
+                       per_depth={str(d): float(np.mean(v)) for d, v in hits[m].items()})
+            if tel[m]:
+                row["telemetry"] = {key: float(np.mean([x[key] for x in tel[m]])) for key in tel[m][0]}
+            rows.append(row)
+            print(f"[retrieval] {n:>11,} tokens {kind:>7} {m:>10}: {k}/{args.trials} [{lo:.2f}, {hi:.2f}]"
+                  + (f" | steps {row['telemetry']['steps']:.1f}, needle raw {row['telemetry']['needle_raw']:.2f}"
+                     if tel[m] else ""), file=sys.stderr)
+    return rows
+
+
+def accuracies(rows, kind: str) -> dict:
+    """{method: {history: accuracy}} of one kind's retrieval rows (the summary's layout)."""
+    out = {}
+    for r in rows:
+        if r["kind"] == kind:
+            out.setdefault(r["method"], {})[r["history"]] = r["accuracy"]
     return out
+
+
+def tree_args(mc):
+    """MegaContextTree.open's model arguments for a MegaContextModel (K, d, vocabulary, identity, embed, gist)."""
+    gpt = mc.gpt
+    return mc.cfg.K, gpt.config.n_embd, gpt.config.vocab_size, mc.identity(), mc.embed_tokens, mc.make_gists
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +308,20 @@ def markdown(r) -> str:
     lines += ["", f"Decode latency at {last['history']:,} / at {first['history']:,} tokens: "
               f"{last['decode']['ms_mean'] / first['decode']['ms_mean']:.2f}x (mean), "
               f"{last['decode']['ms_p50'] / first['decode']['ms_p50']:.2f}x (p50).", "",
-              "Retrieval: " + (json.dumps(s["retrieval"]) if s["retrieval"] else r["retrieval_note"]), ""]
+              f"History: {r['text']}.", ""]
+    if r["retrieval"]:
+        lines += ["Retrieval (needles planted into the saved history in memory; budget "
+                  f"{r['mc']['w_max']}; Wilson 95% intervals; refocus steps after the question, expansions, and the "
+                  "share of answers with the needle raw in the working context):", "",
+                  "| kind | history | method | accuracy [95% CI] | per depth | steps | expands | needle raw |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for x in r["retrieval"]:
+            t = x.get("telemetry")
+            depth = ", ".join(f"{d}: {v:.2f}" for d, v in x["per_depth"].items())
+            lines.append(f"| {x['kind']} | {x['history']:,} | {x['method']} | {x['hits']}/{x['trials']} = "
+                         f"{x['accuracy']:.2f} [{x['ci'][0]:.2f}, {x['ci'][1]:.2f}] | {depth} | "
+                         + (f"{t['steps']:.1f} | {t['expands']:.1f} | {t['needle_raw']:.2f} |" if t else "- | - | - |"))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -193,9 +330,11 @@ def main(argv):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = build_model(args)
-    except ValueError as e:
+        model, ckpt = build_model(args)
+        text = BookText(args.data_dir) if args.data_dir else None
+    except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    args.retrieval_budget = model.cfg.w_max
     cfg, d = model.cfg, model.gpt.config.n_embd
     tmp = tempfile.TemporaryDirectory() if args.tree is None else None
     tree_dir = args.tree or os.path.join(tmp.name, "tree")
@@ -203,18 +342,26 @@ def main(argv):
         fail(f"--tree {tree_dir} already holds a tree; give a new directory")
     session = Session(model)
     print(f"[long_history] {session.describe()}", file=sys.stderr)
-    rng, rows, ingest_s, ingested = np.random.default_rng(args.seed), [], 0.0, 0
+    rng, rows, ingest_s, ingested, found = np.random.default_rng(args.seed), [], 0.0, 0, []
     load_start = os.getloadavg()[0]
     for L in args.lengths:
         n = L - len(session.tree)
         if n > 0:
             t0 = time.perf_counter()
-            for i in range(0, n, 1 << 22):  # random ids made 4M at a time, so they take no memory worth counting
-                ids = rng.integers(0, model.gpt.config.vocab_size, min(1 << 22, n - i))
+            left = n
+            while left > 0:  # ids made (or read) 4M at a time, so they take no memory worth counting
+                try:
+                    ids = text.take(min(1 << 22, left)) if text else rng.integers(0, model.gpt.config.vocab_size,
+                                                                                    min(1 << 22, left))
+                except ValueError as e:  # the data hold less book text than the longest length
+                    fail(str(e))
                 ingest_stream(session, ids, save_to=tree_dir, save_every=args.save_every)
+                left -= len(ids)
             ingest_s, ingested = ingest_s + time.perf_counter() - t0, ingested + n
         peak = rss_mb()[1]  # peak of the ingest up to here (before the decode below)
         session.save(tree_dir)
+        if L in args.retrieval:  # the needles are planted in memory: the saved tree is not touched
+            found += retrieval_rows(ckpt, model.gpt, tree_dir, args, rng)
         t0 = time.perf_counter()
         session = Session.open(model, tree_dir)  # memory-mapped, crc32 verified by streaming the files
         open_s = time.perf_counter() - t0
@@ -235,11 +382,14 @@ def main(argv):
     git = lambda *c: subprocess.run(["git", *c], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa
     result = dict(
         summary=dict(ingest_tokens_per_s=ingested / max(ingest_s, 1e-9),
-                     peak_rss_mb={r["history"]: round(r["peak_rss_mb"], 1) for r in rows}, retrieval={}),
-        retrieval_note=RETRIEVAL_NOTE, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+                     peak_rss_mb={r["history"]: round(r["peak_rss_mb"], 1) for r in rows},
+                     retrieval=accuracies(found, "passkey"),
+                     **({"retrieval_kv": accuracies(found, "kv")} if "kv" in {r["kind"] for r in found} else {})),
+        retrieval=found, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
         date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
         dirty=bool(git("status", "--porcelain")), command="python bench/long_history.py " + " ".join(argv),
         load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),
+        text=f"book text of {args.data_dir} (test, val, then train splits)" if args.data_dir else "random token ids",
         model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode cost do not depend on "
         "the weights)", gpt=dataclasses.asdict(model.gpt.config), mc=dataclasses.asdict(cfg),
         gistnet=model.gistnet.describe(), ingested=ingested, ingest_s=ingest_s, decode_steps=args.decode, rows=rows)

@@ -1,6 +1,6 @@
 """bench/long_history.py and session.ingest_stream: a long history streams in with periodic saves, the tree on disk
 has exactly the bytes the format predicts, the summary has the issue's shape; the retrieval function's Wilson
-intervals and its session path."""
+intervals and its session path; retrieval cells on book text with needles planted into the saved history."""
 import io
 import json
 import os
@@ -11,8 +11,11 @@ import pytest
 import torch
 from conftest import ROOT
 
+import prepare
+
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import long_history  # noqa: E402
+from test_longctx import save_ckpt  # noqa: E402
 from megacontext import MegaContextConfig, MegaContextModel  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from session import Session, ingest_stream  # noqa: E402
@@ -21,9 +24,9 @@ SMALL = ["--vocab", "97", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "
          "--recent", "16", "--lens-width", "16", "--threads", "1"]
 
 
-def small_model():
+def small_model(vocab=97):
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    gpt = GPT(GPTConfig(vocab_size=vocab, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     cfg = MegaContextConfig(block_k=8, w_max=64, recent_tokens=16, lens_width=16)
     return MegaContextModel(gpt, cfg).eval()
 
@@ -34,7 +37,7 @@ def test_long_history_bench_small(tmp_path):
                                    "--out", out])
     saved = json.load(open(out + ".json"))
     assert set(saved["summary"]) == {"ingest_tokens_per_s", "peak_rss_mb", "retrieval"}
-    assert saved["summary"]["retrieval"] == {} and "not run" in saved["retrieval_note"]
+    assert saved["summary"]["retrieval"] == {} and saved["retrieval"] == []
     assert list(r["summary"]["peak_rss_mb"]) == [700, 5000] and r["summary"]["ingest_tokens_per_s"] > 0
     for row, depth in zip(r["rows"], (3, 4)):  # 8**3 <= 700 + 5 decoded < 8**4 <= 5000
         assert row["depth"] == depth and row["files_equal"] and row["disk_bytes"] == row["predicted_bytes"]
@@ -63,36 +66,37 @@ def test_ingest_stream_saves_as_it_goes_and_refuses_bad_input(tmp_path):
     assert again.tree.tokens(0, 10_000).tolist() == ids.tolist()
 
 
-def test_wilson_interval():
-    assert long_history.wilson(0, 30) == pytest.approx((0.0, 0.1135), abs=1e-4)
-    assert long_history.wilson(30, 30) == pytest.approx((0.8865, 1.0), abs=1e-4)
-    lo, hi = long_history.wilson(27, 30)
-    assert lo == pytest.approx(0.7437, abs=1e-4) and hi == pytest.approx(0.9654, abs=1e-4)
+def test_long_history_retrieval_cells_on_book_text(data_dir, tmp_path):
+    """--retrieval at a stop: every (kind, method) row over the same planted prompts, the oracle arm zooms the needle
+    raw every time (so planting and zooming really happen), the saved history keeps its bytes (planted in memory
+    only) and the summary carries retrieval per method and length."""
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir, mc=True)
+    out = str(tmp_path / "lh")
+    r = long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "2000,5000", "--retrieval", "5000",
+                           "--trials", "4", "--decode", "2", "--warmup", "0", "--threads", "1", "--out", out,
+                           "--tree", str(tmp_path / "tree")])
+    rows = r["retrieval"]
+    assert [(x["kind"], x["method"]) for x in rows] == [(k, m) for k in ("passkey", "kv")
+                                                        for m in ("lens", "recency", "oracle", "truncation")]
+    assert all(x["history"] == 5000 and x["trials"] == 4 and 0 <= x["accuracy"] <= 1 for x in rows)
+    oracle = [x for x in rows if x["method"] == "oracle"]
+    assert all(x["telemetry"]["needle_raw"] == 1.0 and x["telemetry"]["expands"] >= 1 for x in oracle)
+    assert set(r["summary"]["retrieval"]) == {"lens", "recency", "oracle", "truncation"}
+    assert list(r["summary"]["retrieval"]["lens"]) == [5000] and r["rows"][-1]["files_equal"]
+    text = long_history.BookText(data_dir)
+    first = text.take(2000)
+    saved = np.fromfile(tmp_path / "tree" / "tokens.bin", np.int32)
+    assert saved[:len(first)].tolist() == first.tolist()  # book text, and no needle was written to disk
+    assert "| passkey | 5,000 | oracle |" in open(out + ".md").read()
 
 
-class Oracle:
-    """A stand-in session that 'retrieves' by reading the needle: right on even histories' prompts only."""
-
-    def __init__(self, right):
-        self.right, self.ids = right, None
-
-    def ingest(self, ids):
-        self.ids = list(ids)
-
-    def step(self):
-        return self.ids[0] if self.right else -1
-
-
-def test_retrieval_cells_api():
-    def builder(history, rng):
-        value = int(rng.integers(0, 97))
-        ids = np.concatenate([[value], rng.integers(0, 97, history - 1)])
-        return ids, lambda out, v=value: out[0] == v
-
-    m = small_model()
-    factory = lambda method, history: (Oracle(method == "oracle") if method != "lens" else Session(m))  # noqa: E731
-    r = long_history.retrieval_cells(factory, builder, [100, 300], trials=5, methods=("oracle", "never", "lens"),
-                                     n_new=3)
-    assert r["oracle"][300]["accuracy"] == 1.0 and r["oracle"][300]["lo"] == pytest.approx(0.5655, abs=1e-4)
-    assert r["never"][100]["correct"] == 0 and r["never"][100]["trials"] == 5
-    assert 0 <= r["lens"][300]["accuracy"] <= 1 and r["lens"][300]["refocus_steps"] >= 0
+def test_plan_prompt_plants_the_needle_where_it_says(data_dir, tmp_path):
+    s = Session(small_model(vocab=512))
+    s.ingest(np.random.default_rng(1).integers(0, 90, 3000))
+    needles = long_history.retrieval.Needles(prepare.load_tokenizer(data_dir))
+    plan = long_history.plan_prompt(s.tree, needles, "kv", 0.3, np.random.default_rng(0), distractors=2)
+    assert len(plan["spots"]) == 3 and plan["spots"][-1][0] == plan["needle_at"] == 900
+    for pos, ids in plan["spots"]:
+        s.tree.rewrite(pos, ids)
+    needle = s.tree.tokens(900, 900 + long_history.retrieval.NEEDLE_LEN).tolist()
+    assert needle[1] == plan["question"][1] and needle[2:6] == plan["answer"]  # <|key|> k v1..v4 <|value|>

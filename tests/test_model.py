@@ -185,8 +185,34 @@ def test_model_position_free_heads_and_blocks():
     assert torch.equal(q1, q) and torch.equal(k1, k)
 
 
+def gauss_rope64(x, mu, sigma, w):
+    """Gaussian RoPE in float64 with an explicit band-frequency vector w (D/2,), written independently."""
+    ang, damp = mu.double()[..., None] * w, torch.exp(-0.5 * (sigma.double()[..., None] * w) ** 2)
+    cos, sin = (ang.cos() * damp)[:, :, None], (ang.sin() * damp)[:, :, None]
+    x1, x2 = x.double().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def test_model_rope_bands_rotate_only_the_fastest_bands():
+    """p-RoPE: rope_bands = R keeps the R fastest bands at base**(-2j/hs) and gives the others frequency 0 (no
+    rotation, no damping), in the RoPE heads only; a far key then matches a query through those bands unchanged."""
+    m = tiny(n_embd=48, n_head=3, rope_heads=2, rope_bands=3)  # head dim 16: 8 bands, 3 rotate
+    q, k = torch.randn(2, 11, 3, 16), torch.randn(2, 11, 3, 16)
+    mu, sigma = torch.rand(2, 11) * 3000, torch.rand(2, 11) * 4
+    w = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    w[3:] = 0
+    q0, k0 = m.blocks[0].attn.rotate(q, k, mu, sigma)
+    torch.testing.assert_close(q0[:, :, :2].double(), gauss_rope64(q[:, :, :2], mu, sigma, w), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(k0[:, :, :2].double(), gauss_rope64(k[:, :, :2], mu, sigma, w), atol=2e-4, rtol=1e-4)
+    assert torch.equal(q0[:, :, 2], q[:, :, 2]) and torch.equal(k0[:, :, 2], k[:, :, 2])
+    still = torch.cat([torch.arange(3, 8), torch.arange(11, 16)])  # the frequency-0 dims pass unchanged
+    assert torch.equal(q0[..., still], q[..., still])
+    assert not torch.allclose(q0[:, :, :2, :3], q[:, :, :2, :3])  # and the fast bands really rotate
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("positions", [{}, {"rope_heads": 1, "rope_layers": 1}], ids=["rope", "nope-heads-and-block"])
+@pytest.mark.parametrize("positions", [{}, {"rope_heads": 1, "rope_layers": 1}, {"rope_bands": 5}],
+                         ids=["rope", "nope-heads-and-block", "p-rope"])
 def test_model_lod_attention_path_equals_sdpa(backend, positions):
     """attn='lod' (pyramidal kernel with W0 = inf, RoPE fused) computes the same model as RoPE kernel + SDPA, also
     with position-free heads and blocks (rotated before the kernel, whose fused rotation is then the identity)."""

@@ -414,3 +414,41 @@ def test_tree_crash_at_every_point_of_a_save_that_creates_a_level(tmp_path, monk
             every = np.arange(whole.n_nodes(lod))
             assert np.array_equal(t.gists(lod, every), whole.gists(lod, every)), (what, lod)
         assert os.path.getsize(os.path.join(path, "lod3.bin")) == 1 * D * 4
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["memory-mapped", "ram-tail"])
+def test_tree_rewrite_remakes_every_gist_above_and_leaves_files_alone(tmp_path, saved):
+    """rewrite(start, tokens) equals a tree built from the rewritten history at every level (a span across two
+    blocks, under a partial top); committed rows change through a copy-on-write map, the files do not, and the
+    rewritten tree refuses to save."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, V, 4**5 + 77)
+    t = make_tree()
+    t.append(ids)
+    if saved:
+        t.save(str(tmp_path / "t"))
+        before = dir_digest(tmp_path / "t")
+    new = ids.copy()
+    new[301:308] = [7, 8, 9, 10, 11, 12, 13]  # crosses a LOD1 boundary at 304
+    calls = len(t.gist.calls)
+    t.rewrite(301, new[301:308])
+    fresh = make_tree()
+    fresh.append(new)
+    assert t.tokens(0, len(t)).tolist() == new.tolist()
+    for lod in range(1, t.depth + 1):
+        idx = np.arange(t.n_nodes(lod))
+        np.testing.assert_allclose(t.gists(lod, idx), fresh.gists(lod, idx), rtol=1e-6)
+    assert len(t.gist.calls) - calls <= t.depth  # one batched call per level, not a re-ingest
+    assert not np.allclose(t.gists(5, [0]), make_tree_gists(ids, 5))
+    with pytest.raises(ValueError, match="outside the history"):
+        t.rewrite(len(ids) - 3, [1, 2, 3, 4])
+    with pytest.raises(TreeError, match="rewritten in memory"):
+        t.save(str(tmp_path / "t"))
+    if saved:
+        assert dir_digest(tmp_path / "t") == before
+
+
+def make_tree_gists(ids, lod):
+    t = make_tree()
+    t.append(ids)
+    return t.gists(lod, [0])
