@@ -92,10 +92,13 @@ class Session:
         if self.cfg.policy == "recency" or not (wc.lod > 0).any():
             return recency_scores(wc, self.cfg.target)
         x = self.tree.node_embeddings(wc.lod, wc.index)[None]
+        lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
+        if self.cfg.lens_types:
+            types = torch.from_numpy(self.tree.types(wc.lod.numpy(), wc.index.numpy()))[None]
+            return self.model.lensnet(x, lod, dist, span, types=types, vocab=self.model.gpt.wte.weight)[0].cpu()
         child_lod, child_index = preview_nodes(wc.lod, wc.index, wc.K, self.cfg.lens_preview)
         children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1))
         children = children.view(1, len(wc), -1, x.shape[-1])
-        lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
         return self.model.lensnet(x, lod, dist, span, children)[0].cpu()
 
     def refocus(self, until_stable: bool = False, scorer=None) -> dict:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import retrieval
 from megacontext import FocusAllocator, MegaContextModel, WorkingContext, level_sigma, preview_nodes
 from tiling import coarsest_runs
-from tree import depth_of
+from tree import depth_of, span_types
 
 
 class Timer:
@@ -278,14 +278,20 @@ def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int, chu
     return loss.sum(1)
 
 
-def lens_features(wc: WorkingContext, tables, preview: int):
-    """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, and the embeddings of the
-    nodes `preview` levels below each entry (preview_nodes)."""
+def lens_features(mc: MegaContextModel, wc: WorkingContext, tables, ids):
+    """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, and each gist's preview:
+    with lens_types the token types of its span (ids: the history's token ids) and the token embeddings, else the
+    embeddings of the nodes lens_preview levels below it (preview_nodes)."""
     x = node_rows(tables, wc.lod, wc.index)
-    children = node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, preview))
     dev = x.device
-    return (x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev),
-            children[None])
+    feats = (x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev))
+    if mc.cfg.lens_types:
+        ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
+        V = mc.gpt.config.vocab_size
+        types = np.concatenate([span_types(ids, int(a), 1, int(b - a), V) for a, b in zip(wc.start, wc.end)])
+        return feats + (None, torch.from_numpy(types)[None].to(dev), mc.gpt.wte.weight)
+    children = node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, mc.cfg.lens_preview))
+    return feats + (children[None],)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,7 +403,7 @@ def attention_mass(gpt, ids, scored: int):
 
 
 def lens_contexts(mc, x, y, cfg, gen):
-    """Yield (wc, tables, candidates, normalised labels, needle position, raw labels) per window of the batch
+    """Yield (wc, tables, token ids, candidates, normalised labels, needle position, raw labels) per window of the batch
     (lens_prompt)."""
     rng = np.random.default_rng(int(torch.randint(2**62, (), generator=gen)))
     rows = torch.cat([x, y[:, -1:]], 1).cpu().numpy()
@@ -414,7 +420,7 @@ def lens_contexts(mc, x, y, cfg, gen):
                 raw = attention_labels(wc, cands, attention_mass(mc.gpt, np.concatenate([ids, scored]), len(scored)))
             else:
                 raw = counterfactual_labels(wc, cands, lambda v: horizon_nll(mc, v, tables, future, c))
-        yield wc, tables, cands, normalise(raw, cfg.lens_label_floor).to(x.device), needle_at, raw
+        yield wc, tables, ids, cands, normalise(raw, cfg.lens_label_floor).to(x.device), needle_at, raw
 
 
 def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
@@ -422,8 +428,8 @@ def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
     newest cfg.lens_buffer, kept as LensNet inputs): a label costs a base forward per candidate, a LensNet pass is
     cheap, so each label is learned from several times. (The buffer is not checkpointed: after a resume it refills.)"""
     fresh, raw_stats = [], defaultdict(list)
-    for wc, tables, cands, labels, _, raw in lens_contexts(mc, x, y, cfg, gen):
-        fresh.append((lens_features(wc, tables, mc.cfg.lens_preview), cands, labels))
+    for wc, tables, ids, cands, labels, _, raw in lens_contexts(mc, x, y, cfg, gen):
+        fresh.append((lens_features(mc, wc, tables, ids), cands, labels))
         for k, v in label_stats(raw).items():
             raw_stats[k].append(v)
     pick = torch.randperm(len(replay), generator=gen)[:cfg.lens_replay].tolist() if replay else []
@@ -459,8 +465,8 @@ def lens_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     """Per held-out context: Spearman rank correlation of scores and labels, the loss, and, where a needle was planted,
     whether the best-scored zoom is the gist that holds it (lens_needle_top1); the raw labels' label_stats."""
     out = defaultdict(lambda: [0.0, 0])
-    for wc, tables, cands, labels, needle_at, raw in lens_contexts(mc, x, y, cfg, gen):
-        pred = candidate_scores(mc.lensnet(*lens_features(wc, tables, mc.cfg.lens_preview))[0], cands, wc.K)
+    for wc, tables, ids, cands, labels, needle_at, raw in lens_contexts(mc, x, y, cfg, gen):
+        pred = candidate_scores(mc.lensnet(*lens_features(mc, wc, tables, ids))[0], cands, wc.K)
         loss, _, _ = lens_loss_terms(pred, labels, cfg.lens_rank_weight)
         metrics = {"lens_spearman": spearman(pred.cpu(), labels.cpu()), "val_loss": loss.item(), **label_stats(raw)}
         zooms = [j for j, (kind, _) in enumerate(cands) if kind == "zoom"]
@@ -480,12 +486,12 @@ def lens_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
 # lora (JT3)
 
 
-def allocator_wc(mc: MegaContextModel, cursor: int, tables, gen, telemetry=None):
+def allocator_wc(mc: MegaContextModel, cursor: int, tables, ids, gen, telemetry=None):
     """A recency pyramid at a random budget, refocused once by the allocator with (frozen) LensNet scores; the
     allocator's step telemetry (swap rate, utilisation, ...) is appended to `telemetry` when given."""
     wc = sample_wc(mc, cursor, gen)
     with torch.no_grad(), TIMER("lensnet"):
-        scores = mc.lensnet(*lens_features(wc, tables, mc.cfg.lens_preview))[0].cpu()
+        scores = mc.lensnet(*lens_features(mc, wc, tables, ids))[0].cpu()
     with TIMER("allocator"):
         t = FocusAllocator(mc.cfg).step(wc, scores)
     if telemetry is not None:
@@ -499,7 +505,7 @@ def lora_loss(mc: MegaContextModel, x, y, cfg, gen, teacher_fits: bool):
     task, tel = [], []
     for b in range(x.shape[0]):
         tables = node_tables(mc, mc.gpt.wte(x[b, :c]).detach())
-        wc = allocator_wc(mc, c, tables, gen, tel)
+        wc = allocator_wc(mc, c, tables, x[b, :c], gen, tel)
         task.append(horizon_nll(mc, [(wc.lod, wc.index)], tables, y[b, c - 1:c - 1 + cfg.horizon], c)[0] / cfg.horizon)
     task = torch.stack(task).mean()
     keep, stats = gist_loss(mc, x, y, cfg, gen, teacher_fits) if cfg.keep_alive > 0 else (task * 0, {})
@@ -514,7 +520,7 @@ def lora_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     total = 0.0
     for b in range(x.shape[0]):
         tables = node_tables(mc, mc.gpt.wte(x[b, :c]))
-        wc = allocator_wc(mc, c, tables, gen)
+        wc = allocator_wc(mc, c, tables, x[b, :c], gen)
         future = y[b, c - 1:c - 1 + cfg.horizon]
         total += horizon_nll(mc, [(wc.lod, wc.index)], tables, future, c)[0].item() / cfg.horizon
     return {"val_loss": (total, x.shape[0])}

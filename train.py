@@ -137,6 +137,7 @@ class TrainConfig:
     lens_queries: int = 4  # LensNet tail queries
     lens_tail: int = 32  # newest entries that seed the tail queries
     lens_preview: int = 1  # levels below each gist LensNet previews (K**lens_preview nodes per entry, max-pooled)
+    lens_types: bool = False  # LensNet previews every token type of each gist's span instead (the same at any depth)
     lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's)
     lens_retrieval: float = 0.67  # lens: share of contexts with a needle beyond the raw window, asked at the end
     lens_label_floor: float = 0.5  # lens: labels are nats / max(std over the context's candidates, this floor)

@@ -39,6 +39,7 @@ import torch
 FORMAT_VERSION = 2  # v1 (fixed LOD2 top, three files) is read and extended, and written back as v2
 GIST_DTYPES = ("float32", "float16")  # numpy-native, so np.memmap can map them (bf16 is not)
 CHUNK_BYTES = 1 << 24  # streaming unit of checksums and whole-file copies: bounded RAM whatever the history
+TYPE_SPAN = 512  # nodes of at least this many tokens keep their token-type sets in RAM (MegaContextTree.types)
 
 
 def depth_of(n_tokens: int, K: int) -> int:
@@ -51,6 +52,18 @@ def depth_of(n_tokens: int, K: int) -> int:
 
 def level_file(lod: int) -> str:
     return "tokens.bin" if lod == 0 else f"lod{lod}.bin"
+
+
+def span_types(tokens: np.ndarray, first: int, n: int, size: int, vocab_size: int) -> np.ndarray:
+    """(n, vocab_size) bool: which ids occur in each of n consecutive spans of `size` tokens, the first starting at
+    token `first` of `tokens` (any array-like of ids: a memory map, a block of a training batch)."""
+    out = np.zeros((n, vocab_size), bool)
+    step = max(1, (1 << 22) // size)  # ~4M tokens per scatter
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        ids = np.asarray(tokens[first + a * size:first + b * size], np.int64).reshape(b - a, size)
+        out[np.arange(a, b)[:, None], ids] = True
+    return out
 
 
 def _crash_point(what: str):
@@ -113,6 +126,9 @@ class _Rows:
 
     def slice(self, a: int, b: int) -> np.ndarray:
         return self.take(np.arange(a, b, dtype=np.int64))
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return self.slice(s.start, s.stop)
 
     def put(self, a: int, rows: np.ndarray):
         """Overwrite rows [a, a + len(rows)) in memory: committed rows through a copy-on-write map (the file is
@@ -228,6 +244,7 @@ class MegaContextTree:
         self.levels = [_Rows((), np.int32)]  # LOD0 ids; gist levels are added as they are born
         self.path, self.crcs = None, [0]  # backing directory and the crc32 of each level's committed prefix
         self.rewritten = False  # rewrite() changed rows in memory only: saving would lose them
+        self._types = {}  # lod -> packed token-type bitsets of its first nodes (types(); RAM only, derived)
 
     def __len__(self):
         return len(self.levels[0])
@@ -246,6 +263,38 @@ class MegaContextTree:
     def gists(self, lod: int, index: np.ndarray) -> np.ndarray:
         assert 1 <= lod <= self.depth, f"this tree has gists at LOD1..LOD{self.depth}, not LOD{lod}"
         return self.levels[lod].take(np.asarray(index, np.int64))
+
+    def types(self, lod, index) -> np.ndarray:
+        """(n, vocab) bool: which token ids occur in the span of each node (lod[i], index[i]) (a LOD0 node: its own
+        id). A derived index, never on disk: nodes spanning TYPE_SPAN tokens or more keep bitsets in RAM (vocab / 8
+        bytes each: 4 MB for 16M tokens at K = 8 and a 1,024-id vocabulary), made on first use from the tokens (or
+        their children's bitsets) and extended as the history grows; smaller spans are read from the tokens."""
+        lod, index = np.asarray(lod, np.int64).reshape(-1), np.asarray(index, np.int64).reshape(-1)
+        out = np.zeros((len(lod), self.vocab_size), bool)
+        for l in np.unique(lod).tolist():
+            at = lod == l
+            if self.K**l < TYPE_SPAN:
+                out[at] = np.concatenate([span_types(self.levels[0], int(i) * self.K**l, 1, self.K**l,
+                                                     self.vocab_size) for i in index[at]])
+            else:
+                self._extend_types(l)
+                out[at] = np.unpackbits(self._types[l][index[at]], axis=1, count=self.vocab_size).astype(bool)
+        return out
+
+    def _type_rows(self, lod: int, a: int, b: int) -> np.ndarray:
+        """Packed bitsets of nodes [a, b) of a level at or above TYPE_SPAN: from the tokens at the lowest such
+        level, else OR over the K children's bitsets."""
+        if self.K ** (lod - 1) < TYPE_SPAN:
+            return np.packbits(span_types(self.levels[0], a * self.K**lod, b - a, self.K**lod, self.vocab_size), 1)
+        self._extend_types(lod - 1)
+        kids = self._types[lod - 1][a * self.K:b * self.K]
+        return np.bitwise_or.reduce(kids.reshape(b - a, self.K, -1), axis=1)
+
+    def _extend_types(self, lod: int):
+        have, need = len(self._types.get(lod, ())), self.n_nodes(lod)
+        if have < need:
+            rows = self._type_rows(lod, have, need)
+            self._types[lod] = np.concatenate([self._types[lod], rows]) if have else rows
 
     def check_ids(self, tokens) -> np.ndarray:
         """Token ids as int64 (n,); ValueError (one line) unless all are in [0, vocab_size)."""
@@ -300,6 +349,9 @@ class MegaContextTree:
             if a >= b:
                 break
             self.levels[lod].put(a, self._pool(lod, self.levels[lod - 1].slice(a * self.K, b * self.K), b - a))
+            hi = min(b, len(self._types.get(lod, ())))
+            if a < hi:  # its token-type bitsets too (levels are visited upwards: the children's are fresh)
+                self._types[lod][a:hi] = self._type_rows(lod, a, hi)
         self.rewritten = True
 
     @torch.no_grad()

@@ -61,6 +61,7 @@ from megacontext import RECENCY_UNIT, MegaContextConfig, MegaContextModel, check
 from model import GPT, GPTConfig  # noqa: E402
 from sample import mc_model  # noqa: E402
 from session import Session  # noqa: E402
+from tree import depth_of  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
 
 METHODS = ("full", "truncation", "recency", "lens", "mean", "oracle")
@@ -340,12 +341,14 @@ def answer(method, gpt, mc, prompt, budget, stream):
 
 
 def oracle_scorer(needle_at: int):
-    """Scores of a perfect LensNet for a needle at token needle_at: the recency pyramid's, plus enough for every
-    gist that holds a needle token to be expanded first (a control-prompt without a needle gets plain recency)."""
+    """Scores of a perfect LensNet for a needle at token needle_at: the recency pyramid's, plus, for every entry that
+    holds a needle token, more than the pyramid's largest level mismatch (the history's depth + 1 levels), so such a
+    gist is expanded first and the needle's tokens are never collapsed back (a control-prompt without a needle gets
+    plain recency)."""
     def scores(wc):
         s = recency_scores(wc, wc.w_max - wc.K)
-        hold = (wc.lod > 0) & (wc.start < needle_at + retrieval.NEEDLE_LEN) & (wc.end > needle_at)
-        return s + 4 * RECENCY_UNIT * (hold & (needle_at >= 0))
+        hold = (wc.start < needle_at + retrieval.NEEDLE_LEN) & (wc.end > needle_at) & (needle_at >= 0)
+        return s + (depth_of(wc.cursor, wc.K) + 2) * RECENCY_UNIT * hold
     return scores
 
 
@@ -600,7 +603,8 @@ def plot(result, path) -> list[str]:
         hits = [sum(r["hits"] for r in ret if (r["method"], r["history"]) == (m, L)) for L in Ls]
         n = [sum(r["trials"] for r in ret if (r["method"], r["history"]) == (m, L)) for L in Ls]
         ci = np.array([retrieval.wilson(h, k) for h, k in zip(hits, n)])
-        ax1.errorbar(Ls, ci[:, 0], yerr=np.stack([ci[:, 0] - ci[:, 1], ci[:, 2] - ci[:, 0]]), marker="o", capsize=3,
+        yerr = np.maximum(0, np.stack([ci[:, 0] - ci[:, 1], ci[:, 2] - ci[:, 0]]))  # (Wilson's ends round to p)
+        ax1.errorbar(Ls, ci[:, 0], yerr=yerr, marker="o", capsize=3,
                      color=f"C{i}", label=m)
     ax1.set(xscale="log", xlabel="history (tokens)", ylabel="retrieval accuracy", ylim=(-0.05, 1.05),
             title=f"retrieval at a budget of {result['args']['retrieval_budget']} entries")

@@ -13,8 +13,11 @@ block_size = 512
 n_layer = 4
 n_head = 4
 n_embd = 128
-rope_heads = 2  # two RoPE heads and two position-free (NoPE) ones per block: copying a needle needs a match of content
-# at any distance, which rotated heads lose beyond the distances they were trained at (~2k tokens, measured)
+rope_bands = 8  # p-RoPE: in every head the 8 fastest of 16 bands rotate, the 8 slowest have frequency 0. Copying a
+# needle is a match of content; with all 16 bands rotating the induction head matched through the slowest bands and
+# lost the needle beyond ~2k positions (40/40 at a 1k gap, 0/40 at 4k), and position-free heads beside RoPE ones were
+# left unused. With frequency-0 bands: 40/40 from a 0 to a 16M gap (/tmp probe, pass key, all raw tokens).
+max_position = 16777216  # 2**24: PoSE gaps up to 16M: relative distances of a 16M-token history are trained
 batch_size = 4
 max_iters = 1600
 lr = 3e-3
@@ -39,3 +42,5 @@ gist_heads = 4
 lens_width = 64
 lens_tail = 16
 lens_preview = 2  # LensNet sees each gist's tokens (K**2 = 64 per LOD2 gist): a needle's marker among them
+lens_types = True  # instead: every token type of each gist's span, at any depth (tree.types); the 2-level preview of a
+# LOD3+ gist shows gists, where the marker is averaged away (LensNet 0/8 at 64k tokens; 8/8 with the types)

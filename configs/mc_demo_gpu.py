@@ -1,7 +1,7 @@
 """The MegaContext demonstration at GPU scale (issue 12): `bash bench/mc_demo.sh --size gpu` on one H100/H200.
 
 The CPU demonstration's recipe (configs/mc_demo.py: retrieval mix, copy warm-up, short windows first, half the
-drills across a position gap, NoPE heads beside RoPE heads) on a 10 x 512 base (31.5M non-embedding parameters,
+drills across a position gap, p-RoPE: the slow half of each head's bands at frequency 0) on a 10 x 512 base (31.5M non-embedding parameters,
 1,024-token BPE on a slice of the books) with a 1,024-token block, so that the working context of 1,024 entries is
 inside the trained span; K = 8. Step counts are estimates for a <= 9 minute run (base ~4 min): the first device run
 calibrates them. mc_demo.sh sets the per-stage overrides (stage, out_dir, block_size, steps).
@@ -12,7 +12,8 @@ block_size = 1024
 n_layer = 10
 n_head = 8
 n_embd = 512
-rope_heads = 4  # half the heads position-free, as on the CPU
+rope_bands = 16  # p-RoPE as on the CPU: the 16 fastest of 32 bands rotate (head dim 64), the rest are position-free
+max_position = 16777216  # 2**24: PoSE gaps up to 16M
 batch_size = 32
 max_iters = 2400
 lr = 1.5e-3
@@ -37,3 +38,4 @@ gist_heads = 8
 lens_width = 128
 lens_tail = 16
 lens_preview = 2
+lens_types = True  # as on the CPU: previews of every token type of a gist's span, at any depth

@@ -487,6 +487,44 @@ def test_preview_nodes():
         assert s.scores().shape == (len(s.wc),) and torch.isfinite(s.scores()).all()
 
 
+def test_lensnet_type_preview_is_the_max_over_each_span_token_types():
+    """lens_types: each gist's preview is the max over the token types of its whole span (type_max, checked against a
+    float64 loop), fed by the tree's type index in a session and by the block's ids in the stages, so a rare token
+    planted under a deep gist shows in that gist's preview alone and changes its score."""
+    from megacontext import type_max
+    import stages
+    torch.manual_seed(0)
+    types = torch.rand(2, 5, 97) < 0.05
+    types[0, 3] = False  # an entry with no types gets 0
+    table = torch.randn(97, 16)
+    ref = torch.zeros(2, 5, 16, dtype=torch.float64)
+    for b in range(2):
+        for i in range(5):
+            if types[b, i].any():
+                ref[b, i] = table.double()[types[b, i]].max(0).values
+    assert_close("type_max", ref, type_max(types, table).double(), ratio=1e-6)
+    m = mc_model(w_max=64, recent_tokens=16, lens_types=True)
+    ids = torch.randint(0, 90, (5000,))  # ids 90.. never occur
+    s = Session(m)
+    s.ingest(ids.tolist())
+    before, wc = s.scores(), s.wc
+    want = torch.stack([torch.isin(torch.arange(97), ids[a:b]) for a, b in zip(wc.start.tolist(), wc.end.tolist())])
+    x = s.tree.node_embeddings(wc.lod, wc.index)[None]
+    feats = (x, wc.lod[None], (wc.cursor - wc.end)[None], (wc.end - wc.start)[None])
+    assert_close("session scores", m.lensnet(*feats, types=want[None], vocab=m.gpt.wte.weight)[0], before,
+                 ratio=1e-6)
+    tables = stages.node_tables(m, m.gpt.wte(ids))
+    got = stages.lens_features(m, wc, tables, ids)
+    assert torch.equal(got[5][0], want) and got[4] is None
+    deep = int(wc.lod.argmax())  # the oldest, coarsest gist
+    s.tree.rewrite(int(wc.start[deep]) + 100, [95])
+    after = s.scores()
+    changed = (after - before).abs() > 1e-6
+    assert wc.lod[deep] >= 3 and changed[deep]
+    marked = torch.from_numpy(s.tree.types(wc.lod.numpy(), wc.index.numpy()))[:, 95]
+    assert marked.nonzero().flatten().tolist() == [deep]  # only the gist above the rare token previews it
+
+
 def test_lensnet_sign_on_constructed_case():
     """The tail repeats one gist's content: after a short fit, that gist scores highest, and the allocator
     expands it (positive = expand). The other gists are labelled -1 (collapse cheaply)."""

@@ -452,3 +452,34 @@ def make_tree_gists(ids, lod):
     t = make_tree()
     t.append(ids)
     return t.gists(lod, [0])
+
+
+def test_tree_token_types_at_every_level_follow_appends_and_rewrites(monkeypatch):
+    """types(lod, index) is the set of ids in each node's span, from the tokens below TYPE_SPAN and from the RAM
+    bitsets at and above it (made lazily, extended after appends, remade over a rewrite)."""
+    monkeypatch.setattr(tree_module, "TYPE_SPAN", 16)  # K = 4: LOD2 and up keep bitsets
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, V - 1, 4**5 + 300)  # id V - 1 never occurs in the text
+    t = make_tree()
+    t.append(ids[:4**4 + 9])
+
+    def expect(lod, index):
+        a, b = node_span(lod, index, 4)
+        return np.isin(np.arange(V), t.tokens(a, b))
+
+    def check():
+        for lod in range(t.depth + 1):
+            idx = np.arange(t.n_nodes(lod))[::7]
+            got = t.types(np.full(len(idx), lod), idx)
+            assert got.shape == (len(idx), V)
+            assert all((got[j] == expect(lod, int(i))).all() for j, i in enumerate(idx))
+
+    check()
+    assert set(t._types) == {2, 3, 4}
+    t.append(ids[4**4 + 9:])  # a level is born; the bitsets extend on the next use
+    check()
+    assert len(t._types[5]) == 1 and len(t._types[2]) == t.n_nodes(2)
+    t.rewrite(700, [V - 1] * 3)
+    check()
+    top = t.types([5, 4, 1], [0, 700 // 256, 700 // 4])
+    assert top[:, V - 1].all() and not t.types([4], [0])[0, V - 1]  # the rare id shows at every level above it
