@@ -1,9 +1,9 @@
 """The MegaContext demonstration at GPU scale (issue 12): `bash bench/mc_demo.sh --size gpu` on one H100/H200.
 
 The CPU demonstration's recipe (configs/mc_demo.py: retrieval mix, copy warm-up, short windows first, half the
-drills across a position gap, p-RoPE: the slow half of each head's bands at frequency 0) on a 10 x 512 base (31.5M non-embedding parameters,
-1,024-token BPE on a slice of the books) with a 1,024-token block, so that the working context of 1,024 entries is
-inside the trained span; K = 8. Step counts are estimates for a <= 9 minute run (base ~4 min): the first device run
+drills across a position gap, p-RoPE with the slow half of each head's bands at frequency 0, LensNet type previews) on
+a 10 x 512 base (31.5M non-embedding parameters, 1,024-token BPE on a slice of the books) with a 1,024-token block, so
+that the working context of 1,024 entries is inside the trained span; K = 8. Step counts are estimates for a <= 9 minute run (base ~4 min): the first device run
 calibrates them. mc_demo.sh sets the per-stage overrides (stage, out_dir, block_size, steps).
 """
 out_dir = "out/mc_demo_gpu/base"
