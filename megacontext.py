@@ -69,6 +69,8 @@ class MegaContextConfig:
     lens_tail: int = 32  # newest entries whose mean seeds the tail queries
     lens_preview: int = 1  # levels below each gist that LensNet previews (K**lens_preview nodes per entry)
     lens_types: bool = False  # preview every token type of each gist's span instead (any depth; tree.types)
+    lens_horizon: int = 0  # distances and spans beyond this many tokens look like this many to LensNet (its trained
+    # range, e.g. the lens stage's block: no extrapolation of its features in deeper trees); 0 = no cap
 
     @property
     def K(self) -> int:
@@ -474,7 +476,7 @@ class LensNet(nn.Module):
 
     def __init__(self, cfg: MegaContextConfig, d: int):
         super().__init__()
-        W, self.tail = cfg.lens_width, cfg.lens_tail
+        W, self.tail, self.horizon = cfg.lens_width, cfg.lens_tail, cfg.lens_horizon
         self.embed = nn.Linear(d, W, bias=False)  # the entry's (detached) input embedding, projected down
         self.level = nn.Embedding(cfg.gist_levels + 1, W)  # deeper levels share the top row (clamped in forward)
         self.feat = nn.Linear(2, W)  # log(1 + distance to cursor), log(span)
@@ -492,6 +494,8 @@ class LensNet(nn.Module):
         or (lens_types) types: (B, n, V) bool, the token ids in each entry's span, with vocab (V, d) the token
         embeddings: the preview is then the max over the span's token types, the same at any depth.
         Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal group's mean)."""
+        if self.horizon:
+            dist, span = dist.clamp(max=self.horizon), span.clamp(max=self.horizon)
         feats = torch.stack([torch.log1p(dist.float()), torch.log(span.float())], -1).to(self.feat.weight.dtype)
         lod = lod.clamp(max=self.level.num_embeddings - 1)
         h = self.embed(x.detach().to(self.embed.weight.dtype)) + self.level(lod) + self.feat(feats)

@@ -6,7 +6,7 @@ retrieval at chosen lengths with the demo's model and harness arms.
     python bench/long_history.py --ckpt out/demo/ckpt.pt           # a train.py checkpoint (its GistNet/LensNet if any)
     python bench/long_history.py --lengths 65536,1048576 --decode 32 --out /tmp/lh   # a quick look
     python bench/long_history.py --ckpt out/mc_demo/lens_counterfactual/ckpt.pt --data-dir data/pg1k \
-        --retrieval 1048576,16777216 --decode 64                   # the run (bench/results/long_history_cpu)
+        --retrieval 65536,1048576,16777216 --retrieval-budget 256 --decode 64   # bench/results/long_history_cpu
 
 Model: --ckpt, or an untrained model of the demo's shape (vocab 1024, 4 layers x 4 heads x 128, block 512; K = 8,
 budget 128, tail 32, GistNet 2 layers, LensNet width 64; flags below). Ingest and decode cost do not depend on the
@@ -25,7 +25,10 @@ remade, depth x K GistNet work; the files untouched), the question appended, the
 recency sessions (cold start over the history, the question ingested, refocus until the working context stops
 changing, greedy decode), oracle (the recency session zoomed exactly onto the needle: what a perfect LensNet reaches
 with this base, GistNet and allocator, i.e. the gate that the base can answer at that distance) and truncation (the
-newest budget tokens). Wilson 95% intervals; refocus steps, expansions and needle-raw share per cell.
+newest budget tokens). Wilson 95% intervals; refocus steps, expansions and needle-raw share per cell. Gate: a length
+runs only if --retrieval-budget can hold a needle zoomed to its tokens anywhere in it (tiling.zoom_entries: the tail,
+the coarsest tiling and the zoom paths, ~ tail + 3 x depth x (K - 1)); at K = 8 and a tail of 32 the demo's budget of
+128 holds that to about 64k tokens, so the issue's run uses --retrieval-budget 256 (the base's block is 512).
 
 Writes <out>.json and <out>.md (default bench/results/long_history_cpu); the JSON's top-level `summary` is
 {"ingest_tokens_per_s": x, "peak_rss_mb": {tokens: mb}, "retrieval": {method: {tokens: accuracy}}} (pass key; kv in
@@ -60,6 +63,7 @@ from model import GPT, GPTConfig  # noqa: E402
 from sample import mc_model  # noqa: E402
 from session import Session, ingest_stream  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
+from tiling import zoom_entries  # noqa: E402
 from tree import GIST_DTYPES, MegaContextTree, level_file  # noqa: E402
 
 RETRIEVAL_METHODS = ("lens", "recency", "oracle", "truncation")  # bench/longctx.py's arms that need no full attention
@@ -86,6 +90,8 @@ def parse_args(argv):
     r.add_argument("--retrieval-methods", default="lens,recency,oracle,truncation", help="arms, of "
                    + ",".join(RETRIEVAL_METHODS))
     r.add_argument("--distractors", type=int, default=3, help="other kv needles in each kv prompt")
+    r.add_argument("--retrieval-budget", type=int, default=None, help="working-context budget of the retrieval "
+                   "sessions (default: the model's); a length whose zoom path it cannot hold is skipped (the gate)")
     shape = p.add_argument_group("model shape without --ckpt (MegaContext flags apply with --ckpt too)")
     for flag, default in (("vocab", 1024), ("n-layer", 4), ("n-head", 4), ("n-embd", 128), ("block-size", 512),
                           ("gist-layers", 2), ("lens-width", 64)):
@@ -309,9 +315,15 @@ def markdown(r) -> str:
               f"{last['decode']['ms_mean'] / first['decode']['ms_mean']:.2f}x (mean), "
               f"{last['decode']['ms_p50'] / first['decode']['ms_p50']:.2f}x (p50).", "",
               f"History: {r['text']}.", ""]
+    for g in r["retrieval_gate"]:
+        lines.append(f"Retrieval gate at {g['history']:,} tokens: a needle needs at most {g['zoom_entries']} entries "
+                     f"to be zoomed to its tokens, the budget leaves {g['target']}: "
+                     + ("run." if g["zoom_entries"] <= g["target"] else "**skipped**."))
+    if r["retrieval_gate"]:
+        lines.append("")
     if r["retrieval"]:
         lines += ["Retrieval (needles planted into the saved history in memory; budget "
-                  f"{r['mc']['w_max']}; Wilson 95% intervals; refocus steps after the question, expansions, and the "
+                  f"{r['retrieval_budget']}; Wilson 95% intervals; refocus steps after the question, expansions, and the "
                   "share of answers with the needle raw in the working context):", "",
                   "| kind | history | method | accuracy [95% CI] | per depth | steps | expands | needle raw |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -334,7 +346,10 @@ def main(argv):
         text = BookText(args.data_dir) if args.data_dir else None
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    args.retrieval_budget = model.cfg.w_max
+    args.retrieval_budget = args.retrieval_budget or model.cfg.w_max
+    if args.retrieval and args.retrieval_budget > model.gpt.config.block_size:
+        fail(f"--retrieval-budget {args.retrieval_budget} is above the base's {model.gpt.config.block_size}-token "
+             "block: it never attended over that many entries")
     cfg, d = model.cfg, model.gpt.config.n_embd
     tmp = tempfile.TemporaryDirectory() if args.tree is None else None
     tree_dir = args.tree or os.path.join(tmp.name, "tree")
@@ -342,7 +357,7 @@ def main(argv):
         fail(f"--tree {tree_dir} already holds a tree; give a new directory")
     session = Session(model)
     print(f"[long_history] {session.describe()}", file=sys.stderr)
-    rng, rows, ingest_s, ingested, found = np.random.default_rng(args.seed), [], 0.0, 0, []
+    rng, rows, ingest_s, ingested, found, gates = np.random.default_rng(args.seed), [], 0.0, 0, [], []
     load_start = os.getloadavg()[0]
     for L in args.lengths:
         n = L - len(session.tree)
@@ -361,7 +376,13 @@ def main(argv):
         peak = rss_mb()[1]  # peak of the ingest up to here (before the decode below)
         session.save(tree_dir)
         if L in args.retrieval:  # the needles are planted in memory: the saved tree is not touched
-            found += retrieval_rows(ckpt, model.gpt, tree_dir, args, rng)
+            need = zoom_entries(L + 2, cfg.K, cfg.recent_tokens)  # (the question's 2 tokens)
+            gates.append(dict(history=L, zoom_entries=need, target=args.retrieval_budget - cfg.refocus_tokens))
+            if need <= gates[-1]["target"]:
+                found += retrieval_rows(ckpt, model.gpt, tree_dir, args, rng)
+            else:
+                print(f"[retrieval] {L:,} tokens skipped: a needle may need {need} entries to be zoomed to its tokens "
+                      f"(tail, coarsest tiling, zoom path), the budget leaves {gates[-1]['target']}", file=sys.stderr)
         t0 = time.perf_counter()
         session = Session.open(model, tree_dir)  # memory-mapped, crc32 verified by streaming the files
         open_s = time.perf_counter() - t0
@@ -385,7 +406,7 @@ def main(argv):
                      peak_rss_mb={r["history"]: round(r["peak_rss_mb"], 1) for r in rows},
                      retrieval=accuracies(found, "passkey"),
                      **({"retrieval_kv": accuracies(found, "kv")} if "kv" in {r["kind"] for r in found} else {})),
-        retrieval=found, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+        retrieval=found, retrieval_budget=args.retrieval_budget, retrieval_gate=gates, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
         date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
         dirty=bool(git("status", "--porcelain")), command="python bench/long_history.py " + " ".join(argv),
         load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),

@@ -343,12 +343,17 @@ def answer(method, gpt, mc, prompt, budget, stream):
 def oracle_scorer(needle_at: int):
     """Scores of a perfect LensNet for a needle at token needle_at: the recency pyramid's, plus, for every entry that
     holds a needle token, more than the pyramid's largest level mismatch (the history's depth + 1 levels), so such a
-    gist is expanded first and the needle's tokens are never collapsed back (a control-prompt without a needle gets
-    plain recency)."""
+    gist is expanded first; its siblings score at least 0, so a group that holds part of the needle (which may
+    straddle two blocks) is never collapsed back (a control-prompt without a needle gets plain recency)."""
     def scores(wc):
         s = recency_scores(wc, wc.w_max - wc.K)
-        hold = (wc.start < needle_at + retrieval.NEEDLE_LEN) & (wc.end > needle_at) & (needle_at >= 0)
-        return s + (depth_of(wc.cursor, wc.K) + 2) * RECENCY_UNIT * hold
+        if needle_at < 0:
+            return s
+        end = needle_at + retrieval.NEEDLE_LEN
+        hold = (wc.start < end) & (wc.end > needle_at)
+        up = wc.K ** (wc.lod + 1)  # the parent's span
+        sibling = (wc.start - wc.start % up < end) & (wc.start - wc.start % up + up > needle_at)
+        return torch.where(sibling, s.clamp(min=0), s) + (depth_of(wc.cursor, wc.K) + 2) * RECENCY_UNIT * hold
     return scores
 
 

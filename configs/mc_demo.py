@@ -44,3 +44,5 @@ lens_tail = 16
 lens_preview = 2  # LensNet sees each gist's tokens (K**2 = 64 per LOD2 gist): a needle's marker among them
 lens_types = True  # instead: every token type of each gist's span, at any depth (tree.types); the 2-level preview of a
 # LOD3+ gist shows gists, where the marker is averaged away (LensNet 0/8 at 64k tokens; 8/8 with the types)
+lens_horizon = 4096  # LensNet's distance and span features stop at its training block (the counterfactual lens
+# stage's 4,096 tokens): at 1M tokens they extrapolated and LensNet stopped zooming (4/30 pass keys; 13/16 capped)

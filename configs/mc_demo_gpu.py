@@ -39,3 +39,4 @@ lens_width = 128
 lens_tail = 16
 lens_preview = 2
 lens_types = True  # as on the CPU: previews of every token type of a gist's span, at any depth
+lens_horizon = 16384  # as on the CPU: LensNet's features stop at its training block (the lens stage's 16,384 tokens)

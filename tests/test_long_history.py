@@ -16,6 +16,7 @@ import prepare
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import long_history  # noqa: E402
 from test_longctx import save_ckpt  # noqa: E402
+from tiling import zoom_entries  # noqa: E402
 from megacontext import MegaContextConfig, MegaContextModel  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from session import Session, ingest_stream  # noqa: E402
@@ -88,6 +89,19 @@ def test_long_history_retrieval_cells_on_book_text(data_dir, tmp_path):
     saved = np.fromfile(tmp_path / "tree" / "tokens.bin", np.int32)
     assert saved[:len(first)].tolist() == first.tolist()  # book text, and no needle was written to disk
     assert "| passkey | 5,000 | oracle |" in open(out + ".md").read()
+    assert r["retrieval_gate"] == [dict(history=5000, zoom_entries=zoom_entries(5002, 8, 16), target=120)]
+
+
+def test_long_history_retrieval_gate_skips_a_budget_too_small_for_the_zoom_path(data_dir, tmp_path, capsys):
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir, mc=True)
+    r = long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "5000", "--retrieval", "5000",
+                           "--retrieval-budget", "64", "--trials", "2", "--decode", "1", "--warmup", "0",
+                           "--threads", "1", "--out", str(tmp_path / "lh")])
+    assert r["retrieval"] == [] and r["retrieval_gate"][0]["target"] == 56 < r["retrieval_gate"][0]["zoom_entries"]
+    assert "5,000 tokens skipped" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "5000", "--retrieval", "5000",
+                           "--retrieval-budget", "256", "--out", str(tmp_path / "lh2")])
 
 
 def test_plan_prompt_plants_the_needle_where_it_says(data_dir, tmp_path):

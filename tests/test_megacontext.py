@@ -839,3 +839,27 @@ def test_sample_mc_end_to_end(checkpoint):
         assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
         assert message in r.stderr
     assert before == {n: open(os.path.join(tree, n), "rb").read() for n in os.listdir(tree)}
+
+
+def zoomed_size(m: int, K: int, a: int, b: int) -> int:
+    """Entries of the coarsest tiling of [0, m) after expanding every node that overlaps [a, b) down to tokens."""
+    def size(lod, index):
+        lo, hi = index * K**lod, (index + 1) * K**lod
+        if lod == 0 or hi <= a or lo >= b:
+            return 1
+        return sum(size(lod - 1, index * K + j) for j in range(K))
+    return sum(size(lod, first + i) for lod, first, n in coarsest_runs(m, K, depth_of(m, K)) for i in range(n))
+
+
+def test_zoom_entries_bounds_every_needle_zoom_and_is_reached():
+    """tiling.zoom_entries holds every span of <= K tokens zoomed to LOD0 anywhere in the history (brute force over
+    positions and lengths); it is reached within one entry just below a power of K and loose by at most (K-1) x depth
+    elsewhere (it takes the largest coarsest tiling of any shorter history)."""
+    from tiling import zoom_entries
+    for K in (2, 4, 8):
+        for m in (K**3 - 1, K**3 + 5, 3 * K**3 + K**2 + 1, K**4 - 3):
+            worst = max(zoomed_size(m, K, p, p + n) for n in (1, K - 1, K) for p in range(0, m - n + 1))
+            bound = zoom_entries(m + 5, K, 5)
+            assert worst <= bound - 5 <= worst + (K - 1) * depth_of(m, K) + 1, (K, m, worst, bound)
+            if m in (K**3 - 1, K**4 - 3):
+                assert bound - 5 - worst <= 1
