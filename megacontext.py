@@ -522,34 +522,37 @@ class FocusAllocator:
     dropping entries; ValueError if no legal collapse is left); (2) up to max_edits optional edits: the best
     expansion above tau_expand, alone if it fits, else paired with the cheapest collapses that refund its K-1
     entries, applied only if gain - loss > hysteresis; (3) groups below -tau_collapse collapse on their own.
-    A node edited in the last `cooldown` steps is not edited in the opposite direction.
+    A node edited in the last `cooldown` steps is not edited in the opposite direction; `keep_since` (a step number)
+    extends that to every edit since that step (Session.refocus(until_stable): a zoom made for a question is not
+    undone while the question is being answered, so the loop cannot oscillate).
     """
 
     def __init__(self, cfg: MegaContextConfig):
         self.cfg, self.steps = cfg, 0
         self.totals = dict(expands=0, collapses=0, forced=0, swap_rate=0.0, removed=0, residency=0)
 
-    def _group_scores(self, wc, scores, now, strict=True):
+    def _group_scores(self, wc, scores, now, strict=True, cooldown=None):
         """(starts, mean member scores) of legal groups; strict drops groups holding a fresh expansion's child."""
         g = wc.group_starts()
         if not g.numel():
             return g, scores[:0]
         members = g[:, None] + torch.arange(wc.K)
         if strict:
-            fresh = (wc.born_by[members] == 1) & (now - wc.born[members] <= self.cfg.cooldown)
+            fresh = (wc.born_by[members] == 1) & (now - wc.born[members] <= cooldown)
             keep = ~fresh.any(1)
             g, members = g[keep], members[keep]
         return g, scores[members].mean(1)
 
-    def _expand_candidate(self, wc, scores, now):
-        blocked = (wc.born_by == -1) & (now - wc.born <= self.cfg.cooldown)
+    def _expand_candidate(self, wc, scores, now, cooldown):
+        blocked = (wc.born_by == -1) & (now - wc.born <= cooldown)
         s = torch.where((wc.lod > 0) & ~blocked, scores, torch.tensor(-math.inf))
         i = int(s.argmax()) if len(s) else 0
         return (i, float(s[i])) if len(s) and s[i] > self.cfg.tau_expand else (None, None)
 
-    def step(self, wc: WorkingContext, scores: torch.Tensor, budget_only: bool = False) -> dict:
+    def step(self, wc: WorkingContext, scores: torch.Tensor, budget_only: bool = False, keep_since=None) -> dict:
         """One allocator step on `wc` with scores (n,) aligned to its entries; returns this step's telemetry."""
         cfg, K, now = self.cfg, wc.K, self.steps
+        cool = cfg.cooldown if keep_since is None else max(cfg.cooldown, now - keep_since)
         self.steps += 1
         assert scores.shape == (len(wc),), f"scores {tuple(scores.shape)} for {len(wc)} entries"
         state = dict(scores=scores.detach().float().cpu().clone(), removed=[], expands=0, collapses=0, forced=0, new=0)
@@ -565,7 +568,7 @@ class FocusAllocator:
             state["new"] += new
 
         while len(wc) > cfg.target:  # (1) the budget comes first
-            g, gs = self._group_scores(wc, state["scores"], now)
+            g, gs = self._group_scores(wc, state["scores"], now, cooldown=cool)
             if not g.numel():
                 g, gs = self._group_scores(wc, state["scores"], now, strict=False)
             if not g.numel():
@@ -575,7 +578,7 @@ class FocusAllocator:
             state["forced"] += 1
         left = 0 if budget_only else cfg.max_edits
         while left > 0:  # (2) expansions, paired with collapses when they do not fit
-            e, gain = self._expand_candidate(wc, state["scores"], now)
+            e, gain = self._expand_candidate(wc, state["scores"], now, cool)
             if e is None:
                 break
             need = len(wc) + K - 1 - cfg.target
@@ -583,7 +586,7 @@ class FocusAllocator:
             if 1 + c > left:
                 break
             if c:
-                g, gs = self._group_scores(wc, state["scores"], now)
+                g, gs = self._group_scores(wc, state["scores"], now, cooldown=cool)
                 outside = (g > e) | (g + K <= e)  # a group holding e cannot pay for it
                 g, gs = g[outside], gs[outside]
                 order = gs.argsort()[:c]
@@ -595,7 +598,7 @@ class FocusAllocator:
             edit("expand", e)
             left -= 1 + c
         while left > 0:  # (3) cheap collapses on their own, freeing room for later expansions
-            g, gs = self._group_scores(wc, state["scores"], now)
+            g, gs = self._group_scores(wc, state["scores"], now, cooldown=cool)
             if not g.numel() or float(gs.min()) >= -cfg.tau_collapse:
                 break
             edit("collapse", int(g[gs.argmin()]))

@@ -293,7 +293,7 @@ def test_allocator_pairs_expansion_with_collapse_and_reports_telemetry():
     assert FocusAllocator(cfg2).step(wc2, scores)["edits"] == 0
 
 
-def run_adversary(cooldown, hysteresis, steps=40, noise=None):
+def run_adversary(cooldown, hysteresis, steps=40, noise=None, keep_since=None):
     """Scores that always favour undoing the previous step: the children of the last expansion score -5 (collapse
     them), the parent made by the last collapse scores +5 (expand it); otherwise one gist +1 and one group -1.
     Returns the list of (step, direction, node) edits."""
@@ -313,7 +313,7 @@ def run_adversary(cooldown, hysteresis, steps=40, noise=None):
                 g = int(wc.group_starts()[0])
                 scores[g:g + K] = -1.0
         before = set(zip(wc.lod.tolist(), wc.index.tolist()))
-        alloc.step(wc, scores)
+        alloc.step(wc, scores, keep_since=keep_since)
         wc.check_invariants(cfg.target)
         after = set(zip(wc.lod.tolist(), wc.index.tolist()))
         edits += [(step, "expand", node) for node in before - after if node[0] > 0 and
@@ -341,6 +341,9 @@ def test_allocator_cooldown_and_hysteresis_stop_ping_pong():
     # near-tied noisy scores: gain - loss <= 2 * 0.04 < 0.1, so hysteresis allows no pair at all
     assert len(run_adversary(cooldown=0, hysteresis=0.0, noise=0.04)) > 10
     assert run_adversary(cooldown=0, hysteresis=0.1, noise=0.04) == []
+    # keep_since (a question's refocus-until-stable loop): no edit since that step is ever undone, at any distance
+    kept = run_adversary(cooldown=0, hysteresis=0.0, keep_since=0)
+    assert reversals(kept, window=40) == 0 and len(kept) > 0
 
 
 def test_recency_policy_converges_to_pyramid():
