@@ -117,11 +117,16 @@ def plant_drills(row, rng: np.random.Generator, needles: Needles, n_kv: int, n_q
     return w, q_start
 
 
+JITTER = 32  # a needle starts up to this many tokens before its depth (make_prompt)
+
+
 def make_prompt(hay, needles: Needles, kind: str, history: int, depth: float, rng: np.random.Generator,
                 control=None, distractors: int = 3, raw_window: int = 1024):
     """One retrieval prompt of exactly `history` tokens of book text `hay` (1-d int array; a random slice is used).
 
-    The needle starts at relative depth `depth` of the text before the question; kv prompts add `distractors` other kv
+    The needle starts at relative depth `depth` of the text before the question, less a uniform 0..JITTER-1 tokens
+    (so its alignment to the gist blocks varies between prompts: at a fixed offset every prompt of a depth would
+    straddle a block boundary the same way); kv prompts add `distractors` other kv
     needles at uniform depths. kv words avoid the tokens of the last `raw_window` prompt tokens and of the needle's
     neighbourhood (what a base model reads raw). control: None (question last), 'query_first' (question first, a bare
     <|query|> last), 'no_needle' (question last, no needle: the answer is a value never planted).
@@ -136,7 +141,7 @@ def make_prompt(hay, needles: Needles, kind: str, history: int, depth: float, rn
                          f"than the text ({len(hay):,} tokens)")
     start = int(rng.integers(0, len(hay) - n_text + 1))
     text = np.asarray(hay[start:start + n_text], dtype=np.int64)
-    at = round(depth * n_text)
+    at = max(0, round(depth * n_text) - int(rng.integers(0, JITTER)))
     avoid = set(text[max(0, at - raw_window // 2):at + raw_window // 2].tolist()) | set(text[-raw_window:].tolist())
     needle, question, answer = needles.make(kind, rng, avoid)
     inserts = [] if control == "no_needle" else [(at, needle)]

@@ -202,11 +202,11 @@ class BookText:
 def plan_prompt(tree, needles, kind: str, depth: float, rng: np.random.Generator, distractors: int,
                 raw_window: int = 1024) -> dict:
     """One retrieval prompt for a history tree, as retrieval.make_prompt builds them: the needle to write over the
-    book text at relative depth `depth`, plus `distractors` other kv needles at uniform depths for kv (kv words avoid
+    book text at relative depth `depth` (less 0..JITTER-1 tokens), plus `distractors` other kv needles at uniform depths for kv (kv words avoid
     the tokens a base reads raw near the needle and at the end). Returns dict(spots [(position, ids)], the asked
     needle last so no distractor overwrites it; question, answer, needle_at)."""
     n = len(tree)
-    at = min(round(depth * n), n - retrieval.NEEDLE_LEN)
+    at = max(0, min(round(depth * n), n - retrieval.NEEDLE_LEN) - int(rng.integers(0, retrieval.JITTER)))
     avoid = set(tree.tokens(max(0, at - raw_window // 2), min(n, at + raw_window // 2)).tolist())
     avoid |= set(tree.tokens(n - raw_window, n).tolist())
     needle, question, answer = needles.make(kind, rng, avoid)
