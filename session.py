@@ -104,8 +104,9 @@ class Session:
     def refocus(self, until_stable: bool = False, scorer=None) -> dict:
         """Score the working context and apply one allocator step; returns its telemetry. until_stable: repeat until a
         step changes nothing (at most depth + 1 steps: a zoom from the top level down to tokens, then a check; no edit
-        of the loop is undone within it), as after a question arrives; the telemetry then sums the steps' edits and carries `steps`. scorer(wc) -> scores
-        (n,) replaces the policy's (a diagnostic, e.g. bench/longctx.py's oracle arm)."""
+        of the loop is undone within it), as after a question arrives; the telemetry then sums the steps' edits and
+        carries `steps`. scorer(wc) -> scores (n,) replaces the policy's (a diagnostic, e.g. bench/longctx.py's oracle
+        arm)."""
         score = self.scores if scorer is None else lambda: scorer(self.wc)
         first = self.alloc.steps  # (until_stable: no edit of this loop is undone within it)
         t = self.telemetry = self.alloc.step(self.wc, score())

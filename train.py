@@ -223,9 +223,9 @@ RANGES = dict(
     log_interval="[1, inf)", block_k="[2, 64]", w_max="[1, inf)", recent_tokens="[0, inf)", horizon="[1, inf)",
     gist_layers="[1, inf)", gist_heads="[1, inf)", gist_w0_max="[1, inf)", gist_w1_max="[0, inf)",
     lens_layers="[1, inf)", lens_width="[1, inf)", lens_heads="[1, inf)", lens_queries="[1, inf)",
-    lens_tail="[1, inf)", lens_preview="[1, 3]", lens_horizon="[0, inf)", lens_retrieval="[0, 1]", lens_label_floor="(0, inf)",
-    lens_replay="[0, inf)", lens_buffer="[1, inf)", lens_rank_weight="[0, inf)", lora_rank="[1, 64]",
-    lora_alpha="(0, inf)", keep_alive="[0, inf)", alt_cycles="[1, inf)", alt_gist_iters="[1, inf)",
+    lens_tail="[1, inf)", lens_preview="[1, 3]", lens_horizon="[0, inf)", lens_retrieval="[0, 1]",
+    lens_label_floor="(0, inf)", lens_replay="[0, inf)", lens_buffer="[1, inf)", lens_rank_weight="[0, inf)",
+    lora_rank="[1, 64]", lora_alpha="(0, inf)", keep_alive="[0, inf)", alt_cycles="[1, inf)", alt_gist_iters="[1, inf)",
     alt_lens_iters="[1, inf)", alt_lora_iters="[1, inf)", alt_min_delta="(-inf, inf)")  # (< 0: never stop early)
 
 
