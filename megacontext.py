@@ -531,8 +531,9 @@ class FocusAllocator:
         self.cfg, self.steps = cfg, 0
         self.totals = dict(expands=0, collapses=0, forced=0, swap_rate=0.0, removed=0, residency=0)
 
-    def _group_scores(self, wc, scores, now, strict=True, cooldown=None):
-        """(starts, mean member scores) of legal groups; strict drops groups holding a fresh expansion's child."""
+    def _group_scores(self, wc, scores, now, cooldown, strict=True):
+        """(starts, mean member scores) of legal groups; strict drops groups holding an expansion's child made within
+        the last `cooldown` steps."""
         g = wc.group_starts()
         if not g.numel():
             return g, scores[:0]
@@ -568,9 +569,9 @@ class FocusAllocator:
             state["new"] += new
 
         while len(wc) > cfg.target:  # (1) the budget comes first
-            g, gs = self._group_scores(wc, state["scores"], now, cooldown=cool)
+            g, gs = self._group_scores(wc, state["scores"], now, cool)
             if not g.numel():
-                g, gs = self._group_scores(wc, state["scores"], now, strict=False)
+                g, gs = self._group_scores(wc, state["scores"], now, cool, strict=False)
             if not g.numel():
                 raise ValueError(f"cannot meet the budget legally: {len(wc)} entries > {cfg.target} and no sibling "
                                  f"group can collapse (history {wc.cursor:,} tokens, K={K})")
@@ -586,7 +587,7 @@ class FocusAllocator:
             if 1 + c > left:
                 break
             if c:
-                g, gs = self._group_scores(wc, state["scores"], now, cooldown=cool)
+                g, gs = self._group_scores(wc, state["scores"], now, cool)
                 outside = (g > e) | (g + K <= e)  # a group holding e cannot pay for it
                 g, gs = g[outside], gs[outside]
                 order = gs.argsort()[:c]
@@ -598,7 +599,7 @@ class FocusAllocator:
             edit("expand", e)
             left -= 1 + c
         while left > 0:  # (3) cheap collapses on their own, freeing room for later expansions
-            g, gs = self._group_scores(wc, state["scores"], now, cooldown=cool)
+            g, gs = self._group_scores(wc, state["scores"], now, cool)
             if not g.numel() or float(gs.min()) >= -cfg.tau_collapse:
                 break
             edit("collapse", int(g[gs.argmin()]))

@@ -273,9 +273,12 @@ class MegaContextTree:
         out = np.zeros((len(lod), self.vocab_size), bool)
         for l in np.unique(lod).tolist():
             at = lod == l
-            if self.K**l < TYPE_SPAN:
-                out[at] = np.concatenate([span_types(self.levels[0], int(i) * self.K**l, 1, self.K**l,
-                                                     self.vocab_size) for i in index[at]])
+            if self.K**l < TYPE_SPAN:  # every entry's tokens in one gather, one scatter
+                size = self.K**l
+                ids = self.levels[0].take((index[at][:, None] * size + np.arange(size)).reshape(-1))
+                rows = np.zeros((int(at.sum()), self.vocab_size), bool)
+                rows[np.arange(len(rows))[:, None], ids.reshape(len(rows), size)] = True
+                out[at] = rows
             else:
                 self._extend_types(l)
                 out[at] = np.unpackbits(self._types[l][index[at]], axis=1, count=self.vocab_size).astype(bool)

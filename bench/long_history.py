@@ -246,11 +246,9 @@ def retrieval_rows(ckpt, gpt, tree_dir: str, args, rng: np.random.Generator) -> 
     """Rows {kind, history, method, trials, hits, accuracy, ci, per_depth, telemetry} at the tree saved in tree_dir:
     --trials prompts per kind, depths in rotation, every arm on the same planted prompts."""
     needles, W = retrieval.needles_for(args.data_dir), args.retrieval_budget
-    models = {m: longctx.session_model(ckpt, gpt, "recency" if m == "oracle" else m, W, args.block or 8,
-                                       args.recent) for m in args.retrieval_methods if m != "truncation"}
-    models["truncation"] = next(iter(models.values()), None) or longctx.session_model(ckpt, gpt, "recency", W,
-                                                                                        args.block or 8, args.recent)
-    history, _ = MegaContextTree.open(tree_dir, *tree_args(models["truncation"]), verify=False)
+    models = {m: longctx.session_model(ckpt, gpt, "lens" if m == "lens" else "recency", W, args.block or 8,
+                                       args.recent) for m in args.retrieval_methods}  # (truncation: its GPT, tree)
+    history, _ = MegaContextTree.open(tree_dir, *tree_args(next(iter(models.values()))), verify=False)
     rows, n = [], len(history)
     for kind in args.kinds:
         hits = {m: {} for m in args.retrieval_methods}
