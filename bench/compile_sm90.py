@@ -90,6 +90,7 @@ CASES = [
     ("rope gpu int64 T65544-Hq256-Hk1-D128 bf16", rope_case, (1, 65544, 256, 1, 128, BF16), False),
     ("rope bench B8-T1024-H12-D64 bf16", rope_case, (8, 1024, 12, 12, 64, BF16), False),
     ("rope train small B32-T2048-H8-D64 bf16", rope_case, (32, 2048, 8, 8, 64, BF16), False),
+    ("rope p-RoPE mc_demo_gpu B32-T1024-H8-D32 bf16", rope_case, (32, 1024, 8, 8, 32, BF16), False),
     ("gist gpu B4-T8192-H12-D64-K32 bf16", gist_case, (4, 8192, 12, 64, 32, BF16), True),
     ("gist gpu B2-T8192-H8-D128-K64 bf16", gist_case, (2, 8192, 8, 128, 64, BF16), False),
     ("gist gpu B2-T4096-H16-D64-K8 fp16", gist_case, (2, 4096, 16, 64, 8, FP16), False),
