@@ -15,8 +15,8 @@ n_head = 4
 n_embd = 128
 rope_bands = 8  # p-RoPE: in every head the 8 fastest of 16 bands rotate, the 8 slowest have frequency 0. Copying a
 # needle is a match of content; with all 16 bands rotating the induction head matched through the slowest bands and
-# lost the needle beyond ~2k positions (40/40 at a 1k gap, 0/40 at 4k), and position-free heads beside RoPE ones were
-# left unused. With frequency-0 bands: 40/40 from a 0 to a 16M gap (/tmp probe, pass key, all raw tokens).
+# lost the needle beyond ~2k positions (37/40 at a 1k gap, 0/40 at 4k), and position-free heads beside RoPE ones were
+# left unused. With frequency-0 bands: 40/40 from a 0 to a 16M gap (python bench/copy_gap.py --ckpt <base ckpt>).
 max_position = 16777216  # 2**24: PoSE gaps up to 16M: relative distances of a 16M-token history are trained
 batch_size = 4
 max_iters = 1600

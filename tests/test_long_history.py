@@ -115,3 +115,20 @@ def test_plan_prompt_plants_the_needle_where_it_says(data_dir, tmp_path):
         s.tree.rewrite(pos, ids)
     needle = s.tree.tokens(at, at + long_history.retrieval.NEEDLE_LEN).tolist()
     assert needle[1] == plan["question"][1] and needle[2:6] == plan["answer"]  # <|key|> k v1..v4 <|value|>
+
+
+def test_copy_gap_decodes_as_the_model_and_refuses_a_history_beyond_the_block(data_dir, tmp_path, capsys):
+    """bench/copy_gap.py: its greedy answer at gap 0 is the model's own greedy continuation; a row per gap; a history
+    longer than the base's block is refused with one line."""
+    import copy_gap
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir)
+    rows = copy_gap.main(["--ckpt", ckpt, "--gaps", "0,5000", "--history", "96", "--trials", "2"])
+    assert [r["gap"] for r in rows] == [0, 5000] and all(r["trials"] == 2 for r in rows)
+    gpt = GPT(GPTConfig(**torch.load(ckpt, weights_only=False)["model_args"]))
+    gpt.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
+    ids = np.random.default_rng(0).integers(0, 500, 40)
+    want = [int(t) for t in gpt.eval().generate(torch.as_tensor(ids)[None], 4, temperature=0.0)]
+    assert copy_gap.answer(gpt, ids, torch.arange(40, dtype=torch.float64), 4) == want
+    with pytest.raises(SystemExit):
+        copy_gap.main(["--ckpt", ckpt, "--history", "4096"])
+    assert "above the base's 128-token block" in capsys.readouterr().err
