@@ -44,6 +44,8 @@ class MegaContextConfig:
     # focus allocator (DESIGN §6)
     refocus_every: int = 0  # tokens between refocus steps; 0 = every K tokens. Also the allocator's headroom
     max_edits: int = 4  # optional edits per refocus step (budget-restoring collapses come on top)
+    settle_edits: int = 16  # optional edits per step of a question's refocus-until-stable loop (several needles
+    # zoom level by level at once; the loop's steps stay bounded by the depth)
     # scores are in label units (stages.normalise: nats / the context's label spread); recency scores use them too
     tau_expand: float = 1.0  # an expansion needs a score above this
     tau_collapse: float = 1.0  # a group scoring below -tau_collapse is collapsed even without a paired expansion
@@ -71,6 +73,15 @@ class MegaContextConfig:
     lens_types: bool = False  # preview every token type of each gist's span instead (any depth; tree.types)
     lens_horizon: int = 0  # distances and spans beyond this many tokens look like this many to LensNet (its trained
     # range, e.g. the lens stage's block: no extrapolation of its features in deeper trees); 0 = no cap
+    lens_query: str = ""  # the question as the base reads it: residual streams of the newest lens_tail tokens after
+    # these blocks of the base (0 = input embeddings, n_layer = last block), comma-separated, query every entry through
+    # the Indexer; "" = off (scores that do not depend on the question)
+    lens_index_heads: int = 4  # Indexer heads (ReLU dot products, weighted per tail token)
+    lens_index_dim: int = 32  # Indexer query/key width per head
+    lens_markers: int = 0  # the top vocabulary ids that are markers (prepare.py's 8 special tokens): type previews
+    # also mark the ids that follow one (a needle's key, named exactly at any depth; tree.span_types); 0 = off
+    lens_margin: int = 0  # previews start this many tokens before each span, so both halves of a needle that
+    # straddles a block boundary show its opening (and are zoomed together)
 
     @property
     def K(self) -> int:
@@ -79,6 +90,10 @@ class MegaContextConfig:
     @property
     def refocus_tokens(self) -> int:
         return self.refocus_every or self.block_k
+
+    @property
+    def query_layers(self) -> list[int]:
+        return [int(v) for v in self.lens_query.split(",") if v.strip()]
 
     @property
     def target(self) -> int:
@@ -109,6 +124,15 @@ class MegaContextConfig:
                              f"headroom ({self.refocus_tokens}) need w_max >= {least + self.refocus_tokens}")
         if self.gist_levels < 1:
             raise ValueError(f"gist_levels must be >= 1, got {self.gist_levels}")
+        try:
+            layers = self.query_layers
+        except ValueError:
+            raise ValueError(f"lens_query must be comma-separated layer numbers, got {self.lens_query!r}") from None
+        if any(v < 0 for v in layers) or len(set(layers)) != len(layers) or (layers and not self.lens_types):
+            raise ValueError(f"lens_query={self.lens_query!r}: distinct layers >= 0, with lens_types on (the Indexer "
+                             "reads the type previews)")
+        if min(self.lens_markers, self.lens_margin, self.settle_edits) < 0:
+            raise ValueError("lens_markers, lens_margin and settle_edits must be >= 0")
         for heads, width in ((self.gist_heads, n_embd or self.gist_heads), (self.lens_heads, self.lens_width)):
             if width % heads:
                 raise ValueError(f"{heads} attention heads do not divide a width of {width} (gist_heads, lens_heads)")
@@ -461,6 +485,61 @@ def type_max(types, table):
     return torch.cat(out).view(B, n, -1)
 
 
+def masked_max(values, mask, chunk: int = 1 << 24):
+    """(B, T, n): per entry n, the max over the ids its mask (B, n, V) bool marks of values (B, T, V) (0 where it
+    marks none). Chunked over entries so the masked copy stays ~16M values."""
+    B, T, V = values.shape
+    n = mask.shape[1]
+    out, step = [], max(1, chunk // (T * V))
+    for a in range(0, n, step):
+        m = mask[:, a:a + step, None, :].to(values.device)  # (B, c, 1, V)
+        best = torch.where(m, values[:, None], values.new_tensor(float("-inf"))).amax(-1)  # (B, c, T)
+        out.append(best.nan_to_num(0.0, neginf=0.0))
+    return torch.cat(out, 1).transpose(1, 2)
+
+
+class Indexer(nn.Module):
+    """Query-conditioned match scores (DESIGN §5; DeepSeek-V3.2's lightning indexer): the base model's residual streams
+    of the newest tokens ask, every entry answers with keys of three kinds: its own embedding (a gist or a token),
+    the token types of its span, and the ids that follow a marker in it (tree.span_types). Per tail token t, head h
+    and kind c: q_thc and a weight w_thc from t's states; an entry's kind-c score is sum_h w_thc ReLU(q_thc . k_ehc),
+    where for the type kinds k runs over the span's ids (each id's key from its token embedding) and the max is
+    taken. The entry's score is the max over tail tokens of the sum over kinds: a question about key X raises the
+    entries whose spans hold X after a marker, at any depth. Cost per scoring: Tq x (n + 2 V) x H x dk plus a masked
+    max over Tq x n x V, independent of the history's length."""
+
+    def __init__(self, d_query: int, d: int, heads: int, dim: int, kinds: int):
+        super().__init__()
+        self.heads, self.dim, self.kinds = heads, dim, kinds
+        self.norm = RMSNorm(d_query)
+        self.q = nn.Linear(d_query, kinds * heads * dim, bias=False)
+        self.w = nn.Linear(d_query, kinds * heads, bias=False)
+        self.k = nn.ModuleList([nn.Linear(d, heads * dim, bias=False) for _ in range(kinds)])
+        for p in self.parameters():  # small: untrained match scores are ~1e-3, LensNet starts as the query-free one
+            if p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, query, x, types=None, vocab=None):
+        """query: (B, Tq, d_query) the newest tokens' states; x: (B, n, d) entry embeddings; types: (B, n, V * (kinds
+        - 1)) bool previews, vocab (V, d) token embeddings. Returns (score (B, n), per-kind maxima over the tail
+        (B, n, kinds)), fp32."""
+        B, Tq, _ = query.shape
+        H, D, C = self.heads, self.dim, self.kinds
+        hq = self.norm(query.float())
+        q = self.q(hq).view(B, Tq, C, H, D) / math.sqrt(D)
+        w = self.w(hq).view(B, Tq, C, H)
+        k = self.k[0](x.detach().float()).view(B, -1, H, D)
+        parts = [torch.einsum("bthd,bnhd->btnh", q[:, :, 0], k).relu().mul(w[:, :, 0, None]).sum(-1)]  # (B, Tq, n)
+        if C > 1:
+            V = vocab.shape[0]
+            for c in range(1, C):
+                kv = self.k[c](vocab.detach().float()).view(V, H, D)
+                per_id = torch.einsum("bthd,vhd->btvh", q[:, :, c], kv).relu().mul(w[:, :, c, None]).sum(-1)
+                parts.append(masked_max(per_id, types[..., (c - 1) * V:c * V]))
+        parts = torch.stack(parts, -1)  # (B, Tq, n, C)
+        return parts.sum(-1).amax(1), parts.amax(1)
+
+
 class LensNet(nn.Module):
     """One score per working-context entry, the value of its detail: a gist's score is its expansion gain, a sibling
     group's mean score the loss of collapsing it. Non-causal and without positions beyond the features, so permuting
@@ -472,9 +551,13 @@ class LensNet(nn.Module):
     the top gist by its marker's cosine 3% of the time, its LOD1 child 71%). Cost: K**lens_preview x the entries,
     independent of the history. Above LOD lens_preview the previewed nodes are gists again, and a needle vanishes
     (measured: 0/8 pass keys found at 64k tokens); with lens_types the preview is instead the max over every token
-    type of the gist's span (the tree's type index, type_max): exact at any depth, V x W work per scoring."""
+    type of the gist's span (the tree's type index, type_max): exact at any depth, V x W work per scoring.
 
-    def __init__(self, cfg: MegaContextConfig, d: int):
+    With lens_query the scores read the question (issue 17): the Indexer's match of each entry against the base's
+    states of the newest tokens is added to the score and fed to the entries (so a needle's neighbour can see that
+    it matched), and those states seed the tail queries instead of the entries' input embeddings alone."""
+
+    def __init__(self, cfg: MegaContextConfig, d: int, d_query: int = 0):
         super().__init__()
         W, self.tail, self.horizon = cfg.lens_width, cfg.lens_tail, cfg.lens_horizon
         self.embed = nn.Linear(d, W, bias=False)  # the entry's (detached) input embedding, projected down
@@ -487,28 +570,42 @@ class LensNet(nn.Module):
         self.child = nn.Linear(d, W, bias=False)  # each previewed descendant's embedding, projected, then max-pooled
         nn.init.normal_(self.child.weight, 0.0, 0.02)
         nn.init.zeros_(self.head.bias)  # untrained scores are small and unbiased: no edits beyond the budget's
+        self.indexer = None
+        if cfg.query_layers:
+            kinds = 1 + (2 if cfg.lens_markers else 1)  # gist, span types (, ids after a marker)
+            self.indexer = Indexer(d_query, d, cfg.lens_index_heads, cfg.lens_index_dim, kinds)
+            self.match_in = nn.Linear(kinds, W, bias=False)  # the per-kind matches, into each entry's features
+            self.query_in = nn.Linear(d_query, W, bias=False)  # the question's states, into the tail queries
 
-    def forward(self, x, lod, dist, span, children=None, types=None, vocab=None):
+    def forward(self, x, lod, dist, span, children=None, types=None, vocab=None, query=None):
         """x: (B, n, d) entry embeddings; lod, dist (tokens from the entry's end to the cursor), span: (B, n);
         children: (B, n, P, d) embeddings of each entry's previewed descendants (preview_nodes; LOD0 rows ignored);
-        or (lens_types) types: (B, n, V) bool, the token ids in each entry's span, with vocab (V, d) the token
-        embeddings: the preview is then the max over the span's token types, the same at any depth.
-        Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal group's mean)."""
+        or (lens_types) types: (B, n, V) bool, the token ids in each entry's span (and (B, n, 2V) with lens_markers:
+        then the ids after a marker), with vocab (V, d) the token embeddings: the preview is then the max over the
+        span's token types, the same at any depth. query (lens_query): (B, Tq, d_query) the base's states of the
+        newest tokens. Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal
+        group's mean)."""
         if self.horizon:
             dist, span = dist.clamp(max=self.horizon), span.clamp(max=self.horizon)
         feats = torch.stack([torch.log1p(dist.float()), torch.log(span.float())], -1).to(self.feat.weight.dtype)
         lod = lod.clamp(max=self.level.num_embeddings - 1)
         h = self.embed(x.detach().to(self.embed.weight.dtype)) + self.level(lod) + self.feat(feats)
         if types is not None:
-            preview = type_max(types, self.child(vocab.detach().to(self.child.weight.dtype)))
+            preview = type_max(types[..., :vocab.shape[0]], self.child(vocab.detach().to(self.child.weight.dtype)))
         elif children is not None:
             preview = self.child(children.detach().to(self.child.weight.dtype)).amax(2)  # (B, n, W)
         if types is not None or children is not None:
             h = h + torch.where((lod > 0)[..., None], preview, torch.zeros_like(preview))
         q = self.queries[None] + h[:, -self.tail:].mean(1, keepdim=True)  # seeded by the newest entries
+        match = 0.0
+        if self.indexer is not None:
+            assert query is not None and types is not None, "a query-conditioned LensNet needs query and types"
+            match, kinds = self.indexer(query, x, types, vocab)
+            h = h + self.match_in(kinds.to(h.dtype))
+            q = q + self.query_in(query.detach().to(h.dtype)).mean(1, keepdim=True)
         for block in self.blocks:
             h, q = block(h, q)
-        return self.head(self.ln_f(h)).squeeze(-1).float()
+        return self.head(self.ln_f(h)).squeeze(-1).float() + match
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,8 +647,10 @@ class FocusAllocator:
         i = int(s.argmax()) if len(s) else 0
         return (i, float(s[i])) if len(s) and s[i] > self.cfg.tau_expand else (None, None)
 
-    def step(self, wc: WorkingContext, scores: torch.Tensor, budget_only: bool = False, keep_since=None) -> dict:
-        """One allocator step on `wc` with scores (n,) aligned to its entries; returns this step's telemetry."""
+    def step(self, wc: WorkingContext, scores: torch.Tensor, budget_only: bool = False, keep_since=None,
+             max_edits: int | None = None) -> dict:
+        """One allocator step on `wc` with scores (n,) aligned to its entries; returns this step's telemetry.
+        max_edits: optional edits of this step (default cfg.max_edits; a question's settle loop uses settle_edits)."""
         cfg, K, now = self.cfg, wc.K, self.steps
         cool = cfg.cooldown if keep_since is None else max(cfg.cooldown, now - keep_since)
         self.steps += 1
@@ -577,7 +676,7 @@ class FocusAllocator:
                                  f"group can collapse (history {wc.cursor:,} tokens, K={K})")
             edit("collapse", int(g[gs.argmin()]))
             state["forced"] += 1
-        left = 0 if budget_only else cfg.max_edits
+        left = 0 if budget_only else cfg.max_edits if max_edits is None else max_edits
         while left > 0:  # (2) expansions, paired with collapses when they do not fit
             e, gain = self._expand_candidate(wc, state["scores"], now, cool)
             if e is None:
@@ -636,12 +735,32 @@ class MegaContextModel(nn.Module):
         d = gpt.config.n_embd
         self.gpt = gpt
         emb_rms = gpt.wte.weight.detach().float().pow(2).mean(-1).sqrt().mean().item()
-        self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d)
+        layers = cfg.query_layers
+        if any(v > gpt.config.n_layer for v in layers):
+            raise ValueError(f"lens_query={cfg.lens_query!r} names a layer above the base's {gpt.config.n_layer}")
+        self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d, d * len(layers))
         scale = torch.full((cfg.gist_levels + 1,), cfg.sigma_scale)  # per level; deeper levels use the last
         if cfg.rope == "gaussian_learned":
             self.sigma_scale = nn.Parameter(scale)
         else:
             self.register_buffer("sigma_scale", scale * (cfg.rope == "gaussian"))
+
+    def read(self, **kwargs):
+        """The base model's forward (GPT.forward's arguments) -> (its outputs, the residual streams LensNet's queries
+        read: (B, T, d x len(query_layers)) after the blocks cfg.lens_query names, or None without lens_query).
+        Forward hooks, so the base model's code and cost are unchanged."""
+        layers, got, hooks = self.cfg.query_layers, {}, []
+        blocks = self.gpt.blocks
+        for layer in layers:
+            keep = lambda *a, layer=layer: got.__setitem__(layer, a[-1] if len(a) == 3 else a[1][0])  # noqa: E731
+            hooks.append(blocks[0].register_forward_pre_hook(keep) if layer == 0 else
+                         blocks[layer - 1].register_forward_hook(keep))
+        try:
+            out = self.gpt(**kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, torch.cat([got[v] for v in layers], -1) if layers else None
 
     def embed_tokens(self, ids):
         """Token ids (n,) -> the base model's input embeddings (n, d)."""

@@ -1,40 +1,67 @@
-"""Retrieval tasks (DESIGN §10, issue 9): needles planted in book text, the questions that ask for them, and the
-training mix that teaches a tiny base model to answer them.
+"""Retrieval tasks (DESIGN §10; issues 9 and 17): needles planted in book text, the questions that ask for them, and
+the training mix that teaches a tiny base model to answer them. Five tasks in the style of RULER (Hsieh et al. 2024):
 
-    passkey  needle  <|passkey|> d1 d2 d3 d4 d5 <|/passkey|>    question  <|query|> <|passkey|>   answer  d1 .. d5
-    kv       needle  <|key|> k v1 v2 v3 v4 <|value|>            question  <|query|> k             answer  v1 .. v4
+    passkey     needle <|passkey|> d1 .. d5 <|/passkey|>       question <|query|> <|passkey|>   answer d1 .. d5
+    multikey    needle <|key|> k v1 v2 v3 v4 <|value|>, among `distractors` look-alike kv needles (other keys)
+                question <|query|> k                         answer v1 .. v4
+    multivalue  three needles <|key|> k v^j_1 .. v^j_4 <|value|> of one key k (j = 1, 2, 3 in history order), plus
+                look-alikes                                    question <|query|> k   answer v^1 k v^2 k v^3
+    multiquery  two asked kv needles (k1, k2) among look-alikes  question <|query|> k1 k2  answer v(k2) k1 v(k1)
+    vartrack    a chain <|key|> V X1 <|value|>, <|key|> X1 X2 <|value|>, <|key|> X2 X3 <|value|> (X1 holds the value V,
+                X2 = X1, X3 = X2: two hops, in history order), plus a look-alike chain of another value
+                question <|query|> V                           answer X1 X2 X3
 
-d's are 5 distinct digits (30,240 values); k and the v's are distinct word tokens of the BPE vocabulary that occur
-nowhere else in the text the base model reads raw. Why this shape (measured; ../shared/notes/retrieval-curriculum.md):
-a tiny base learns to answer by copying (an induction head: find the earlier occurrence of the current token, continue
-after it) within minutes only when the token before each answer token occurs once in its context. The marker and the
-key occur once, and distinct digits (rare in books) or unused words make every later copy step unambiguous too. A kv
-question names its key and kv needles come with distractors, so a kv needle must be *found* by what the question asks:
-that is what makes LensNet's choice depend on the question (a pass key is the one needle-shaped thing in the history).
+d's are distinct digits (30,240 values); keys, values and variables are distinct word tokens of the BPE vocabulary that
+occur nowhere else in the text the base model reads raw. Why these shapes (measured; ../shared/notes/retrieval-
+curriculum.md): a tiny base answers by copying (an induction head: find the earlier occurrence of the current token,
+continue after it) and learns that within minutes only when the token before each answer token occurs once in its
+context, or once after a <|key|>. Nearly every answer step is such a copy: a value after its key, the next variable
+after the one just named; the rest re-name a key of the question (multiquery answers the last key asked first, whose
+value continues the question by a copy, then names the first key; measured in-block with v(k1) first: 0.00). Every
+needle the answer needs must be *found* by what the question asks: the look-alikes make the focus depend on it.
 
 Training mix (train.py): the first `copy_steps` steps copy random spans of the window to random later places
 (`copy_spans`: content-addressed copying forms the induction head: ~500 steps on 2 CPU cores), then a share of
-windows become drills (`plant_drills`: several needles, then questions with their answers; needle contents carry no
-loss, answers a higher weight). Prompts for the harness and the lens stage (`make_prompt`): book text of exactly
-`history` tokens, a needle at a relative depth, the question last; or the controls: `query_first` (the question opens
-the prompt and the prompt ends with a bare <|query|>, a cue that does not name the key) and `no_needle`.
+windows become drills (`plant_drills`: the needles of a few task instances and look-alikes, then the questions with
+their answers; needle contents carry no loss, answers a higher weight). Prompts for the harness and the lens stage
+(`make_prompt`): book text of exactly `history` tokens, the needles the answer needs at or before a relative depth,
+the question last; or the controls: `query_first` (the question opens the prompt and the prompt ends with a bare
+<|query|>, a cue that names nothing) and `no_needle` (the needles the answer needs are left out).
 """
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 import prepare
 
-KINDS = ("passkey", "kv")
-NEEDLE_LEN = 7  # tokens of either needle: marker, 5 contents, closing marker
+TASKS = ("passkey", "multikey", "multivalue", "multiquery", "vartrack")
 CONTROLS = (None, "query_first", "no_needle")
+LOOKALIKES = 4  # default look-alike kv needles of the kv tasks (multikey: the asked key among 5 keys)
+JITTER = 32  # a task's deepest needle starts up to this many tokens before its depth (make_prompt)
 
 
 @functools.lru_cache(maxsize=4)
 def needles_for(data_dir: str) -> "Needles":
     """The Needles of a prepared-data directory's tokenizer, built once per directory (train.py, stages.py)."""
     return Needles(prepare.load_tokenizer(data_dir))
+
+
+@dataclass
+class Task:
+    """One instance of a task: the needles to plant, which of them the answer needs (`needed`; the others are
+    look-alikes), the question and the answer. Needles that the answer needs keep their list order in the history
+    (a chain's hops, multivalue's answer order); look-alikes keep theirs among themselves (a look-alike chain)."""
+    name: str
+    needles: list  # [[ids]]
+    needed: list  # [bool] per needle
+    question: list
+    answer: list
+
+    @property
+    def lengths(self):
+        return [len(n) for n in self.needles]
 
 
 class Needles:
@@ -50,18 +77,48 @@ class Needles:
         if len(self.words) < 64:
             raise ValueError(f"the tokenizer has {len(self.words)} word tokens (3+ ASCII letters); kv needles need 64")
 
-    def make(self, kind: str, rng: np.random.Generator, avoid=()):
-        """(needle, question, answer) id lists of one fresh needle; kv words avoid the ids in `avoid`."""
-        if kind == "passkey":
-            answer = self.digits[rng.permutation(10)[:5]].tolist()
-            return [self.passkey] + answer + [self.passkey_end], [self.query, self.passkey], answer
-        if kind != "kv":
-            raise ValueError(f"retrieval kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    def _fresh(self, rng, avoid, n: int) -> list:
+        """n distinct word tokens not in `avoid` (which grows by them)."""
         free = np.setdiff1d(self.words, np.fromiter(avoid, dtype=np.int64, count=-1))
-        if len(free) < 5:
+        if len(free) < n:
             raise ValueError("no unused word tokens left for a kv needle: the text holds every word token")
-        key, *answer = rng.choice(free, 5, replace=False).tolist()
-        return [self.key, key] + answer + [self.value], [self.query, key], answer
+        words = rng.choice(free, n, replace=False).tolist()
+        avoid.update(words)
+        return words
+
+    def _kv(self, key, values):
+        return [self.key, key] + values + [self.value]
+
+    def task(self, name: str, rng: np.random.Generator, avoid=(), distractors: int | None = None) -> Task:
+        """A fresh instance of task `name`; word tokens avoid the ids in `avoid`. distractors: look-alike kv needles
+        (kv tasks, default LOOKALIKES) or look-alike chains (vartrack, default 1)."""
+        avoid = set(avoid)
+        if name == "passkey":
+            answer = self.digits[rng.permutation(10)[:5]].tolist()
+            return Task(name, [[self.passkey] + answer + [self.passkey_end]], [True], [self.query, self.passkey],
+                        answer)
+        if name not in TASKS:
+            raise ValueError(f"retrieval task must be one of {', '.join(TASKS)}; got {name!r}")
+        if name == "vartrack":
+            chains = []
+            for _ in range(1 + (1 if distractors is None else distractors)):
+                value, *names = self._fresh(rng, avoid, 4)
+                chains.append(([value] + names, [self._kv(a, [b]) for a, b in zip([value] + names, names)]))
+            (words, chain), *others = chains
+            looks = [n for _, c in others for n in c]
+            return Task(name, chain + looks, [True] * len(chain) + [False] * len(looks), [self.query, words[0]],
+                        words[1:])
+        n_asked = {"multikey": 1, "multivalue": 3, "multiquery": 2}[name]
+        keys = self._fresh(rng, avoid, 1 if name == "multivalue" else n_asked)
+        values = [self._fresh(rng, avoid, 4) for _ in range(n_asked)]
+        asked = [self._kv(keys[min(j, len(keys) - 1)], values[j]) for j in range(n_asked)]
+        looks = [self._kv(self._fresh(rng, avoid, 1)[0], self._fresh(rng, avoid, 4))
+                 for _ in range(LOOKALIKES if distractors is None else distractors)]
+        if name == "multiquery":
+            question, answer = [self.query] + keys, values[1] + [keys[0]] + values[0]
+        else:  # multikey, multivalue: each value after the first is introduced by its key again
+            question, answer = [self.query, keys[0]], sum(([keys[0]] + v for v in values[1:]), values[0])
+        return Task(name, asked + looks, [True] * n_asked + [False] * len(looks), question, answer)
 
 
 def _is_word(s: str) -> bool:
@@ -87,80 +144,114 @@ def copy_spans(row, rng: np.random.Generator, weight: float, n_spans: int = 3):
     return w
 
 
-def plant_drills(row, rng: np.random.Generator, needles: Needles, n_kv: int, n_questions: int, weight: float):
-    """Turn one window `row` (n,) int64 into a retrieval drill, in place: `n_kv` kv needles (plus a pass key half the
-    time) at random slots of its first part, then `n_questions` of them asked at the end, each with its answer.
-    Returns (per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers, 1
-    elsewhere; the index of the first question)."""
-    n = len(row)
+def plant_drills(row, rng: np.random.Generator, needles: Needles, tasks, n_questions: int, n_lookalikes: int,
+                 weight: float):
+    """Turn one window `row` (n,) int64 into a retrieval drill, in place: `n_questions` instances of tasks drawn from
+    `tasks` (their own needles only) and `n_lookalikes` look-alike kv needles at random slots of its first part, then
+    every instance's question with its answer at the end. An instance that does not fit is dropped (at least one is
+    kept). Returns (per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers,
+    1 elsewhere; the index of the first question)."""
+    n, used = len(row), set(row.tolist())
+    insts = [needles.task(tasks[int(rng.integers(len(tasks)))], rng, used, distractors=0) for _ in range(n_questions)]
+    for t in insts:
+        used.update(i for needle in t.needles for i in needle)
+    looks = [needles.task("multikey", rng, used, distractors=0).needles[0] for _ in range(n_lookalikes)]
+    slot = 8  # the longest needle (7 tokens) and a token of text
+    while True:
+        q_len = sum(len(t.question) + len(t.answer) for t in insts)
+        q_start, n_needles = n - q_len, sum(len(t.needles) for t in insts) + len(looks)
+        if q_start // slot >= n_needles:
+            break
+        if len(insts) > 1:
+            insts.pop()
+        elif looks:
+            looks.pop()
+        else:
+            raise ValueError(f"a window of {n} tokens cannot hold a {insts[0].name} drill ({n_needles} needles and "
+                             f"{q_len} tokens of question and answer)")
     w = np.ones(n, dtype=np.float32)
-    items = [needles.make("passkey", rng)] if rng.random() < 0.5 else []
-    used = set(row.tolist())
-    for _ in range(n_kv):
-        items.append(needles.make("kv", rng, used))
-        used.update(items[-1][0])
-    asked = rng.permutation(len(items))[:n_questions]
-    q_len = max(len(items[i][1]) + len(items[i][2]) for i in asked) + 1
-    q_start = n - len(asked) * q_len
-    slot = max(len(it[0]) for it in items) + 1
-    if q_start // slot < len(items):
-        raise ValueError(f"a window of {n} tokens cannot hold {len(items)} needles and {len(asked)} questions")
-    for s, i in zip(np.sort(rng.permutation(q_start // slot)[:len(items)]), rng.permutation(len(items))):
-        needle, p = items[i][0], int(s) * slot
-        row[p:p + len(needle)] = needle
-        w[p + 2:p + len(needle)] = 0  # after the opening marker and the first content token nothing is predictable
-    for j, i in enumerate(asked):
-        _, question, answer = items[i]
-        p = q_start + j * q_len
+    slots = np.sort(rng.permutation(q_start // slot)[:n_needles])
+    owner = rng.permutation(np.repeat(np.arange(len(insts) + 1), [len(t.needles) for t in insts] + [len(looks)]))
+    groups = [t.needles for t in insts] + [looks]
+    for g, group in enumerate(groups):  # each group's needles take its slots in order (chains stay in order)
+        for s, needle in zip(slots[owner == g], group):
+            p = int(s) * slot
+            row[p:p + len(needle)] = needle
+            w[p + 2:p + len(needle)] = 0  # after the opening marker and the first content token nothing is predictable
+    p = q_start
+    for t in rng.permutation(len(insts)):
+        question, answer = insts[t].question, insts[t].answer
         row[p:p + len(question) + len(answer)] = question + answer
         w[p + len(question):p + len(question) + len(answer)] = weight
+        p += len(question) + len(answer)
     return w, q_start
 
 
-JITTER = 32  # a needle starts up to this many tokens before its depth (make_prompt)
+def needle_positions(n: int, task: Task, depth: float, rng: np.random.Generator, gaps: bool = True) -> list:
+    """Start offsets (into n tokens of text) of each of the task's needles: the deepest needed needle at `depth` (less
+    0..JITTER-1 tokens), the other needed ones uniform before it, look-alikes uniform anywhere; each group in its
+    list order. gaps: the needles must not overlap once written over the text (long histories: the needed ones are
+    spaced by their lengths, pushing the deepest later only when the depth is too shallow to hold them, and
+    look-alikes are drawn until they fit); else they are inserted at these offsets and may share one."""
+    need, lengths = np.array(task.needed), np.array(task.lengths)
+    deep = max(0, min(round(depth * n), n - int(lengths.max())) - int(rng.integers(0, JITTER)))
+    pos = np.zeros(len(need), dtype=np.int64)
+    before = lengths[need][:-1] if gaps else np.zeros(need.sum() - 1, np.int64)  # room each earlier needle takes
+    room = max(0, deep - int(before.sum()))
+    pos[need] = np.append(np.sort(rng.integers(0, room + 1, len(before))) + np.cumsum(np.append(0, before))[:-1],
+                          max(deep, int(before.sum())))
+    free = n - int(lengths.max()) + 1
+    for _ in range(1000):
+        pos[~need] = np.sort(rng.integers(0, free, (~need).sum()))
+        order = np.argsort(pos, kind="stable")
+        if not gaps or (np.diff(pos[order]) >= lengths[order][:-1]).all():
+            return pos.tolist()
+    raise ValueError(f"cannot place {len(need)} needles without overlap in {n:,} tokens")
 
 
-def make_prompt(hay, needles: Needles, kind: str, history: int, depth: float, rng: np.random.Generator,
-                control=None, distractors: int = 3, raw_window: int = 1024):
+def make_prompt(hay, needles: Needles, task: str, history: int, depth: float, rng: np.random.Generator,
+                control=None, distractors: int | None = None, raw_window: int = 1024):
     """One retrieval prompt of exactly `history` tokens of book text `hay` (1-d int array; a random slice is used).
 
-    The needle starts at relative depth `depth` of the text before the question, less a uniform 0..JITTER-1 tokens
-    (so its alignment to the gist blocks varies between prompts: at a fixed offset every prompt of a depth would
-    straddle a block boundary the same way); kv prompts add `distractors` other kv
-    needles at uniform depths. kv words avoid the tokens of the last `raw_window` prompt tokens and of the needle's
-    neighbourhood (what a base model reads raw). control: None (question last), 'query_first' (question first, a bare
-    <|query|> last), 'no_needle' (question last, no needle: the answer is a value never planted).
-    Returns dict(ids (history,) int64, answer [ids], needle_at (index of the needle's first token, -1 without one),
-    question_at (index of the final cue's first token))."""
+    The needles the answer needs sit at or before relative depth `depth` of the text before the question
+    (needle_positions: jittered, so their alignment to the gist blocks varies between prompts), look-alikes anywhere.
+    Word tokens avoid those of the text near each needle and of the last `raw_window` prompt tokens (what a base model
+    reads raw). control: None (question last), 'query_first' (question first, a bare <|query|> last), 'no_needle'
+    (question last, the needed needles left out: the answer is never planted).
+    Returns dict(ids (history,) int64, answer [ids], task, needles [(start, length)] of the needed needles in the
+    prompt, needle_at (the first one's start, -1 without), question_at (index of the final cue's first token))."""
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {', '.join(map(str, CONTROLS))}; got {control!r}")
-    n_other = distractors if kind == "kv" else 0
-    n_text = history - 2 - (control == "query_first") - NEEDLE_LEN * (n_other + (control != "no_needle"))
+    shape = needles.task(task, np.random.default_rng(0), distractors=distractors)  # lengths only
+    keep = [not (control == "no_needle" and need) for need in shape.needed]
+    question_len = len(shape.question) if control != "query_first" else len(shape.question) + 1
+    n_text = history - question_len - sum(l for l, k in zip(shape.lengths, keep) if k)
     if n_text < 1 or len(hay) < n_text:
         raise ValueError(f"a retrieval history of {history:,} tokens cannot hold the question and needles, or is longer "
                          f"than the text ({len(hay):,} tokens)")
     start = int(rng.integers(0, len(hay) - n_text + 1))
     text = np.asarray(hay[start:start + n_text], dtype=np.int64)
-    at = max(0, round(depth * n_text) - int(rng.integers(0, JITTER)))
-    avoid = set(text[max(0, at - raw_window // 2):at + raw_window // 2].tolist()) | set(text[-raw_window:].tolist())
-    needle, question, answer = needles.make(kind, rng, avoid)
-    inserts = [] if control == "no_needle" else [(at, needle)]
-    for _ in range(n_other):
-        avoid.update(inserts[-1][1] if inserts else needle)
-        inserts.append((int(rng.integers(0, n_text + 1)), needles.make("kv", rng, avoid)[0]))
-    parts, prev, needle_at = [question if control == "query_first" else []], 0, -1
-    for pos, tokens in sorted(inserts, key=lambda t: t[0]):
-        parts.append(text[prev:pos])
-        prev = pos
-        if tokens is needle:
-            needle_at = sum(map(len, parts))
-        parts.append(tokens)
+    pos = needle_positions(n_text, shape, depth, rng, gaps=False)
+    avoid = set(text[-raw_window:].tolist())
+    for p, need in zip(pos, shape.needed):
+        if need:
+            avoid.update(text[max(0, p - raw_window // 2):p + raw_window // 2].tolist())
+    t = needles.task(task, rng, avoid, distractors)
+    inserts = sorted((p, j) for j, p in enumerate(pos) if keep[j])  # stable: a group keeps its order at one offset
+    parts, prev, spans = [t.question if control == "query_first" else []], 0, []
+    for p, j in inserts:
+        parts.append(text[prev:p])
+        prev = p
+        if t.needed[j]:
+            spans.append((sum(map(len, parts)), len(t.needles[j])))
+        parts.append(t.needles[j])
     parts.append(text[prev:])
     question_at = sum(map(len, parts))
-    parts.append([needles.query] if control == "query_first" else question)
+    parts.append([needles.query] if control == "query_first" else t.question)
     ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
     assert len(ids) == history, (len(ids), history)
-    return dict(ids=ids, answer=answer, needle_at=needle_at, question_at=question_at)
+    return dict(ids=ids, answer=t.answer, task=task, needles=spans, needle_at=spans[0][0] if spans else -1,
+                question_at=question_at)
 
 
 def wilson(hits: int, n: int, z: float = 1.96):

@@ -52,6 +52,9 @@ class Session:
         self.cache = gpt.make_cache(1, cfg.w_max)
         self.pending, self.last_logits, self.telemetry = 0, None, None
         self.forwarded = 0  # entries run through the base model: decoded tokens plus re-reads after edits
+        # lens_query: the base's residual streams of the newest tokens as the last forward computed them, (Tq, D) with
+        # the tokens' positions (Tq,): LensNet's queries (the question as the base reads it)
+        self.states, self.state_pos = None, torch.zeros(0, dtype=torch.long)
         if state and state.get("shape") == self._shape():  # the saved working context fits this budget
             self.wc._splice(0, 0, *(torch.tensor(state["wc"][k]) for k in ("lod", "index", "born", "born_by")))
             self.wc.cursor, self.pending, self.alloc.steps = len(self.tree), state["pending"], state["steps"]
@@ -88,18 +91,26 @@ class Session:
     @torch.no_grad()
     def scores(self) -> torch.Tensor:
         """Per-entry scores (n,) of the configured policy (recency until the tree has a gist)."""
-        wc = self.wc
-        if self.cfg.policy == "recency" or not (wc.lod > 0).any():
-            return recency_scores(wc, self.cfg.target)
+        wc, cfg = self.wc, self.cfg
+        if cfg.policy == "recency" or not (wc.lod > 0).any():
+            return recency_scores(wc, cfg.target)
         x = self.tree.node_embeddings(wc.lod, wc.index)[None]
         lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
-        if self.cfg.lens_types:
-            types = torch.from_numpy(self.tree.types(wc.lod.numpy(), wc.index.numpy()))[None]
-            return self.model.lensnet(x, lod, dist, span, types=types, vocab=self.model.gpt.wte.weight)[0].cpu()
-        child_lod, child_index = preview_nodes(wc.lod, wc.index, wc.K, self.cfg.lens_preview)
+        if cfg.lens_types:
+            types = self.tree.types(wc.lod.numpy(), wc.index.numpy(), cfg.lens_markers, cfg.lens_margin)
+            query = None if self.states is None else self.states[None]
+            return self.model.lensnet(x, lod, dist, span, types=torch.from_numpy(types)[None],
+                                      vocab=self.model.gpt.wte.weight, query=query)[0].cpu()
+        child_lod, child_index = preview_nodes(wc.lod, wc.index, wc.K, cfg.lens_preview)
         children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1))
         children = children.view(1, len(wc), -1, x.shape[-1])
         return self.model.lensnet(x, lod, dist, span, children)[0].cpu()
+
+    def _read_question(self):
+        """Before a LensNet refocus with lens_query: run the base over the entries not yet read (the pending tokens; the
+        next decode needs them anyway), so that the newest tokens' states are those of the current working context."""
+        if self.cfg.query_layers and self.cfg.policy == "lens" and len(self.wc):
+            self.logits()
 
     def refocus(self, until_stable: bool = False, scorer=None) -> dict:
         """Score the working context and apply one allocator step; returns its telemetry. until_stable: repeat until a
@@ -109,10 +120,13 @@ class Session:
         arm)."""
         score = self.scores if scorer is None else lambda: scorer(self.wc)
         first = self.alloc.steps  # (until_stable: no edit of this loop is undone within it)
-        t = self.telemetry = self.alloc.step(self.wc, score())
+        edits_per_step = self.cfg.settle_edits if until_stable else None
+        self._read_question()
+        t = self.telemetry = self.alloc.step(self.wc, score(), max_edits=edits_per_step)
         steps, edits = 1, dict(expands=t["expands"], collapses=t["collapses"], edits=t["edits"])
         while until_stable and t["edits"] and steps < self.tree.depth + 1:
-            t = self.telemetry = self.alloc.step(self.wc, score(), keep_since=first)
+            self._read_question()  # the question re-read over what the last step zoomed: a hop to the next needle
+            t = self.telemetry = self.alloc.step(self.wc, score(), keep_since=first, max_edits=edits_per_step)
             steps += 1
             edits = {k: v + t[k] for k, v in edits.items()}
         self.pending = 0
@@ -136,11 +150,24 @@ class Session:
             cache.origin = None  # the next forward sets a fresh origin at the newest entry
         x = wc.embeddings(self.tree, first)[None]
         mu, sigma = wc.positions(self.model.sigma_scale, first)
-        logits, _ = self.model.gpt(embeds=x, mu=mu[None].to(self.device), sigma=sigma[None].to(self.device),
-                                   cache=cache, last_only=True)
+        (logits, _), states = self.model.read(embeds=x, mu=mu[None].to(self.device),
+                                              sigma=sigma[None].to(self.device), cache=cache, last_only=True)
+        if states is not None:
+            self._keep_states(states[0], wc.lod[first:], wc.start[first:])
         wc.dirty, self.forwarded = len(wc), self.forwarded + len(wc) - first
         self.last_logits = logits[0, -1]
         return self.last_logits
+
+    def _keep_states(self, states, lod, pos):
+        """Keep the newest lens_tail token entries' states: those just read (states (m, D) of entries at levels lod,
+        starting at token pos) replace what was kept for the same tokens."""
+        tok = (lod == 0).to(states.device)
+        new_pos, new = pos[lod == 0], states[tok].float()
+        if self.states is not None:
+            old = ~torch.isin(self.state_pos, new_pos)
+            new_pos, new = torch.cat([self.state_pos[old], new_pos]), torch.cat([self.states[old.to(new.device)], new])
+        order = new_pos.argsort()[-self.cfg.lens_tail:]
+        self.state_pos, self.states = new_pos[order], new[order.to(new.device)]
 
     def step(self, temperature: float = 0.0, top_k=None, top_p=None, generator=None) -> int:
         """Refocus if due, sample the next token over the working context, append it to the history; returns it."""

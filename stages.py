@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import retrieval
 from megacontext import FocusAllocator, MegaContextModel, WorkingContext, level_sigma, preview_nodes
 from tiling import coarsest_runs
-from tree import depth_of, span_types
+from tree import depth_of, node_types
 
 
 class Timer:
@@ -278,20 +278,33 @@ def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int, chu
     return loss.sum(1)
 
 
-def lens_features(mc: MegaContextModel, wc: WorkingContext, tables, ids):
+def lens_features(mc: MegaContextModel, wc: WorkingContext, tables, ids, query=None):
     """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, and each gist's preview:
-    with lens_types the token types of its span (ids: the history's token ids) and the token embeddings, else the
-    embeddings of the nodes lens_preview levels below it (preview_nodes)."""
+    with lens_types the token types of its span (ids: the history's token ids; with lens_markers the ids after a
+    marker too, lens_margin tokens before each span included) and the token embeddings, else the embeddings of the
+    nodes lens_preview levels below it (preview_nodes); with lens_query the newest tokens' states (query_states)."""
     x = node_rows(tables, wc.lod, wc.index)
-    dev = x.device
+    dev, cfg = x.device, mc.cfg
     feats = (x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev))
-    if mc.cfg.lens_types:
+    if cfg.lens_types:
         ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
-        V = mc.gpt.config.vocab_size
-        types = np.concatenate([span_types(ids, int(a), 1, int(b - a), V) for a, b in zip(wc.start, wc.end)])
-        return feats + (None, torch.from_numpy(types)[None].to(dev), mc.gpt.wte.weight)
-    children = node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, mc.cfg.lens_preview))
+        types = node_types(lambda i: ids[i], wc.lod.numpy(), wc.index.numpy(), wc.K, mc.gpt.config.vocab_size,
+                           cfg.lens_markers, cfg.lens_margin)
+        return feats + (None, torch.from_numpy(types)[None].to(dev), mc.gpt.wte.weight, query)
+    children = node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, cfg.lens_preview))
     return feats + (children[None],)
+
+
+@torch.no_grad()
+def query_states(mc: MegaContextModel, wc: WorkingContext, tables):
+    """(1, Tq, D) the base's residual streams (lens_query's layers) of the newest lens_tail tokens, read over the
+    working context wc as a session's decode reads it; None without lens_query."""
+    if not mc.cfg.query_layers:
+        return None
+    x, mu, sigma = entry_rows(mc, wc.lod, wc.index, tables)
+    dev = x.device
+    _, states = mc.read(embeds=x[None], mu=mu[None].to(dev), sigma=sigma[None].to(dev), last_only=True)
+    return states[:, (wc.lod == 0).to(dev)][:, -mc.cfg.lens_tail:].float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,6 +332,24 @@ def attention_labels(wc: WorkingContext, cands, mass):
     csum = torch.cat([torch.zeros(1), mass.float().cpu().cumsum(0)])
     span = lambda i, n: float(csum[wc.end[i + n - 1]] - csum[wc.start[i]])  # noqa: E731
     return torch.tensor([span(i, 1 if kind == "zoom" else wc.K) for kind, i in cands])
+
+
+ORACLE_UNIT = 3.0  # the oracle teacher's label of a candidate that holds a needle, in allocator units (> tau_expand +
+# hysteresis: a zoom it makes pays for a paired collapse)
+
+
+def holds(wc: WorkingContext, i: int, n: int, spans) -> bool:
+    """Whether entries i..i+n-1 of wc cover a token of any needle span [(start, length)]."""
+    a, b = int(wc.start[i]), int(wc.end[i + n - 1])
+    return any(a < s + length and s < b for s, length in spans)
+
+
+def oracle_labels(wc: WorkingContext, cands, spans):
+    """Labels, in allocator units, of the imitation teacher: the oracle's zoom path (bench/longctx.oracle_scorer) on a
+    drill. A zoom of a gist that holds a token of a needle the answer needs earns ORACLE_UNIT, and so costs a
+    collapse of a group that holds one; everything else 0. Book text without a needle gives all zeros."""
+    K = wc.K
+    return torch.tensor([ORACLE_UNIT * holds(wc, i, 1 if kind == "zoom" else K, spans) for kind, i in cands])
 
 
 def normalise(raw, floor: float):
@@ -352,28 +383,29 @@ def spearman(a, b) -> float:
 
 
 def lens_prompt(x_row, cfg, rng: np.random.Generator, needles):
-    """One lens example from the book window x_row (T + 1,): (history ids, scored ids, needle position or -1), the
-    history max(T/4, 2 w_max)..T tokens long. A share cfg.lens_retrieval holds a needle (pass key or kv with
-    distractors, half each) beyond the newest w_max + recent tokens, asked at the history's end, and scores its answer;
-    the rest scores the `horizon` book tokens after the history."""
+    """One lens example from the book window x_row (T + 1,): (history ids, scored ids, needle spans [(start, length)]
+    the answer needs, or []), the history max(T/4, 2 w_max)..T tokens long. A share cfg.lens_retrieval holds a task
+    of cfg.retrieval_tasks (retrieval.py: its needles beyond the newest w_max + recent tokens, look-alikes anywhere),
+    asked at the history's end, and scores its answer; the rest scores the `horizon` book tokens after the history."""
     n = int(rng.integers(min(len(x_row), max(len(x_row) // 4, 2 * cfg.w_max)), len(x_row) + 1))
     x_row = x_row[len(x_row) - n:]
     if rng.random() >= cfg.lens_retrieval:
-        return x_row[:n - cfg.horizon], x_row[n - cfg.horizon:], -1
-    kind = retrieval.KINDS[int(rng.integers(2))]
-    reach = (cfg.w_max + cfg.recent_tokens + 16) / n  # the needle sits before the newest w_max + tail tokens
-    p = retrieval.make_prompt(x_row, needles, kind, n - 5, rng.uniform(0, max(0.0, 1 - reach)), rng)  # answers <= 5
-    return p["ids"], np.asarray(p["answer"]), p["needle_at"]
+        return x_row[:n - cfg.horizon], x_row[n - cfg.horizon:], []
+    tasks = [t for t in cfg.retrieval_tasks.split(",") if t]
+    task = tasks[int(rng.integers(len(tasks)))]
+    reach = (cfg.w_max + cfg.recent_tokens + 16) / n  # the needles sit before the newest w_max + tail tokens
+    p = retrieval.make_prompt(x_row, needles, task, n - 16, rng.uniform(0, max(0.0, 1 - reach)), rng)  # answers <= 16
+    return p["ids"], np.asarray(p["answer"]), p["needles"]
 
 
-def sample_lens_wc(mc: MegaContextModel, cursor: int, needle_at: int, rng: np.random.Generator, gen):
-    """A recency pyramid at a random budget (sample_wc), half the time zoomed one level at one coarse gist (the
-    needle's, if any, two times in three), so LensNet also sees the states on the way down to a needle."""
+def sample_lens_wc(mc: MegaContextModel, cursor: int, spans, rng: np.random.Generator, gen):
+    """A recency pyramid at a random budget (sample_wc), half the time zoomed one level at one coarse gist (one that
+    holds a needle, if any, two times in three), so LensNet also sees the states on the way down to a needle."""
     wc = sample_wc(mc, cursor, gen)
     coarse = (wc.lod >= 2).nonzero().flatten()
     if len(coarse) and rng.random() < 0.5:
-        hit = coarse[(wc.start[coarse] <= needle_at) & (wc.end[coarse] > needle_at)]
-        i = int(hit[0]) if len(hit) and rng.random() < 2 / 3 else int(coarse[rng.integers(len(coarse))])
+        hit = [int(i) for i in coarse if holds(wc, int(i), 1, spans)]
+        i = hit[int(rng.integers(len(hit)))] if hit and rng.random() < 2 / 3 else int(coarse[rng.integers(len(coarse))])
         wc.expand(i)
     return wc
 
@@ -403,33 +435,48 @@ def attention_mass(gpt, ids, scored: int):
 
 
 def lens_contexts(mc, x, y, cfg, gen):
-    """Yield (wc, tables, token ids, candidates, normalised labels, needle position, raw labels) per window of the batch
-    (lens_prompt)."""
+    """Yield (wc, tables, token ids, candidates, labels in allocator units, needle spans, raw labels, the question's
+    states (query_states)) per window of the batch (lens_prompt), labelled by cfg.lens_teacher."""
     rng = np.random.default_rng(int(torch.randint(2**62, (), generator=gen)))
     rows = torch.cat([x, y[:, -1:]], 1).cpu().numpy()
     for row in rows:
-        ids, scored, needle_at = lens_prompt(row, cfg, rng, retrieval.needles_for(cfg.data_dir))
+        ids, scored, spans = lens_prompt(row, cfg, rng, retrieval.needles_for(cfg.data_dir))
         c, future = len(ids), torch.as_tensor(scored, device=x.device)  # a question is the history's end
         tables = node_tables(mc, mc.gpt.wte(torch.as_tensor(ids, device=x.device)))
-        wc = sample_lens_wc(mc, c, needle_at, rng, gen)
+        wc = sample_lens_wc(mc, c, spans, rng, gen)
         cands = candidates(wc)
         if not cands:
             continue
         with torch.no_grad():
             if cfg.lens_teacher == "attention":
                 raw = attention_labels(wc, cands, attention_mass(mc.gpt, np.concatenate([ids, scored]), len(scored)))
+            elif cfg.lens_teacher == "oracle":
+                raw = oracle_labels(wc, cands, spans)
             else:
                 raw = counterfactual_labels(wc, cands, lambda v: horizon_nll(mc, v, tables, future, c))
-        yield wc, tables, ids, cands, normalise(raw, cfg.lens_label_floor).to(x.device), needle_at, raw
+        labels = raw if cfg.lens_teacher == "oracle" else normalise(raw, cfg.lens_label_floor)
+        yield wc, tables, ids, cands, labels.to(x.device), spans, raw, query_states(mc, wc, tables)
+
+
+def attention_kl(pred, raw, cands):
+    """DSA's indexer loss for the attention teacher: KL(p || softmax(scores)) over the zoom candidates, p the base's
+    attention mass on each candidate's span, normalised (0 without two zooms or without mass)."""
+    zooms = [j for j, (kind, _) in enumerate(cands) if kind == "zoom"]
+    mass = raw[zooms].clamp(min=0)
+    if len(zooms) < 2 or float(mass.sum()) <= 0:
+        return pred.sum() * 0
+    p = (mass / mass.sum()).to(pred.device)
+    return (p * (torch.log(p.clamp(min=1e-12)) - F.log_softmax(pred[zooms], 0))).sum()
 
 
 def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
     """LensNet's loss on the batch's freshly labelled contexts plus cfg.lens_replay earlier ones from `replay` (the
     newest cfg.lens_buffer, kept as LensNet inputs): a label costs a base forward per candidate, a LensNet pass is
-    cheap, so each label is learned from several times. (The buffer is not checkpointed: after a resume it refills.)"""
+    cheap, so each label is learned from several times. (The buffer is not checkpointed: after a resume it refills.)
+    The attention teacher adds attention_kl to the regression and ranking terms."""
     fresh, raw_stats = [], defaultdict(list)
-    for wc, tables, ids, cands, labels, _, raw in lens_contexts(mc, x, y, cfg, gen):
-        fresh.append((lens_features(mc, wc, tables, ids), cands, labels))
+    for wc, tables, ids, cands, labels, _, raw, query in lens_contexts(mc, x, y, cfg, gen):
+        fresh.append((lens_features(mc, wc, tables, ids, query), cands, labels, raw))
         for k, v in label_stats(raw).items():
             raw_stats[k].append(v)
     pick = torch.randperm(len(replay), generator=gen)[:cfg.lens_replay].tolist() if replay else []
@@ -437,11 +484,15 @@ def lens_loss(mc: MegaContextModel, x, y, cfg, gen, replay: list):
     replay.extend(fresh)
     del replay[:-cfg.lens_buffer]
     losses, stats = [], defaultdict(list)
-    for feats, cands, labels in batch:
+    for feats, cands, labels, raw in batch:
         with TIMER("lensnet"):
             scores = mc.lensnet(*feats)[0]
         pred = candidate_scores(scores, cands, mc.cfg.K)
         loss, reg, rank = lens_loss_terms(pred, labels, cfg.lens_rank_weight)
+        if cfg.lens_teacher == "attention":
+            kl = attention_kl(pred, raw, cands)
+            loss = loss + kl
+            stats["lens_kl"].append(kl.detach())
         losses.append(loss)
         stats["lens_reg"].append(reg.detach())
         stats["lens_rank"].append(rank.detach())
@@ -462,19 +513,18 @@ def label_stats(raw) -> dict:
 
 @torch.no_grad()
 def lens_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
-    """Per held-out context: Spearman rank correlation of scores and labels, the loss, and, where a needle was planted,
-    whether the best-scored zoom is the gist that holds it (lens_needle_top1); the raw labels' label_stats."""
+    """Per held-out context: Spearman rank correlation of scores and labels, the loss, and, where a task was planted,
+    whether the best-scored zoom holds one of its needles (lens_needle_top1); the raw labels' label_stats."""
     out = defaultdict(lambda: [0.0, 0])
-    for wc, tables, ids, cands, labels, needle_at, raw in lens_contexts(mc, x, y, cfg, gen):
-        pred = candidate_scores(mc.lensnet(*lens_features(mc, wc, tables, ids))[0], cands, wc.K)
+    for wc, tables, ids, cands, labels, spans, raw, query in lens_contexts(mc, x, y, cfg, gen):
+        pred = candidate_scores(mc.lensnet(*lens_features(mc, wc, tables, ids, query))[0], cands, wc.K)
         loss, _, _ = lens_loss_terms(pred, labels, cfg.lens_rank_weight)
         metrics = {"lens_spearman": spearman(pred.cpu(), labels.cpu()), "val_loss": loss.item(), **label_stats(raw)}
         zooms = [j for j, (kind, _) in enumerate(cands) if kind == "zoom"]
-        holder = [j for j in zooms if wc.start[cands[j][1]] <= needle_at < wc.end[cands[j][1]]]
-        if needle_at >= 0 and holder:
-            best = zooms[int(pred[zooms].argmax())]
-            metrics["lens_needle_top1"] = float(best == holder[0])
-            metrics["label_needle_top1"] = float(zooms[int(labels[zooms].argmax())] == holder[0])
+        holder = {j for j in zooms if holds(wc, cands[j][1], 1, spans)}
+        if holder:
+            metrics["lens_needle_top1"] = float(zooms[int(pred[zooms].argmax())] in holder)
+            metrics["label_needle_top1"] = float(zooms[int(labels[zooms].argmax())] in holder)
         for key, v in metrics.items():
             if not math.isnan(v):
                 out[key][0] += v
@@ -491,7 +541,7 @@ def allocator_wc(mc: MegaContextModel, cursor: int, tables, ids, gen, telemetry=
     allocator's step telemetry (swap rate, utilisation, ...) is appended to `telemetry` when given."""
     wc = sample_wc(mc, cursor, gen)
     with torch.no_grad(), TIMER("lensnet"):
-        scores = mc.lensnet(*lens_features(mc, wc, tables, ids))[0].cpu()
+        scores = mc.lensnet(*lens_features(mc, wc, tables, ids, query_states(mc, wc, tables)))[0].cpu()
     with TIMER("allocator"):
         t = FocusAllocator(mc.cfg).step(wc, scores)
     if telemetry is not None:

@@ -68,17 +68,18 @@ def check_capacity(cursor: int, K: int, recent: int, budget: int):
                          f"{longest:,} tokens at K={K}; raise the budget or K")
 
 
-def zoom_entries(cursor: int, K: int, recent: int) -> int:
-    """An upper bound on the entries a working context needs to hold a span of at most K tokens anywhere in a history
-    of `cursor` tokens at LOD0 (a needle zoomed down level by level): the protected tail, the coarsest tiling of the
-    rest, and K - 1 more per level of the path down from each tiling node that holds part of the span (two at most:
-    a span that straddles a node boundary is zoomed on both sides). ~ tail + 3 * depth * (K - 1)."""
+def zoom_entries(cursor: int, K: int, recent: int, spans: int = 1) -> int:
+    """An upper bound on the entries a working context needs to hold `spans` spans of at most K tokens each anywhere
+    in a history of `cursor` tokens at LOD0 (needles zoomed down level by level): the protected tail, the coarsest
+    tiling of the rest, and K - 1 more per level of the path down from each tiling node that holds part of a span (two
+    per span at most: a span that straddles a node boundary is zoomed on both sides). ~ tail + (1 + 2 spans) * depth
+    * (K - 1)."""
     if cursor <= recent:
         return cursor
     m, depth = cursor - recent, 0
     while K ** (depth + 1) <= m:
         depth += 1
-    return recent + max_digit_sum(m, K) + 2 * (K - 1) * depth
+    return recent + max_digit_sum(m, K) + 2 * spans * (K - 1) * depth
 
 
 def coarsest_runs(end: int, K: int, top: int) -> list[tuple[int, int, int]]:

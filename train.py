@@ -68,8 +68,9 @@ class TrainConfig:
     data_dir: str = "data/pg"  # output of prepare.py: tokenizer.json, {train,val}.bin, meta.json
     # retrieval training mix (retrieval.py; issue 9): copying first, then drills, short windows first
     retrieval_mix: float = 0.0  # share of training windows that are retrieval drills (needles, then questions + answers)
-    retrieval_needles: int = 3  # kv needles per drill window (a pass key joins half of the windows)
-    retrieval_questions: int = 2  # questions per drill window, each needle asked at most once
+    retrieval_tasks: str = "passkey,multikey"  # drill tasks (retrieval.TASKS), comma-separated, drawn uniformly
+    retrieval_needles: int = 3  # look-alike kv needles per drill window, besides the asked tasks' own needles
+    retrieval_questions: int = 2  # task instances (each asked once) per drill window
     retrieval_weight: float = 5.0  # loss weight of the answer tokens (and of copied spans)
     copy_steps: int = 0  # the first steps copy random spans to later places, no PoSE gaps (the induction head forms)
     short_block: int = 0  # the first short_steps steps use windows of this many tokens (same tokens per step); 0 = off
@@ -139,7 +140,14 @@ class TrainConfig:
     lens_preview: int = 1  # levels below each gist LensNet previews (K**lens_preview nodes per entry, max-pooled)
     lens_types: bool = False  # LensNet previews every token type of each gist's span instead (the same at any depth)
     lens_horizon: int = 0  # distances/spans beyond this many tokens look like this many to LensNet (0 = no cap)
-    lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's)
+    lens_query: str = ""  # LensNet reads the question: the base's states after these blocks (0 = embeddings), e.g. "1,4"
+    lens_index_heads: int = 4  # LensNet's Indexer heads (lens_query)
+    lens_index_dim: int = 32  # Indexer width per head
+    lens_markers: int = 0  # top vocabulary ids that are markers (prepare.py: 8): previews mark the ids after one
+    lens_margin: int = 0  # previews start this many tokens before each span (a straddling needle shows in both halves)
+    settle_edits: int = 16  # optional edits per step of a question's refocus-until-stable loop
+    lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's
+    # attention mass, + KL as DSA's indexer) | 'oracle' (imitation of the oracle's zoom path on drills)
     lens_retrieval: float = 0.67  # lens: share of contexts with a needle beyond the raw window, asked at the end
     lens_label_floor: float = 0.5  # lens: labels are nats / max(std over the context's candidates, this floor)
     lens_replay: int = 24  # lens: earlier labelled contexts learned from again each step, besides the fresh batch
@@ -166,12 +174,16 @@ class TrainConfig:
             raise ConfigError("out_dir must name a folder, got ''")
         choices = dict(stage=STAGES, init_from=("scratch", "resume"), device=("auto", "cpu", "cuda"),
                        dtype=("auto", "bfloat16", "float32"), mlp=("swiglu", "gelu"), attn=("sdpa", "lod"),
-                       lens_teacher=("counterfactual", "attention"),
+                       lens_teacher=("counterfactual", "attention", "oracle"),
                        schedule=("cosine", "wsd"),
                        wandb=("off", "offline", "online"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        tasks = [t for t in self.retrieval_tasks.split(",") if t]
+        if not tasks or set(tasks) - set(retrieval.TASKS):
+            raise ConfigError(f"retrieval_tasks must be a comma-separated list of {', '.join(retrieval.TASKS)}; "
+                              f"got {self.retrieval_tasks!r}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
         if self.pose and self.max_position < self.block_size:
@@ -224,6 +236,8 @@ RANGES = dict(
     gist_layers="[1, inf)", gist_heads="[1, inf)", gist_w0_max="[1, inf)", gist_w1_max="[0, inf)",
     lens_layers="[1, inf)", lens_width="[1, inf)", lens_heads="[1, inf)", lens_queries="[1, inf)",
     lens_tail="[1, inf)", lens_preview="[1, 3]", lens_horizon="[0, inf)", lens_retrieval="[0, 1]",
+    lens_index_heads="[1, inf)", lens_index_dim="[1, inf)", lens_markers="[0, inf)", lens_margin="[0, inf)",
+    settle_edits="[0, inf)",
     lens_label_floor="(0, inf)", lens_replay="[0, inf)", lens_buffer="[1, inf)", lens_rank_weight="[0, inf)",
     lora_rank="[1, 64]", lora_alpha="(0, inf)", keep_alive="[0, inf)", alt_cycles="[1, inf)", alt_gist_iters="[1, inf)",
     alt_lens_iters="[1, inf)", alt_lora_iters="[1, inf)", alt_min_delta="(-inf, inf)")  # (< 0: never stop early)
@@ -345,6 +359,10 @@ def load_data(data_dir: str):
     return splits[0], splits[1], meta
 
 
+def drill_tasks(cfg: TrainConfig) -> list[str]:
+    return [t for t in cfg.retrieval_tasks.split(",") if t]
+
+
 def pose_positions(B: int, T: int, gen: torch.Generator, cfg: TrainConfig, forced=None) -> torch.Tensor:
     """(B, T) int64 positions: consecutive, or cut into `pose_chunks` chunks separated by log-uniform gaps.
 
@@ -398,8 +416,9 @@ def get_batch(tokens, cfg: TrainConfig, gen: torch.Generator, device, gaps: bool
             if copying:
                 w[b] = retrieval.copy_spans(xy[b], rng, cfg.retrieval_weight)
             elif rng.random() < cfg.retrieval_mix:
-                w[b], q_start = retrieval.plant_drills(xy[b], rng, retrieval.needles_for(cfg.data_dir), cfg.retrieval_needles,
-                                                       cfg.retrieval_questions, cfg.retrieval_weight)
+                w[b], q_start = retrieval.plant_drills(xy[b], rng, retrieval.needles_for(cfg.data_dir),
+                                                       drill_tasks(cfg), cfg.retrieval_questions,
+                                                       cfg.retrieval_needles, cfg.retrieval_weight)
                 if far and rng.random() < cfg.retrieval_gaps:
                     forced[b] = q_start
         w = torch.from_numpy(w[:, 1:])
@@ -709,10 +728,9 @@ def main(argv, nested: bool = False):
     if cfg.retrieval_mix > 0 or cfg.copy_steps > 0:  # a drill fits a window, the tokenizer has the markers: say so now
         try:
             for T in {window(cfg, None)[0], window(cfg, 0)[0]}:
-                for seed in (0, 2):  # seed 0 draws no pass key, seed 2 draws one: both drill sizes are tried
-                    retrieval.plant_drills(np.zeros(T + 1, dtype=np.int64), np.random.default_rng(seed),
-                                           retrieval.needles_for(data_dir), cfg.retrieval_needles, cfg.retrieval_questions,
-                                           cfg.retrieval_weight)
+                for task in drill_tasks(cfg):  # each task alone fits a window (several are dropped to fit)
+                    retrieval.plant_drills(np.zeros(T + 1, dtype=np.int64), np.random.default_rng(0),
+                                           retrieval.needles_for(data_dir), [task], 1, 0, cfg.retrieval_weight)
         except (ValueError, KeyError) as e:
             fail(f"retrieval drills: {e}")
     vocab_size = meta["vocab_size"]

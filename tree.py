@@ -54,15 +54,63 @@ def level_file(lod: int) -> str:
     return "tokens.bin" if lod == 0 else f"lod{lod}.bin"
 
 
-def span_types(tokens: np.ndarray, first: int, n: int, size: int, vocab_size: int) -> np.ndarray:
+def span_types(tokens: np.ndarray, first: int, n: int, size: int, vocab_size: int, markers: int = 0) -> np.ndarray:
     """(n, vocab_size) bool: which ids occur in each of n consecutive spans of `size` tokens, the first starting at
-    token `first` of `tokens` (any array-like of ids: a memory map, a block of a training batch)."""
+    token `first` of `tokens` (any array-like of ids: a memory map, a block of a training batch). With markers > 0,
+    which ids *follow a marker* instead (tokens whose predecessor is one of the vocabulary's top `markers` ids,
+    prepare.py's special tokens): the payload a marker introduces, e.g. a needle's key, named exactly at any depth
+    where book text would hide a plain word among thousands of occurrences."""
     out = np.zeros((n, vocab_size), bool)
     step = max(1, (1 << 22) // size)  # ~4M tokens per scatter
     for a in range(0, n, step):
         b = min(n, a + step)
-        ids = np.asarray(tokens[first + a * size:first + b * size], np.int64).reshape(b - a, size)
-        out[np.arange(a, b)[:, None], ids] = True
+        lo, hi = first + a * size, first + b * size
+        ids = np.asarray(tokens[lo:hi], np.int64)
+        row = np.arange(a, b).repeat(size)
+        if markers:
+            prev = np.asarray(tokens[max(lo - 1, 0):hi - 1], np.int64)
+            prev = np.concatenate([[0], prev]) if lo == 0 else prev  # token 0 follows nothing
+            keep = prev >= vocab_size - markers
+            row, ids = row[keep], ids[keep]
+        out[row, ids] = True
+    return out
+
+
+def gather_types(take, starts: np.ndarray, size: int, vocab_size: int, markers: int = 0) -> np.ndarray:
+    """span_types of spans [start, start + size) of a history whose ids take(positions) returns (positions before
+    0 are skipped): (m, vocab_size), and with markers (m, 2 vocab_size), the ids after a marker in the second half."""
+    V, pos = vocab_size, starts[:, None] + np.arange(size)  # (m, size)
+    ok = pos >= 0
+    ids = np.asarray(take(np.maximum(pos, 0).reshape(-1)), np.int64).reshape(pos.shape)
+    rows = np.zeros((len(starts), V * (2 if markers else 1)), bool)
+    row = np.broadcast_to(np.arange(len(starts))[:, None], pos.shape)
+    rows[row[ok], ids[ok]] = True
+    if markers:
+        prev = np.asarray(take(np.maximum(pos - 1, 0).reshape(-1))).reshape(pos.shape)
+        tag = ok & (pos >= 1) & (prev >= V - markers)
+        rows[row[tag], V + ids[tag]] = True
+    return rows
+
+
+def node_types(take, lod, index, K: int, vocab_size: int, markers: int = 0, margin: int = 0, ram=None) -> np.ndarray:
+    """(n, vocab_size) bool: which ids occur in the span of each node (lod[i], index[i]) of a history whose ids
+    take(positions) returns. With markers > 0: (n, 2 vocab_size), the second half the ids that follow a marker in
+    the span (span_types). margin: every span starts `margin` tokens earlier (clipped at 0), so a needle that
+    straddles a node boundary shows its opening in the right-hand node's preview too. ram(lod, markers, index), when
+    given, supplies the bitsets of nodes of TYPE_SPAN tokens or more (MegaContextTree.types); else every span is
+    read from the tokens."""
+    lod, index = np.asarray(lod, np.int64).reshape(-1), np.asarray(index, np.int64).reshape(-1)
+    V = vocab_size
+    out = np.zeros((len(lod), V * (2 if markers else 1)), bool)
+    for l in np.unique(lod).tolist():
+        at = lod == l
+        if ram is None or K**l < TYPE_SPAN:  # every entry's tokens in one gather, one scatter
+            out[at] = gather_types(take, index[at] * K**l, K**l, V, markers)
+            continue
+        for half, kind in enumerate((0, markers) if markers else (0,)):
+            out[at, half * V:(half + 1) * V] = ram(l, kind, index[at])
+    if margin:
+        out |= gather_types(take, index * K**lod - margin, margin, V, markers)
     return out
 
 
@@ -244,7 +292,7 @@ class MegaContextTree:
         self.levels = [_Rows((), np.int32)]  # LOD0 ids; gist levels are added as they are born
         self.path, self.crcs = None, [0]  # backing directory and the crc32 of each level's committed prefix
         self.rewritten = False  # rewrite() changed rows in memory only: saving would lose them
-        self._types = {}  # lod -> packed token-type bitsets of its first nodes (types(); RAM only, derived)
+        self._types = {}  # (lod, markers) -> packed bitsets of its first nodes (types(); RAM only, derived)
 
     def __len__(self):
         return len(self.levels[0])
@@ -264,40 +312,32 @@ class MegaContextTree:
         assert 1 <= lod <= self.depth, f"this tree has gists at LOD1..LOD{self.depth}, not LOD{lod}"
         return self.levels[lod].take(np.asarray(index, np.int64))
 
-    def types(self, lod, index) -> np.ndarray:
+    def types(self, lod, index, markers: int = 0, margin: int = 0) -> np.ndarray:
         """(n, vocab) bool: which token ids occur in the span of each node (lod[i], index[i]) (a LOD0 node: its own
-        id). A derived index, never on disk: nodes spanning TYPE_SPAN tokens or more keep bitsets in RAM (vocab / 8
-        bytes each: 4 MB for 16M tokens at K = 8 and a 1,024-id vocabulary), made on first use from the tokens (or
-        their children's bitsets) and extended as the history grows; smaller spans are read from the tokens."""
-        lod, index = np.asarray(lod, np.int64).reshape(-1), np.asarray(index, np.int64).reshape(-1)
-        out = np.zeros((len(lod), self.vocab_size), bool)
-        for l in np.unique(lod).tolist():
-            at = lod == l
-            if self.K**l < TYPE_SPAN:  # every entry's tokens in one gather, one scatter
-                size = self.K**l
-                ids = self.levels[0].take((index[at][:, None] * size + np.arange(size)).reshape(-1))
-                rows = np.zeros((int(at.sum()), self.vocab_size), bool)
-                rows[np.arange(len(rows))[:, None], ids.reshape(len(rows), size)] = True
-                out[at] = rows
-            else:
-                self._extend_types(l)
-                out[at] = np.unpackbits(self._types[l][index[at]], axis=1, count=self.vocab_size).astype(bool)
-        return out
+        id); with markers and margin as in `node_types`. A derived index, never on disk: nodes spanning TYPE_SPAN
+        tokens or more keep bitsets in RAM (vocab / 8 bytes each, per kind: 4 MB for 16M tokens at K = 8 and a
+        1,024-id vocabulary), made on first use from the tokens (or their children's bitsets) and extended as the
+        history grows; smaller spans are read from the tokens."""
+        def ram(l, kind, index):
+            self._extend_types(l, kind)
+            return np.unpackbits(self._types[l, kind][index], axis=1, count=self.vocab_size).astype(bool)
+        return node_types(self.levels[0].take, lod, index, self.K, self.vocab_size, markers, margin, ram)
 
-    def _type_rows(self, lod: int, a: int, b: int) -> np.ndarray:
-        """Packed bitsets of nodes [a, b) of a level at or above TYPE_SPAN: from the tokens at the lowest such
-        level, else OR over the K children's bitsets."""
+    def _type_rows(self, lod: int, a: int, b: int, markers: int = 0) -> np.ndarray:
+        """Packed bitsets of nodes [a, b) of a level at or above TYPE_SPAN (present ids, or with markers the ids
+        after a marker): from the tokens at the lowest such level, else OR over the K children's bitsets."""
         if self.K ** (lod - 1) < TYPE_SPAN:
-            return np.packbits(span_types(self.levels[0], a * self.K**lod, b - a, self.K**lod, self.vocab_size), 1)
-        self._extend_types(lod - 1)
-        kids = self._types[lod - 1][a * self.K:b * self.K]
+            return np.packbits(span_types(self.levels[0], a * self.K**lod, b - a, self.K**lod, self.vocab_size,
+                                          markers), 1)
+        self._extend_types(lod - 1, markers)
+        kids = self._types[lod - 1, markers][a * self.K:b * self.K]
         return np.bitwise_or.reduce(kids.reshape(b - a, self.K, -1), axis=1)
 
-    def _extend_types(self, lod: int):
-        have, need = len(self._types.get(lod, ())), self.n_nodes(lod)
+    def _extend_types(self, lod: int, markers: int = 0):
+        have, need = len(self._types.get((lod, markers), ())), self.n_nodes(lod)
         if have < need:
-            rows = self._type_rows(lod, have, need)
-            self._types[lod] = np.concatenate([self._types[lod], rows]) if have else rows
+            rows = self._type_rows(lod, have, need, markers)
+            self._types[lod, markers] = np.concatenate([self._types[lod, markers], rows]) if have else rows
 
     def check_ids(self, tokens) -> np.ndarray:
         """Token ids as int64 (n,); ValueError (one line) unless all are in [0, vocab_size)."""
@@ -346,15 +386,17 @@ class MegaContextTree:
             raise ValueError(f"rewrite of tokens [{start}, {start + len(ids)}) is outside the history "
                              f"[0, {len(self)})")
         self.levels[0].put(start, ids)
-        a, b = start, start + len(ids)  # nodes [a, b) of the level below changed
+        # nodes [a, b) of the level below changed (the token after the span too: what follows a marker may change)
+        a, b = start, min(len(self), start + len(ids) + 1)
         for lod in range(1, self.depth + 1):
             a, b = a // self.K, min(-(-b // self.K), self.n_nodes(lod))  # their parents (complete ones only)
             if a >= b:
                 break
             self.levels[lod].put(a, self._pool(lod, self.levels[lod - 1].slice(a * self.K, b * self.K), b - a))
-            hi = min(b, len(self._types.get(lod, ())))
-            if a < hi:  # its token-type bitsets too (levels are visited upwards: the children's are fresh)
-                self._types[lod][a:hi] = self._type_rows(lod, a, hi)
+            for (l, markers), rows in self._types.items():  # its bitsets too (levels go upwards: children are fresh)
+                hi = min(b, len(rows))
+                if l == lod and a < hi:
+                    rows[a:hi] = self._type_rows(lod, a, hi, markers)
         self.rewritten = True
 
     @torch.no_grad()

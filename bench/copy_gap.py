@@ -2,7 +2,7 @@
 position gap between the needle and its question (the p-RoPE measurement in configs/mc_demo.py and the README).
 
     python bench/copy_gap.py --ckpt out/mc_demo/base/ckpt.pt                    # pass keys, gaps 0 .. 16M
-    python bench/copy_gap.py --ckpt out/mc_demo/base/ckpt.pt --kind kv --trials 40
+    python bench/copy_gap.py --ckpt out/mc_demo/base/ckpt.pt --task multikey --trials 40
 
 Each prompt is retrieval.make_prompt's (--history tokens of held-out book text, the needle at depth 0.2, the question
 last); the positions after the needle (8 tokens past its end) are shifted by the gap, so the needle sits gap + ~200
@@ -41,7 +41,7 @@ def main(argv):
     p.add_argument("--ckpt", required=True, help="a base checkpoint written by train.py")
     p.add_argument("--data-dir", default=None, help="prepared data (default: the checkpoint's data_dir)")
     p.add_argument("--split", default="val", choices=["val", "test"])
-    p.add_argument("--kind", default="passkey", choices=retrieval.KINDS)
+    p.add_argument("--task", default="passkey", choices=retrieval.TASKS)
     p.add_argument("--gaps", default="0,1000,4000,30000,300000,1000000,4000000,16000000")
     p.add_argument("--history", type=int, default=256, help="prompt tokens (all read raw)")
     p.add_argument("--trials", type=int, default=40)
@@ -68,9 +68,9 @@ def main(argv):
     for gap in gaps:
         hits = 0
         for _ in range(args.trials):
-            prompt = retrieval.make_prompt(hay, needles, args.kind, args.history, 0.2, rng)
+            prompt = retrieval.make_prompt(hay, needles, args.task, args.history, 0.2, rng)
             mu = torch.arange(args.history, dtype=torch.float64)
-            mu[prompt["needle_at"] + retrieval.NEEDLE_LEN + 8:] += gap
+            mu[max(a + n for a, n in prompt["needles"]) + 8:] += gap  # the gap after the deepest needle
             hits += answer(gpt, prompt["ids"], mu, len(prompt["answer"])) == prompt["answer"]
         acc, lo, hi = retrieval.wilson(hits, args.trials)
         rows.append(dict(gap=gap, hits=hits, trials=args.trials, accuracy=acc, ci=[lo, hi]))

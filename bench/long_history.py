@@ -18,21 +18,24 @@ prediction (4 bytes per token, d values of the gist dtype per gist, every level)
 greedily after --warmup (refocus every K tokens; each token timed with its refocus). Peak RSS (ru_maxrss, Linux) is
 read at each length: flat memory means equal peaks.
 
-Retrieval (--retrieval lengths, before the decode at that stop): --trials prompts per kind, built as
-retrieval.make_prompt builds them but planted into the saved history instead of re-ingesting it: the needle (and kv
-distractors) written over the book text at a relative depth by MegaContextTree.rewrite, in memory (the gists above it
-remade, depth x K GistNet work; the files untouched), the question appended, then bench/longctx.py's arms: lens and
-recency sessions (cold start over the history, the question ingested, refocus until the working context stops
-changing, greedy decode), oracle (the recency session zoomed exactly onto the needle: what a perfect LensNet reaches
-with this base, GistNet and allocator, i.e. the gate that the base can answer at that distance) and truncation (the
-newest budget tokens). Wilson 95% intervals; refocus steps, expansions and needle-raw share per cell. Gate: a length
-runs only if --retrieval-budget can hold a needle zoomed to its tokens anywhere in it (tiling.zoom_entries: the tail,
-the coarsest tiling and the zoom paths, ~ tail + 3 x depth x (K - 1)); at K = 8 and a tail of 32 the demo's budget of
-128 holds that to about 64k tokens, so the issue's run uses --retrieval-budget 256 (the base's block is 512).
+Retrieval (--retrieval lengths, before the decode at that stop): --trials prompts per task (retrieval.py's five),
+built as retrieval.make_prompt builds them but planted into the saved history instead of re-ingesting it: the needles
+(and look-alikes) written over the book text by MegaContextTree.rewrite (retrieval.needle_positions: the deepest
+needed needle at a relative depth, the others before it, none overlapping), in memory (the gists above them remade,
+depth x K GistNet work; the files untouched), the question appended, then bench/longctx.py's arms: lens and recency
+sessions (cold start over the history, the question ingested, refocus until the working context stops changing,
+greedy decode with a refocus until stable before each answer token), oracle (the recency session zoomed exactly onto
+the needles: what a perfect LensNet reaches with this base, GistNet and allocator, i.e. the gate that the base can
+answer at that distance) and truncation (the newest budget tokens). Wilson 95% intervals; refocus steps, expansions
+and the share of prompts whose needles all end raw per cell. Gate: a task runs at a length only if
+--retrieval-budget can hold its needles zoomed to their tokens anywhere in it (tiling.zoom_entries: the tail, the
+coarsest tiling and the zoom paths, ~ tail + (1 + 2 needles) x depth x (K - 1)); at K = 8 and a tail of 32 the demo's
+budget of 128 holds one needle to about 64k tokens, so the issue's run uses --retrieval-budget 256 (the base's block
+is 512).
 
 Writes <out>.json and <out>.md (default bench/results/long_history_cpu); the JSON's top-level `summary` is
-{"ingest_tokens_per_s": x, "peak_rss_mb": {tokens: mb}, "retrieval": {method: {tokens: accuracy}}} (pass key; kv in
-"retrieval_kv").
+{"ingest_tokens_per_s": x, "peak_rss_mb": {tokens: mb}, "tasks": {task: {method: {tokens: accuracy}}},
+"retrieval": the pass key's {method: {tokens: accuracy}}}.
 """
 import argparse
 import dataclasses
@@ -84,12 +87,13 @@ def parse_args(argv):
     r.add_argument("--data-dir", default=None, help="stream book text from these prepared data (test, val, then "
                    "train splits) instead of random ids")
     r.add_argument("--retrieval", default="", help="stop lengths at which to run the retrieval cells ('' = none)")
-    r.add_argument("--trials", type=int, default=30, help="prompts per (kind, length)")
+    r.add_argument("--trials", type=int, default=30, help="prompts per (task, length)")
     r.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths in [0, 1), in rotation")
-    r.add_argument("--kinds", default="passkey,kv", help="retrieval tasks, of " + ",".join(retrieval.KINDS))
+    r.add_argument("--tasks", default="passkey,multikey", help="retrieval tasks, of " + ",".join(retrieval.TASKS))
     r.add_argument("--retrieval-methods", default="lens,recency,oracle,truncation", help="arms, of "
                    + ",".join(RETRIEVAL_METHODS))
-    r.add_argument("--distractors", type=int, default=3, help="other kv needles in each kv prompt")
+    r.add_argument("--distractors", type=int, default=None, help="look-alike kv needles (vartrack: chains) per "
+                   "prompt (default: retrieval.py's)")
     r.add_argument("--retrieval-budget", type=int, default=None, help="working-context budget of the retrieval "
                    "sessions (default: the model's); a length whose zoom path it cannot hold is skipped (the gate)")
     shape = p.add_argument_group("model shape without --ckpt (MegaContext flags apply with --ckpt too)")
@@ -110,18 +114,19 @@ def parse_args(argv):
         fail(f"--lengths, --retrieval and --depths must be comma-separated numbers ({e})")
     if args.lengths[0] < 1 or min(args.decode, args.warmup) < 0 or args.save_every < 1:
         fail("need lengths >= 1, decode and warmup >= 0 and save-every >= 1")
-    args.kinds = [k for k in args.kinds.split(",") if k]
+    args.tasks = [k for k in args.tasks.split(",") if k]
     args.retrieval_methods = [m for m in args.retrieval_methods.split(",") if m]
     if args.retrieval:
         if not (args.ckpt and args.data_dir):
             fail("--retrieval needs --ckpt (a checkpoint with GistNet and LensNet) and --data-dir (book text)")
         if set(args.retrieval) - set(args.lengths):
             fail(f"--retrieval lengths must be among --lengths {args.lengths}, got {args.retrieval}")
-        if set(args.kinds) - set(retrieval.KINDS) or set(args.retrieval_methods) - set(RETRIEVAL_METHODS) or \
-                not args.kinds or not args.retrieval_methods:
-            fail(f"--kinds must be from {','.join(retrieval.KINDS)} and --retrieval-methods from "
+        if set(args.tasks) - set(retrieval.TASKS) or set(args.retrieval_methods) - set(RETRIEVAL_METHODS) or \
+                not args.tasks or not args.retrieval_methods:
+            fail(f"--tasks must be from {','.join(retrieval.TASKS)} and --retrieval-methods from "
                  f"{','.join(RETRIEVAL_METHODS)}")
-        if not args.depths or any(not 0 <= d < 1 for d in args.depths) or args.trials < 1 or args.distractors < 0:
+        if not args.depths or any(not 0 <= d < 1 for d in args.depths) or args.trials < 1 or \
+                (args.distractors or 0) < 0:
             fail("--depths must be in [0, 1), --trials >= 1 and --distractors >= 0")
     return args
 
@@ -199,22 +204,24 @@ class BookText:
                          "pass shorter --lengths")
 
 
-def plan_prompt(tree, needles, kind: str, depth: float, rng: np.random.Generator, distractors: int,
+def plan_prompt(tree, needles, task: str, depth: float, rng: np.random.Generator, distractors: int | None,
                 raw_window: int = 1024) -> dict:
-    """One retrieval prompt for a history tree, as retrieval.make_prompt builds them: the needle to write over the
-    book text at relative depth `depth` (less 0..JITTER-1 tokens), plus `distractors` other kv needles at uniform depths for kv (kv words avoid
-    the tokens a base reads raw near the needle and at the end). Returns dict(spots [(position, ids)], the asked
-    needle last so no distractor overwrites it; question, answer, needle_at)."""
+    """One retrieval prompt for a history tree, as retrieval.make_prompt builds them: the task's needles to write over
+    the book text (retrieval.needle_positions: the deepest needed one at relative depth `depth`, jittered, the others
+    before it, look-alikes anywhere, none overlapping); word tokens avoid the tokens a base reads raw near each needed
+    needle and at the end. Returns dict(spots [(position, ids)], question, answer, needles [(start, length)] of the
+    needed ones)."""
     n = len(tree)
-    at = max(0, min(round(depth * n), n - retrieval.NEEDLE_LEN) - int(rng.integers(0, retrieval.JITTER)))
-    avoid = set(tree.tokens(max(0, at - raw_window // 2), min(n, at + raw_window // 2)).tolist())
-    avoid |= set(tree.tokens(n - raw_window, n).tolist())
-    needle, question, answer = needles.make(kind, rng, avoid)
-    spots = [(at, needle)]
-    for _ in range(distractors if kind == "kv" else 0):
-        avoid.update(spots[-1][1])
-        spots.insert(0, (int(rng.integers(0, n - retrieval.NEEDLE_LEN)), needles.make("kv", rng, avoid)[0]))
-    return dict(spots=spots, question=question, answer=answer, needle_at=at)
+    shape = needles.task(task, np.random.default_rng(0), distractors=distractors)  # lengths only
+    pos = retrieval.needle_positions(n, shape, depth, rng)
+    avoid = set(tree.tokens(n - raw_window, n).tolist())
+    for p, need in zip(pos, shape.needed):
+        if need:
+            avoid |= set(tree.tokens(max(0, p - raw_window // 2), min(n, p + raw_window // 2)).tolist())
+    t = needles.task(task, rng, avoid, distractors)
+    spots = [(p, needle) for p, needle in zip(pos, t.needles)]
+    return dict(spots=spots, question=t.question, answer=t.answer,
+                needles=[(p, len(needle)) for p, needle, need in zip(pos, t.needles, t.needed) if need])
 
 
 @torch.no_grad()
@@ -222,12 +229,12 @@ def answer_far(method: str, mc, tree_dir: str, plan: dict, budget: int):
     """(greedy answer ids, telemetry or None) of one arm for a prompt planted into the saved tree at tree_dir: the
     tree opened memory-mapped, the needles planted in memory, then truncation (the base on the newest budget - |q|
     tokens and the question) or a cold-start session that ingests the question, refocuses until stable (oracle: by
-    the needle's position) and decodes."""
+    the needles' positions) and decodes (longctx.answer_in_session)."""
     gpt, n_new = mc.gpt, len(plan["answer"])
     tree, _ = MegaContextTree.open(tree_dir, *tree_args(mc), verify=False)
     for pos, ids in plan["spots"]:
         tree.rewrite(pos, ids)
-    q, at = plan["question"], plan["needle_at"]
+    q = plan["question"]
     if method == "truncation":
         ctx = np.concatenate([tree.tokens(len(tree) - (budget - len(q)), len(tree)), q])
         x = torch.as_tensor(ctx, device=gpt.wte.weight.device)[None]
@@ -235,27 +242,27 @@ def answer_far(method: str, mc, tree_dir: str, plan: dict, budget: int):
         return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=cache)], None
     s = Session(mc, tree)
     s.ingest(q)
-    s.refocus(until_stable=True, scorer=longctx.oracle_scorer(at) if method == "oracle" else None)
-    wc = s.wc
-    raw = int(((wc.lod == 0) & (wc.start >= at) & (wc.start < at + retrieval.NEEDLE_LEN)).sum()) == retrieval.NEEDLE_LEN
-    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"], needle_raw=raw)
-    return [s.step(0.0) for _ in range(n_new)], tel
+    scorer = longctx.oracle_scorer(plan["needles"]) if method == "oracle" else None
+    s.refocus(until_stable=True, scorer=scorer)
+    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"],
+               needle_raw=longctx.needles_raw(s.wc, plan["needles"]))
+    return longctx.answer_in_session(s, n_new, scorer), tel
 
 
-def retrieval_rows(ckpt, gpt, tree_dir: str, args, rng: np.random.Generator) -> list[dict]:
-    """Rows {kind, history, method, trials, hits, accuracy, ci, per_depth, telemetry} at the tree saved in tree_dir:
-    --trials prompts per kind, depths in rotation, every arm on the same planted prompts."""
+def retrieval_rows(ckpt, gpt, tree_dir: str, args, rng: np.random.Generator, tasks) -> list[dict]:
+    """Rows {task, history, method, trials, hits, accuracy, ci, per_depth, telemetry} at the tree saved in tree_dir:
+    --trials prompts per task, depths in rotation, every arm on the same planted prompts."""
     needles, W = retrieval.needles_for(args.data_dir), args.retrieval_budget
     models = {m: longctx.session_model(ckpt, gpt, "lens" if m == "lens" else "recency", W, args.block or 8,
                                        args.recent) for m in args.retrieval_methods}  # (truncation: its GPT, tree)
     history, _ = MegaContextTree.open(tree_dir, *tree_args(next(iter(models.values()))), verify=False)
     rows, n = [], len(history)
-    for kind in args.kinds:
+    for task in tasks:
         hits = {m: {} for m in args.retrieval_methods}
         tel = {m: [] for m in args.retrieval_methods}
         for t in range(args.trials):
             depth = args.depths[t % len(args.depths)]
-            plan = plan_prompt(history, needles, kind, depth, rng, args.distractors)
+            plan = plan_prompt(history, needles, task, depth, rng, args.distractors)
             for m in args.retrieval_methods:
                 got, tm = answer_far(m, models[m], tree_dir, plan, W)
                 hits[m].setdefault(depth, []).append(got == plan["answer"])
@@ -264,22 +271,22 @@ def retrieval_rows(ckpt, gpt, tree_dir: str, args, rng: np.random.Generator) -> 
         for m in args.retrieval_methods:
             k = sum(map(sum, hits[m].values()))
             acc, lo, hi = retrieval.wilson(k, args.trials)
-            row = dict(kind=kind, history=n, method=m, trials=args.trials, hits=k, accuracy=acc, ci=[lo, hi],
+            row = dict(task=task, history=n, method=m, trials=args.trials, hits=k, accuracy=acc, ci=[lo, hi],
                        per_depth={str(d): float(np.mean(v)) for d, v in hits[m].items()})
             if tel[m]:
                 row["telemetry"] = {key: float(np.mean([x[key] for x in tel[m]])) for key in tel[m][0]}
             rows.append(row)
-            print(f"[retrieval] {n:>11,} tokens {kind:>7} {m:>10}: {k}/{args.trials} [{lo:.2f}, {hi:.2f}]"
-                  + (f" | steps {row['telemetry']['steps']:.1f}, needle raw {row['telemetry']['needle_raw']:.2f}"
+            print(f"[retrieval] {n:>11,} tokens {task:>10} {m:>10}: {k}/{args.trials} [{lo:.2f}, {hi:.2f}]"
+                  + (f" | steps {row['telemetry']['steps']:.1f}, needles raw {row['telemetry']['needle_raw']:.2f}"
                      if tel[m] else ""), file=sys.stderr)
     return rows
 
 
-def accuracies(rows, kind: str) -> dict:
-    """{method: {history: accuracy}} of one kind's retrieval rows (the summary's layout)."""
+def accuracies(rows, task: str) -> dict:
+    """{method: {history: accuracy}} of one task's retrieval rows (the summary's layout)."""
     out = {}
     for r in rows:
-        if r["kind"] == kind:
+        if r["task"] == task:
             out.setdefault(r["method"], {})[r["history"]] = r["accuracy"]
     return out
 
@@ -314,21 +321,21 @@ def markdown(r) -> str:
               f"{last['decode']['ms_p50'] / first['decode']['ms_p50']:.2f}x (p50).", "",
               f"History: {r['text']}.", ""]
     for g in r["retrieval_gate"]:
-        lines.append(f"Retrieval gate at {g['history']:,} tokens: a needle needs at most {g['zoom_entries']} entries "
-                     f"to be zoomed to its tokens, the budget leaves {g['target']}: "
+        lines.append(f"Retrieval gate at {g['history']:,} tokens, {g['task']}: its needles need at most "
+                     f"{g['zoom_entries']} entries to be zoomed to their tokens, the budget leaves {g['target']}: "
                      + ("run." if g["zoom_entries"] <= g["target"] else "**skipped**."))
     if r["retrieval_gate"]:
         lines.append("")
     if r["retrieval"]:
         lines += ["Retrieval (needles planted into the saved history in memory; budget "
                   f"{r['retrieval_budget']}; Wilson 95% intervals; refocus steps after the question, expansions, and the "
-                  "share of answers with the needle raw in the working context):", "",
-                  "| kind | history | method | accuracy [95% CI] | per depth | steps | expands | needle raw |",
+                  "share of prompts whose needles all end raw in the working context):", "",
+                  "| task | history | method | accuracy [95% CI] | per depth | steps | expands | needles raw |",
                   "|---|---|---|---|---|---|---|---|"]
         for x in r["retrieval"]:
             t = x.get("telemetry")
             depth = ", ".join(f"{d}: {v:.2f}" for d, v in x["per_depth"].items())
-            lines.append(f"| {x['kind']} | {x['history']:,} | {x['method']} | {x['hits']}/{x['trials']} = "
+            lines.append(f"| {x['task']} | {x['history']:,} | {x['method']} | {x['hits']}/{x['trials']} = "
                          f"{x['accuracy']:.2f} [{x['ci'][0]:.2f}, {x['ci'][1]:.2f}] | {depth} | "
                          + (f"{t['steps']:.1f} | {t['expands']:.1f} | {t['needle_raw']:.2f} |" if t else "- | - | - |"))
         lines.append("")
@@ -374,13 +381,19 @@ def main(argv):
         peak = rss_mb()[1]  # peak of the ingest up to here (before the decode below)
         session.save(tree_dir)
         if L in args.retrieval:  # the needles are planted in memory: the saved tree is not touched
-            need = zoom_entries(L + 2, cfg.K, cfg.recent_tokens)  # (the question's 2 tokens)
-            gates.append(dict(history=L, zoom_entries=need, target=args.retrieval_budget - cfg.refocus_tokens))
-            if need <= gates[-1]["target"]:
-                found += retrieval_rows(ckpt, model.gpt, tree_dir, args, rng)
-            else:
-                print(f"[retrieval] {L:,} tokens skipped: a needle may need {need} entries to be zoomed to its tokens "
-                      f"(tail, coarsest tiling, zoom path), the budget leaves {gates[-1]['target']}", file=sys.stderr)
+            run = []
+            for task in args.tasks:
+                shape = retrieval.needles_for(args.data_dir).task(task, np.random.default_rng(0))
+                need = zoom_entries(L + len(shape.question), cfg.K, cfg.recent_tokens, sum(shape.needed))
+                gates.append(dict(history=L, task=task, zoom_entries=need,
+                                  target=args.retrieval_budget - cfg.refocus_tokens))
+                if need <= gates[-1]["target"]:
+                    run.append(task)
+                else:
+                    print(f"[retrieval] {L:,} tokens, {task} skipped: its needles may need {need} entries to be zoomed "
+                          f"to their tokens (tail, coarsest tiling, zoom paths), the budget leaves "
+                          f"{gates[-1]['target']}", file=sys.stderr)
+            found += retrieval_rows(ckpt, model.gpt, tree_dir, args, rng, run)
         t0 = time.perf_counter()
         session = Session.open(model, tree_dir)  # memory-mapped, crc32 verified by streaming the files
         open_s = time.perf_counter() - t0
@@ -402,8 +415,8 @@ def main(argv):
     result = dict(
         summary=dict(ingest_tokens_per_s=ingested / max(ingest_s, 1e-9),
                      peak_rss_mb={r["history"]: round(r["peak_rss_mb"], 1) for r in rows},
-                     retrieval=accuracies(found, "passkey"),
-                     **({"retrieval_kv": accuracies(found, "kv")} if "kv" in {r["kind"] for r in found} else {})),
+                     tasks={task: accuracies(found, task) for task in dict.fromkeys(r["task"] for r in found)},
+                     retrieval=accuracies(found, "passkey")),
         retrieval=found, retrieval_budget=args.retrieval_budget, retrieval_gate=gates, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
         date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
         dirty=bool(git("status", "--porcelain")), command="python bench/long_history.py " + " ".join(argv),

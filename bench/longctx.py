@@ -21,16 +21,20 @@ cold-start ingest, then the newest --stream tokens K at a time with a refocus af
 every prediction reads at most W - 1 entries. Per-document means; 95% bootstrap intervals over documents, paired for
 the differences to truncation and for the share of the truncation -> full gap, (trunc - method) / (trunc - full).
 
-Retrieval (retrieval.py prompts of exactly `history` tokens of the split's book text): the needle sits where the
-truncation window cannot see it, (1 - depth) * history > W + 16; the question closes the prompt. Controls: query_first
-(question first, a bare <|query|> last: the final cue does not name the key) and no_needle. Sessions ingest the prompt
-(cold start, then the newest --stream tokens streamed), then refocus until the working context stops changing, then
-decode greedily; correct when the answer's every token matches. Accuracy with Wilson 95% intervals per (kind, control,
-history, method), depths in rotation; telemetry per cell: refocus steps after the question, expansions, and how often
-the needle ends raw (LOD0) in the working context.
+Retrieval (retrieval.py's five tasks, prompts of exactly `history` tokens of the split's book text): the needles the
+answer needs sit where the truncation window cannot see them, (1 - depth) * history > W + 16 for the deepest and the
+others before it; the question closes the prompt. Controls: query_first (question first, a bare <|query|> last: the
+final cue names nothing) and no_needle. Sessions ingest the prompt (cold start, then the newest --stream tokens
+streamed), then refocus until the working context stops changing, then decode greedily, refocusing until stable again
+before each answer token (a variable-tracking hop is named by the answer token before it); correct when the answer's
+every token matches. Accuracy with Wilson 95% intervals per (task, control, history, method), depths in rotation;
+telemetry per cell: refocus steps after the question, expansions, and how often every needle the answer needs ends
+raw (LOD0) in the working context (the focus's own success, whatever the base then answers).
 
-Gate (--gate A): full-attention retrieval at history = the base's block (needle inside it) must reach A on held-out
-prompts, or the run exits 1 saying so: a harness whose base cannot retrieve in its own window measures nothing.
+Gate (--gate A): full-attention retrieval at history = the base's block (needles inside it) must reach A on held-out
+prompts of the --gate-tasks (default: every task asked), or the run exits 1 saying so: a harness whose base cannot
+retrieve in its own window measures nothing. Every task's in-block accuracy is reported, gated or not: a task the base
+cannot answer in its block measures the base, not the focus, in its far cells.
 Writes <out>.json (with a `summary`), <out>.md and, with matplotlib, <out>.png.
 """
 import argparse
@@ -84,6 +88,7 @@ def parse_args(argv):
     p.add_argument("--methods", default="full,truncation,recency,lens,mean", help="NLL arms, of " + ",".join(METHODS))
     p.add_argument("--retrieval-methods", default="full,truncation,recency,lens,oracle", help="retrieval arms")
     p.add_argument("--control-methods", default="truncation,lens", help="arms that also answer the control prompts")
+    p.add_argument("--control-trials", type=int, default=None, help="prompts per control cell (default --trials)")
     p.add_argument("--block", type=int, default=None, help="K (default: the checkpoint's mc_config, else 32)")
     p.add_argument("--recent", type=int, default=None, help="protected tail (default: mc_config, else 64)")
     p.add_argument("--stream", type=int, default=None, help="newest tokens streamed with refocus (default 4K)")
@@ -91,11 +96,15 @@ def parse_args(argv):
                    help="retrieval prompt lengths, tokens ('' = skip retrieval)")
     p.add_argument("--retrieval-budget", type=int, default=DEFAULTS["retrieval_budget"], help="W for retrieval")
     p.add_argument("--depths", default=DEFAULTS["depths"], help="needle depths in [0, 1] (illegal ones are dropped)")
-    p.add_argument("--trials", type=int, default=DEFAULTS["trials"], help="prompts per (kind, control, history)")
-    p.add_argument("--kinds", default="passkey,kv", help="retrieval tasks")
+    p.add_argument("--trials", type=int, default=DEFAULTS["trials"], help="prompts per (task, control, history)")
+    p.add_argument("--tasks", default="passkey,multikey", help="retrieval tasks, of " + ",".join(retrieval.TASKS))
+    p.add_argument("--gate-tasks", default=None, help="tasks the gate requires (default: --tasks)")
     p.add_argument("--controls", default="query_first,no_needle", help="control prompts ('' = none)")
-    p.add_argument("--distractors", type=int, default=3, help="other kv needles in each kv prompt")
+    p.add_argument("--distractors", type=int, default=None, help="look-alike kv needles (vartrack: look-alike "
+                   f"chains) per prompt (default: retrieval.py's, {retrieval.LOOKALIKES} / 1)")
     p.add_argument("--gate", type=float, default=None, help="only check in-block retrieval >= this, exit 1 if not")
+    p.add_argument("--in-block-trials", type=int, default=50, help="in-block prompts per task (the gate's at least "
+                   "100; 0 = skip where not gating)")
     p.add_argument("--decode", type=int, default=DEFAULTS["decode"], help="timed decode steps (0 = skip)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -111,14 +120,15 @@ def parse_args(argv):
         fail(f"bad list argument ({e})")
     a.methods, a.retrieval_methods, a.control_methods = ([m for m in v.split(",") if m] for v in (
         a.methods, a.retrieval_methods, a.control_methods))
-    a.kinds = [k for k in a.kinds.split(",") if k]
+    a.tasks = [k for k in a.tasks.split(",") if k]
+    a.gate_tasks = a.tasks if a.gate_tasks is None else [k for k in a.gate_tasks.split(",") if k]
     a.controls = [None] + [c for c in a.controls.split(",") if c]
     if set(a.methods + a.retrieval_methods + a.control_methods) - set(METHODS) or "oracle" in a.methods or \
-            set(a.kinds) - set(retrieval.KINDS) or set(a.controls) - set(retrieval.CONTROLS):
+            set(a.tasks + a.gate_tasks) - set(retrieval.TASKS) or set(a.controls) - set(retrieval.CONTROLS):
         fail(f"--methods must be from {','.join(METHODS[:-1])} (oracle is for retrieval only), the retrieval and "
-             f"control arms from {','.join(METHODS)}, --kinds from {','.join(retrieval.KINDS)} and --controls from "
+             f"control arms from {','.join(METHODS)}, --tasks from {','.join(retrieval.TASKS)} and --controls from "
              "query_first,no_needle")
-    if a.horizon < 1 or a.docs < 1 or a.windows < 1 or a.trials < 1 or a.distractors < 0:
+    if a.horizon < 1 or a.docs < 1 or a.windows < 1 or a.trials < 1 or (a.distractors or 0) < 0:
         fail("--horizon, --docs, --windows and --trials must be >= 1 and --distractors >= 0")
     if a.histories and min(a.histories) <= a.horizon:
         fail(f"history {min(a.histories)} must be longer than the horizon H={a.horizon}")
@@ -323,6 +333,27 @@ def legal_depths(depths, history: int, budget: int) -> list[float]:
     return [d for d in depths if (1 - d) * history > budget + 16]
 
 
+def needles_raw(wc, spans) -> bool:
+    """Whether every token of every needle span [(start, length)] is a LOD0 entry of wc (the focus's own success)."""
+    raw = (wc.lod == 0)
+    return bool(spans) and all(int((raw & (wc.start >= a) & (wc.start < a + n)).sum()) == n for a, n in spans)
+
+
+@torch.no_grad()
+def answer_in_session(s: Session, n_new: int, scorer=None):
+    """Greedy answer ids of a session whose history ends with the question: refocus until stable, read the next token,
+    and again before every later answer token (each is in the history when the focus looks again: a variable-tracking
+    hop, or multivalue's key before its next value)."""
+    out = []
+    for j in range(n_new):
+        if j:
+            s.refocus(until_stable=True, scorer=scorer)
+        tok = int(s.logits().argmax())
+        s.ingest([tok])
+        out.append(tok)
+    return out
+
+
 @torch.no_grad()
 def answer(method, gpt, mc, prompt, budget, stream):
     """(greedy continuation of prompt['ids'] as long as its answer, telemetry or None) under one method."""
@@ -332,27 +363,26 @@ def answer(method, gpt, mc, prompt, budget, stream):
         x = torch.as_tensor(ctx, device=dev)[None]
         cache = gpt.make_cache(1, len(ctx) + n_new)
         return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=cache)], None
-    at = prompt["needle_at"]
-    s = stream_session(mc, ids, stream, settle=True, scorer=oracle_scorer(at) if method == "oracle" else None)
-    raw = at >= 0 and bool(((s.wc.lod == 0) & (s.wc.start >= at) & (s.wc.start < at + retrieval.NEEDLE_LEN)).sum()
-                           == retrieval.NEEDLE_LEN)
-    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"], needle_raw=raw)
-    return [s.step(0.0) for _ in range(n_new)], tel
+    scorer = oracle_scorer(prompt["needles"]) if method == "oracle" else None
+    s = stream_session(mc, ids, stream, settle=True, scorer=scorer)
+    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"], needle_raw=needles_raw(s.wc,
+                                                                                                 prompt["needles"]))
+    return answer_in_session(s, n_new, scorer), tel
 
 
-def oracle_scorer(needle_at: int):
-    """Scores of a perfect LensNet for a needle at token needle_at: the recency pyramid's, plus, for every entry that
-    holds a needle token, more than the pyramid's largest level mismatch (the history's depth + 1 levels), so such a
-    gist is expanded first; its siblings score at least 0, so a group that holds part of the needle (which may
-    straddle two blocks) is never collapsed back (a control-prompt without a needle gets plain recency)."""
+def oracle_scorer(spans):
+    """Scores of a perfect LensNet for needles at token spans [(start, length)]: the recency pyramid's, plus, for
+    every entry that holds a needle token, more than the pyramid's largest level mismatch (the history's depth + 1
+    levels), so such a gist is expanded first; its siblings score at least 0, so a group that holds part of a needle
+    (which may straddle two blocks) is never collapsed back (a control prompt without a needle gets plain
+    recency)."""
     def scores(wc):
         s = recency_scores(wc, wc.w_max - wc.K)
-        if needle_at < 0:
-            return s
-        end = needle_at + retrieval.NEEDLE_LEN
-        hold = (wc.start < end) & (wc.end > needle_at)
+        hold, sibling = torch.zeros(len(wc), dtype=torch.bool), torch.zeros(len(wc), dtype=torch.bool)
         up = wc.K ** (wc.lod + 1)  # the parent's span
-        sibling = (wc.start - wc.start % up < end) & (wc.start - wc.start % up + up > needle_at)
+        for at, n in spans:
+            hold |= (wc.start < at + n) & (wc.end > at)
+            sibling |= (wc.start - wc.start % up < at + n) & (wc.start - wc.start % up + up > at)
         return torch.where(sibling, s.clamp(min=0), s) + (depth_of(wc.cursor, wc.K) + 2) * RECENCY_UNIT * hold
     return scores
 
@@ -371,12 +401,13 @@ class SharedGists:
         return self.memo[key]
 
 
-def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials, beyond_window=True):
-    """Rows {kind, control, history, method, trials, hits, accuracy, ci, per_depth, telemetry} over `trials` prompts
-    per (kind, control, history), depths in rotation: only those beyond the truncation window unless not
+def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials, beyond_window=True, tasks=None):
+    """Rows {task, control, history, method, trials, hits, accuracy, ci, per_depth, telemetry} over `trials` prompts
+    per (task, control, history), depths in rotation: only those beyond the truncation window unless not
     `beyond_window` (the in-block check, where the needle is inside the base's block by construction)."""
     if not histories:
         return []
+    tasks = tasks or args.tasks
     hay = haystack(args.data_dir, args.split, max(histories))
     W, K = args.retrieval_budget, args.block
     models = {m: session_model(ckpt, gpt, "recency" if m == "oracle" else m, W, K, args.recent)
@@ -395,14 +426,15 @@ def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials
                   f"window of {W}; skipped", file=sys.stderr)
             continue
         fits = [m for m in methods if m != "full" or L <= gpt.config.block_size]
-        for kind in args.kinds:
+        for task in tasks:
             for control in controls:
                 here = fits if control is None else [m for m in fits if m in args.control_methods]
                 hits = {m: {} for m in here}
                 tel = {m: [] for m in here}
-                for t in range(trials):
+                n_trials = trials if control is None else args.control_trials or trials
+                for t in range(n_trials):
                     depth = depths[t % len(depths)]
-                    p = retrieval.make_prompt(hay, needles, kind, L, depth, rng, control, args.distractors)
+                    p = retrieval.make_prompt(hay, needles, task, L, depth, rng, control, args.distractors)
                     if shared is not None:
                         shared.memo.clear()
                     for m in here:
@@ -412,8 +444,8 @@ def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials
                             tel[m].append(tm)
                 for m in here:
                     k = sum(map(sum, hits[m].values()))
-                    acc, lo, hi = retrieval.wilson(k, trials)
-                    row = dict(kind=kind, control=control, history=L, method=m, trials=trials, hits=k, accuracy=acc,
+                    acc, lo, hi = retrieval.wilson(k, n_trials)
+                    row = dict(task=task, control=control, history=L, method=m, trials=n_trials, hits=k, accuracy=acc,
                                ci=[lo, hi], per_depth={str(d): float(np.mean(v)) for d, v in hits[m].items()})
                     if tel[m]:
                         row["telemetry"] = {key: float(np.mean([x[key] for x in tel[m]])) for key in tel[m][0]}
@@ -474,15 +506,20 @@ def decode_overhead(gpt, models, args, device):
 
 
 def summary(result) -> dict:
-    """The headline a script can check: in-block retrieval (full attention, history = block), retrieval per method at
-    each history as a multiple of the budget (question last, both kinds pooled), and the NLL gap and shares at the
-    longest history and smallest budget where full attention fits."""
+    """The headline a script can check: in-block retrieval (full attention, history = block; pooled and per task),
+    retrieval per method at each history as a multiple of the budget (question last; `retrieval` pools the tasks,
+    `tasks` = {task: {method: {"8x": accuracy}}}), and the NLL gap and shares at the longest history and smallest
+    budget where full attention fits."""
     W = result["args"]["retrieval_budget"]
     ret = [r for r in result["retrieval"] if r["control"] is None]
-    out = dict(in_block_retrieval=result.get("in_block", {}).get("accuracy"), retrieval={}, nll={})
+    in_block = result.get("in_block", {})
+    out = dict(in_block_retrieval=in_block.get("accuracy"), in_block_tasks=in_block.get("per_task"), retrieval={},
+               tasks={}, nll={})
     for r in ret:
-        cell = out["retrieval"].setdefault(r["method"], {}).setdefault(f"{r['history'] // W}x", [0, 0])
+        mult = f"{r['history'] // W}x"
+        cell = out["retrieval"].setdefault(r["method"], {}).setdefault(mult, [0, 0])
         cell[0], cell[1] = cell[0] + r["hits"], cell[1] + r["trials"]
+        out["tasks"].setdefault(r["task"], {}).setdefault(r["method"], {})[mult] = r["accuracy"]
     out["retrieval"] = {m: {k: h / n for k, (h, n) in v.items()} for m, v in out["retrieval"].items()}
     out["nll"] = nll_summary(result["nll"])
     out["nll_long_range"] = nll_summary(result.get("nll_long_range", []))
@@ -559,22 +596,23 @@ def markdown(result) -> str:
         shown = [m for m in METHODS if any(r["method"] == m for r in ret)]
         lines += ["", f"## Retrieval, budget {result['args']['retrieval_budget']} entries (accuracy, Wilson 95% CI; "
                   f"{ret[0]['trials']} prompts per cell, depths {result['args']['depths']} in rotation)", "",
-                  "| kind | prompt | history | " + " | ".join(shown) + " |", "|---" * (3 + len(shown)) + "|"]
-        for kind, control, L in sorted({(r["kind"], r["control"] or "", r["history"]) for r in ret}):
-            cell = {r["method"]: r for r in ret if (r["kind"], r["control"] or "", r["history"]) == (kind, control, L)}
-            row = [kind, CONTROL_NAMES[control or None], f"{L:,}"]
+                  "| task | prompt | history | " + " | ".join(shown) + " |", "|---" * (3 + len(shown)) + "|"]
+        for task, control, L in sorted({(r["task"], r["control"] or "", r["history"]) for r in ret},
+                                       key=lambda c: (retrieval.TASKS.index(c[0]), c[1], c[2])):
+            cell = {r["method"]: r for r in ret if (r["task"], r["control"] or "", r["history"]) == (task, control, L)}
+            row = [task, CONTROL_NAMES[control or None], f"{L:,}"]
             row += ["–" if m not in cell else
                     f"{cell[m]['accuracy']:.2f} [{cell[m]['ci'][0]:.2f}, {cell[m]['ci'][1]:.2f}]" for m in shown]
             lines.append("| " + " | ".join(row) + " |")
         sess = [r for r in ret if "telemetry" in r and r["control"] is None]
         if sess:
             lines += ["", "Sessions after the question (question last): refocus steps until stable, expansions, share "
-                      "of prompts whose needle ends raw (LOD0) in the working context; accuracy per depth:", "",
-                      "| kind | history | method | steps | expansions | needle raw | per depth |", "|---" * 7 + "|"]
+                      "of prompts whose needles all end raw (LOD0) in the working context; accuracy per depth:", "",
+                      "| task | history | method | steps | expansions | needles raw | per depth |", "|---" * 7 + "|"]
             for r in sess:
                 t = r["telemetry"]
                 depth = ", ".join(f"{d}: {a:.2f}" for d, a in r["per_depth"].items())
-                lines.append(f"| {r['kind']} | {r['history']:,} | {r['method']} | {t['steps']:.2f} | "
+                lines.append(f"| {r['task']} | {r['history']:,} | {r['method']} | {t['steps']:.2f} | "
                              f"{t['expands']:.2f} | {t['needle_raw']:.2f} | {depth} |")
     if result["telemetry"]:
         lines += ["", "## Allocator telemetry (NLL sessions on book text; decode overhead vs the base, same WC size)",
@@ -590,7 +628,7 @@ def markdown(result) -> str:
 
 
 def plot(result, path) -> list[str]:
-    """One PNG: retrieval accuracy vs history (question last, both kinds pooled) and NLL − truncation per method;
+    """One PNG: retrieval accuracy vs history (question last, the tasks pooled) and NLL − truncation per method;
     returns the paths written (none without matplotlib)."""
     try:
         import matplotlib
@@ -685,13 +723,19 @@ def main(argv):
     print(kernels.banner(), file=sys.stderr)
 
     t0 = time.perf_counter()
-    block_rows = run_retrieval(gpt, ckpt, args, needles, [T], ["full"], [None], max(args.trials, 50), False)
-    hits, n = sum(r["hits"] for r in block_rows), sum(r["trials"] for r in block_rows)
-    acc, lo, hi = retrieval.wilson(hits, n)
-    in_block = dict(history=T, hits=hits, trials=n, accuracy=acc, ci=[lo, hi],
-                    per_kind={r["kind"]: r["accuracy"] for r in block_rows})
-    print(f"[gate] in-block retrieval (full attention, history {T}): {hits}/{n} = {acc:.3f} [{lo:.3f}, {hi:.3f}] "
-          f"({', '.join(f'{k} {a:.2f}' for k, a in in_block['per_kind'].items())})", file=sys.stderr)
+    n_block = max(args.trials, args.in_block_trials, 50) if args.gate is not None else args.in_block_trials
+    block_rows = run_retrieval(gpt, ckpt, args, needles, [T], ["full"], [None], n_block, False,
+                               list(dict.fromkeys(args.tasks + args.gate_tasks))) if n_block else []
+    in_block = {}
+    if block_rows:
+        gated = [r for r in block_rows if r["task"] in args.gate_tasks]
+        hits, n = sum(r["hits"] for r in gated), sum(r["trials"] for r in gated)
+        acc, lo, hi = retrieval.wilson(hits, n)
+        in_block = dict(history=T, hits=hits, trials=n, accuracy=acc, ci=[lo, hi], gate_tasks=args.gate_tasks,
+                        per_task={r["task"]: r["accuracy"] for r in block_rows})
+        print(f"[gate] in-block retrieval (full attention, history {T}; {', '.join(args.gate_tasks)}): {hits}/{n} = "
+              f"{acc:.3f} [{lo:.3f}, {hi:.3f}] ({', '.join(f'{k} {a:.2f}' for k, a in in_block['per_task'].items())})",
+              file=sys.stderr)
     if args.gate is not None:
         if args.out:  # the gate's figures, met or not
             with open(f"{args.out}.json", "w") as f:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The MegaContext demonstration, one command: prepare (1,024-token BPE) -> base with the retrieval mix -> gate
-# (in-block retrieval >= the size's threshold, or stop) -> gist -> lens (two teachers: counterfactual and attention;
-# the one with the better val retrieval is kept) -> the harness on val and test -> mc_report.py's JSON, markdown and
-# PNG in $OUT (default bench/results/) as mc_demo_<size>.*. Every stage is resumable: a finished stage (its
-# checkpoint at max_iters) is skipped, an interrupted one resumed.
+# The MegaContext demonstration, one command: prepare (1,024-token BPE) -> base with the retrieval mix (five tasks) ->
+# gate (in-block retrieval of pass key and multi-key >= the size's threshold, or stop; every task's in-block accuracy
+# reported) -> gist -> lens (three teachers of the query-conditioned LensNet: counterfactual, attention, oracle; the
+# one with the best val retrieval is kept) -> the harness on test (every arm for the kept teacher, LensNet alone for
+# the other two) -> mc_report.py's JSON, markdown and PNG in $OUT (default bench/results/) as mc_demo_<size>.*. Every
+# stage is resumable: a finished stage (its checkpoint at max_iters, its result file) is skipped, an interrupted one
+# resumed.
 #     bash bench/mc_demo.sh                  # --size cpu: configs/mc_demo.py, ~30 minutes on 2 CPU cores
 #     bash bench/mc_demo.sh --size gpu       # configs/mc_demo_gpu.py on one H100/H200, <= 9 minutes (see below)
 #     bash bench/mc_demo.sh --size smoke     # the same chain at toy sizes on a synthetic corpus, ~1 minute on a CPU
@@ -25,7 +27,7 @@ command="bash bench/mc_demo.sh --size $size${*:+ $*}"
 # Per size: CFG, DATA, the base's steps, the gate, each stage's arguments and the harness's.
 case "$size" in
   cpu)
-    RUN=${RUN_DIR:-out/mc_demo} CFG=configs/mc_demo.py DATA=${DATA_DIR:-data/pg1k} base_iters=1600 gist_iters=80 lens_iters=100
+    RUN=${RUN_DIR:-out/mc_demo} CFG=configs/mc_demo.py DATA=${DATA_DIR:-data/pg1k} base_iters=2000 gist_iters=80 lens_iters=100
     prep=(--vocab-size 1024)
     base_args=()
     gate_args=(--gate 0.95 --trials 50)
@@ -33,9 +35,11 @@ case "$size" in
                --eval_iters=2 --log_interval=10 --gist_w0_max=128 --gist_w1_max=48)
     lens_args=(--batch_size=4 --lr=3e-3 --min_lr=3e-4 --warmup_iters=10 --eval_interval=50 --eval_iters=2
                --log_interval=10)
-    lens_blocks=(4096 512)  # counterfactual, attention (the attention teacher needs the whole history in the block)
-    harness=(--retrieval-histories 1024,2048,4096)
-    select=() ;;
+    lens_blocks=(4096 512 4096)  # counterfactual, attention (it needs the whole history in the block), oracle
+    tasks=(--tasks passkey,multikey,multivalue,multiquery,vartrack)
+    ret=(--retrieval-histories 1024,4096)  # 8x and 32x the budget of 128
+    select=("${ret[@]}" --trials 10)
+    harness=(--controls no_needle --control-trials 10) ;;
   gpu)  # sized by estimate for one H100/H200 (base ~4 min, gist + lens ~3, harness ~2); not yet run on one
     RUN=${RUN_DIR:-out/mc_demo_gpu} CFG=configs/mc_demo_gpu.py DATA=${DATA_DIR:-data/pg1k_gpu} base_iters=2400 gist_iters=150 lens_iters=150
     prep=(--vocab-size 1024 --max-docs 120)
@@ -45,24 +49,28 @@ case "$size" in
                --eval_iters=2 --log_interval=25 --gist_w0_max=512 --gist_w1_max=192)
     lens_args=(--batch_size=8 --lr=3e-3 --min_lr=3e-4 --warmup_iters=15 --eval_interval=75 --eval_iters=2
                --log_interval=25)
-    lens_blocks=(16384 1024)
-    harness=(--histories 1024 --budgets 256 --docs 40 --retrieval-budget 1024
-             --retrieval-histories 8192,65536,1048576 --stream 8192)
-    select=(--retrieval-histories 8192,65536) ;;
+    lens_blocks=(16384 1024 16384)
+    tasks=(--tasks passkey,multikey,multivalue,multiquery,vartrack)
+    ret=(--retrieval-budget 1024 --retrieval-histories 8192,65536,1048576 --stream 8192)
+    select=(--retrieval-budget 1024 --retrieval-histories 8192,65536 --stream 8192 --trials 10)
+    harness=(--histories 1024 --budgets 256 --docs 40 --controls no_needle --control-trials 10) ;;
   smoke)  # every step of the chain at toy sizes: checks the plumbing in seconds, measures nothing
     RUN=${RUN_DIR:-out/mc_demo_smoke} CFG=configs/mc_demo.py base_iters=4
     DATA=${DATA_DIR:-$RUN/data} gist_iters=2 lens_iters=2
     prep=(--synthetic --vocab-size 512 --syn-docs 8 --syn-chars 40000)
     base_args=(--n_layer=1 --n_head=2 --n_embd=32 --rope_heads=1 --block_size=256 --batch_size=2 --copy_steps=1
-               --short_steps=0 --eval_interval=4 --eval_iters=1 --log_interval=2 --warmup_iters=1 --gist_layers=1)
+               --short_steps=0 --eval_interval=4 --eval_iters=1 --log_interval=2 --warmup_iters=1 --gist_layers=1
+)
     gate_args=(--gate 0.0 --trials 2)
     gist_args=(--block_size=1024 --batch_size=1 --eval_interval=2 --eval_iters=1 --log_interval=1
-               --gist_w0_max=64 --gist_w1_max=16 --warmup_iters=1)
-    lens_args=(--batch_size=1 --eval_interval=2 --eval_iters=1 --log_interval=1 --warmup_iters=1)
-    lens_blocks=(1024 256)
-    select=(--retrieval-histories 512 --depths 0.3 --trials 2 --stream 16)
+               --gist_w0_max=64 --gist_w1_max=16 --warmup_iters=1 --lens_query=0,1)  # (the 1-block base's layers)
+    lens_args=(--batch_size=1 --eval_interval=2 --eval_iters=1 --log_interval=1 --warmup_iters=1 --lens_query=0,1)
+    lens_blocks=(1024 256 1024)
+    tasks=(--tasks passkey,multikey,vartrack)
+    ret=(--retrieval-histories 512 --depths 0.3 --trials 2 --stream 16)
+    select=("${ret[@]}")
     harness=(--histories 256 --docs 2 --windows 1 --methods full,truncation,lens --decode 0
-             --retrieval-methods truncation,lens --controls no_needle "${select[@]}") ;;
+             --retrieval-methods truncation,lens,oracle --controls no_needle --control-trials 1) ;;
   *) echo "error: --size must be cpu, gpu or smoke, got '$size'" >&2; exit 2 ;;
 esac
 REPORT=${OUT:-bench/results}
@@ -93,35 +101,50 @@ fi
 step base
 run_stage base $base_iters "${base_args[@]}" "$@"
 step gate
-python bench/longctx.py --ckpt $RUN/base/ckpt.pt --split val "${gate_args[@]}" --out $RUN/gate > /dev/null
+python bench/longctx.py --ckpt $RUN/base/ckpt.pt --split val "${gate_args[@]}" "${tasks[@]}" \
+    --gate-tasks passkey,multikey --out $RUN/gate > /dev/null
 step gist
 run_stage gist $gist_iters --stage=gist --base_ckpt=$RUN/base/ckpt.pt "${gist_args[@]}" "$@"
-teachers=(counterfactual attention)
-for i in 0 1; do
+teachers=(counterfactual attention oracle)
+for i in 0 1 2; do
     teacher=${teachers[$i]}
     step "lens ($teacher)"
     run_stage lens_$teacher $lens_iters --stage=lens --base_ckpt=$RUN/base/ckpt.pt --gist_ckpt=$RUN/gist/ckpt.pt \
         --lens_teacher=$teacher --block_size=${lens_blocks[$i]} "${lens_args[@]}" "$@"
 done
-step "harness (val: pick the teacher; test: report)"
+step "harness (val: pick the teacher; test: report all three)"
+# run_harness NAME ARGS...: bench/longctx.py into $RUN/NAME.json unless it is there (a finished harness is skipped)
+run_harness() {
+    local name=$1; shift
+    [ -f "$RUN/$name.json" ] && { echo "$name: done"; return 0; }
+    python bench/longctx.py "$@" --out "$RUN/$name" > /dev/null
+}
 for teacher in "${teachers[@]}"; do
-    python bench/longctx.py --ckpt $RUN/lens_$teacher/ckpt.pt --split val --retrieval-methods lens \
-        --histories '' --controls '' --decode 0 --no-plot "${select[@]}" --out $RUN/select_$teacher > /dev/null
+    run_harness select_$teacher --ckpt $RUN/lens_$teacher/ckpt.pt --split val --retrieval-methods lens \
+        --histories '' --controls '' --decode 0 --no-plot --in-block-trials 0 "${tasks[@]}" "${select[@]}"
 done
-best=$(python - "$RUN" <<'PY'
+best=$(python - "$RUN" "${teachers[@]}" <<'PY'
 import json, sys
-acc = {t: json.load(open(f"{sys.argv[1]}/select_{t}.json"))["summary"]["retrieval"]["lens"] for t in ("counterfactual", "attention")}
-mean = {t: sum(v.values()) / max(len(v), 1) for t, v in acc.items()}
+run, teachers = sys.argv[1], sys.argv[2:]
+acc = {t: json.load(open(f"{run}/select_{t}.json"))["summary"]["tasks"] for t in teachers}
+mean = {t: sum(c for v in a.values() for c in v["lens"].values()) / max(1, sum(len(v["lens"]) for v in a.values()))
+        for t, a in acc.items()}
 print(max(mean, key=mean.get))
 PY
 )
 echo "lens teacher kept: $best"
-for split in val test; do
-    python bench/longctx.py --ckpt $RUN/lens_$best/ckpt.pt --split $split "${harness[@]}" --out $RUN/harness_$split \
-        > /dev/null
+run_harness harness_test --ckpt $RUN/lens_$best/ckpt.pt --split test --in-block-trials 30 "${tasks[@]}" "${ret[@]}" \
+    "${harness[@]}"
+others=()
+for teacher in "${teachers[@]}"; do
+    [ "$teacher" = "$best" ] && continue
+    run_harness test_$teacher --ckpt $RUN/lens_$teacher/ckpt.pt --split test --retrieval-methods lens \
+        --histories '' --controls '' --decode 0 --no-plot --in-block-trials 0 "${tasks[@]}" "${ret[@]}"
+    others+=("$teacher=$RUN/test_$teacher.json")
 done
-python bench/mc_report.py --out "$REPORT/mc_demo_$size" --size $size --val $RUN/harness_val.json \
-    --test $RUN/harness_test.json --gate $RUN/gate.json --base-log $RUN/base/log.jsonl \
-    --select counterfactual=$RUN/select_counterfactual.json attention=$RUN/select_attention.json --kept $best \
+python bench/mc_report.py --out "$REPORT/mc_demo_$size" --size $size --test $RUN/harness_test.json \
+    --gate $RUN/gate.json --base-log $RUN/base/log.jsonl --kept $best \
+    --select $(for t in "${teachers[@]}"; do printf '%s=%s ' "$t" "$RUN/select_$t.json"; done) \
+    --test-teachers "$best=$RUN/harness_test.json" "${others[@]}" \
     --seconds $(( $(date +%s) - t0 )) --command "$command"
 step done

@@ -19,7 +19,7 @@ rope_bands = 8  # p-RoPE: in every head the 8 fastest of 16 bands rotate, the 8 
 # left unused. With frequency-0 bands: 40/40 from a 0 to a 16M gap (python bench/copy_gap.py --ckpt <base ckpt>).
 max_position = 16777216  # 2**24: PoSE gaps up to 16M: relative distances of a 16M-token history are trained
 batch_size = 4
-max_iters = 1600
+max_iters = 2000
 lr = 3e-3
 min_lr = 3e-4
 warmup_iters = 50
@@ -29,6 +29,8 @@ eval_interval = 400
 eval_iters = 4
 log_interval = 50
 retrieval_mix = 1.0  # every window is book text with needles and questions planted in it
+retrieval_tasks = "passkey,multikey,multivalue,multiquery,vartrack"  # the harness's five tasks (retrieval.py)
+retrieval_questions = 3  # task instances asked per drill window (five tasks share the drills)
 copy_steps = 500  # copied spans first: the induction head forms in ~400 steps
 short_block = 128  # 16 x 128-token windows per step for the first 1,000 steps
 short_steps = 1000
@@ -46,3 +48,9 @@ lens_types = True  # instead: every token type of each gist's span, at any depth
 # LOD3+ gist shows gists, where the marker is averaged away (LensNet 0/8 at 64k tokens; 8/8 with the types)
 lens_horizon = 4096  # LensNet's distance and span features stop at its training block (the counterfactual lens
 # stage's 4,096 tokens): at 1M tokens they extrapolated and LensNet stopped zooming (4/30 pass keys; 13/16 capped)
+lens_query = "1,4"  # LensNet reads the question: the base's residual streams of the newest 16 tokens after block 1
+# (the token and its neighbours) and block 4 (what the base has read, e.g. the variable a zoomed needle names) query
+# every entry through the Indexer (issue 17: query-independent scores found no key -> value needle)
+lens_markers = 8  # prepare.py's 8 special tokens are markers: previews also mark the ids that follow one (a needle's
+# key after <|key|>), exact at any depth where the same word occurs thousands of times in book text
+lens_margin = 8  # previews start 8 tokens (a needle) early: both halves of a needle that straddles a block show it

@@ -37,7 +37,7 @@ def test_long_history_bench_small(tmp_path):
     r = long_history.main(SMALL + ["--lengths", "700,5000", "--decode", "4", "--warmup", "1", "--save-every", "1500",
                                    "--out", out])
     saved = json.load(open(out + ".json"))
-    assert set(saved["summary"]) == {"ingest_tokens_per_s", "peak_rss_mb", "retrieval"}
+    assert set(saved["summary"]) == {"ingest_tokens_per_s", "peak_rss_mb", "tasks", "retrieval"}
     assert saved["summary"]["retrieval"] == {} and saved["retrieval"] == []
     assert list(r["summary"]["peak_rss_mb"]) == [700, 5000] and r["summary"]["ingest_tokens_per_s"] > 0
     for row, depth in zip(r["rows"], (3, 4)):  # 8**3 <= 700 + 5 decoded < 8**4 <= 5000
@@ -68,28 +68,33 @@ def test_ingest_stream_saves_as_it_goes_and_refuses_bad_input(tmp_path):
 
 
 def test_long_history_retrieval_cells_on_book_text(data_dir, tmp_path):
-    """--retrieval at a stop: every (kind, method) row over the same planted prompts, the oracle arm zooms the needle
+    """--retrieval at a stop: every (task, method) row over the same planted prompts, the oracle arm zooms the needles
     raw every time (so planting and zooming really happen), the saved history keeps its bytes (planted in memory
-    only) and the summary carries retrieval per method and length."""
+    only) and the summary carries retrieval per task, method and length."""
     ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir, mc=True)
     out = str(tmp_path / "lh")
     r = long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "2000,5000", "--retrieval", "5000",
                            "--trials", "4", "--decode", "2", "--warmup", "0", "--threads", "1", "--out", out,
+                           "--tasks", "passkey,multikey,vartrack",
                            "--tree", str(tmp_path / "tree")])
     rows = r["retrieval"]
-    assert [(x["kind"], x["method"]) for x in rows] == [(k, m) for k in ("passkey", "kv")
+    assert [(x["task"], x["method"]) for x in rows] == [(k, m) for k in ("passkey", "multikey", "vartrack")
                                                         for m in ("lens", "recency", "oracle", "truncation")]
     assert all(x["history"] == 5000 and x["trials"] == 4 and 0 <= x["accuracy"] <= 1 for x in rows)
     oracle = [x for x in rows if x["method"] == "oracle"]
     assert all(x["telemetry"]["needle_raw"] == 1.0 and x["telemetry"]["expands"] >= 1 for x in oracle)
     assert set(r["summary"]["retrieval"]) == {"lens", "recency", "oracle", "truncation"}
     assert list(r["summary"]["retrieval"]["lens"]) == [5000] and r["rows"][-1]["files_equal"]
+    assert set(r["summary"]["tasks"]) == {"passkey", "multikey", "vartrack"}
+    assert r["summary"]["tasks"]["vartrack"]["oracle"] == {5000: next(
+        x["accuracy"] for x in rows if (x["task"], x["method"]) == ("vartrack", "oracle"))}
     text = long_history.BookText(data_dir)
     first = text.take(2000)
     saved = np.fromfile(tmp_path / "tree" / "tokens.bin", np.int32)
     assert saved[:len(first)].tolist() == first.tolist()  # book text, and no needle was written to disk
     assert "| passkey | 5,000 | oracle |" in open(out + ".md").read()
-    assert r["retrieval_gate"] == [dict(history=5000, zoom_entries=zoom_entries(5002, 8, 16), target=120)]
+    assert r["retrieval_gate"] == [dict(history=5000, task=t, zoom_entries=zoom_entries(5002, 8, 16, n), target=120)
+                                   for t, n in (("passkey", 1), ("multikey", 1), ("vartrack", 3))]
 
 
 def test_long_history_retrieval_gate_skips_a_budget_too_small_for_the_zoom_path(data_dir, tmp_path, capsys):
@@ -98,23 +103,35 @@ def test_long_history_retrieval_gate_skips_a_budget_too_small_for_the_zoom_path(
                            "--retrieval-budget", "64", "--trials", "2", "--decode", "1", "--warmup", "0",
                            "--threads", "1", "--out", str(tmp_path / "lh")])
     assert r["retrieval"] == [] and r["retrieval_gate"][0]["target"] == 56 < r["retrieval_gate"][0]["zoom_entries"]
-    assert "5,000 tokens skipped" in capsys.readouterr().err
+    assert "5,000 tokens, passkey skipped" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "5000", "--retrieval", "5000",
                            "--retrieval-budget", "256", "--out", str(tmp_path / "lh2")])
 
 
-def test_plan_prompt_plants_the_needle_where_it_says(data_dir, tmp_path):
+def test_plan_prompt_plants_the_needles_where_it_says(data_dir):
+    """plan_prompt: a kv task's asked needle at its depth among non-overlapping look-alikes, and a variable-tracking
+    chain in history order, each needle where `needles` says once written over the history."""
     s = Session(small_model(vocab=512))
     s.ingest(np.random.default_rng(1).integers(0, 90, 3000))
     needles = long_history.retrieval.Needles(prepare.load_tokenizer(data_dir))
-    plan = long_history.plan_prompt(s.tree, needles, "kv", 0.3, np.random.default_rng(0), distractors=2)
-    at = plan["needle_at"]
-    assert len(plan["spots"]) == 3 and plan["spots"][-1][0] == at and 900 - long_history.retrieval.JITTER < at <= 900
+    plan = long_history.plan_prompt(s.tree, needles, "multikey", 0.3, np.random.default_rng(0), distractors=2)
+    (at, n), = plan["needles"]
+    assert len(plan["spots"]) == 3 and n == 7 and 900 - long_history.retrieval.JITTER < at <= 900
+    starts = sorted(p for p, _ in plan["spots"])
+    assert all(b - a >= 7 for a, b in zip(starts, starts[1:]))  # no needle overwrites another
     for pos, ids in plan["spots"]:
         s.tree.rewrite(pos, ids)
-    needle = s.tree.tokens(at, at + long_history.retrieval.NEEDLE_LEN).tolist()
+    needle = s.tree.tokens(at, at + n).tolist()
     assert needle[1] == plan["question"][1] and needle[2:6] == plan["answer"]  # <|key|> k v1..v4 <|value|>
+    chain = long_history.plan_prompt(s.tree, needles, "vartrack", 0.5, np.random.default_rng(1), distractors=1)
+    assert len(chain["spots"]) == 6 and len(chain["needles"]) == 3
+    assert [a for a, _ in chain["needles"]] == sorted(a for a, _ in chain["needles"])  # the hops in history order
+    for pos, ids in chain["spots"]:
+        s.tree.rewrite(pos, ids)
+    hops = [s.tree.tokens(a, a + n).tolist() for a, n in chain["needles"]]
+    assert [h[1] for h in hops] == chain["question"][1:] + chain["answer"][:2]  # V -> X1, X1 -> X2, X2 -> X3
+    assert [h[2] for h in hops] == chain["answer"]
 
 
 def test_copy_gap_decodes_as_the_model_and_refuses_a_history_beyond_the_block(data_dir, tmp_path, capsys):

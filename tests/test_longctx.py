@@ -120,8 +120,8 @@ def test_longctx_gap_share_and_paired_delta():
 def test_longctx_retrieval_cells_controls_and_summary(result):
     res, _ = result
     ret = res["retrieval"]
-    keys = {(r["history"], r["kind"], r["control"], r["method"]) for r in ret}
-    assert keys == {(384, k, c, m) for k in retrieval.KINDS for c in retrieval.CONTROLS
+    keys = {(r["history"], r["task"], r["control"], r["method"]) for r in ret}
+    assert keys == {(384, k, c, m) for k in ("passkey", "multikey") for c in retrieval.CONTROLS
                     for m in ("truncation", "recency", "lens", "oracle") if c is None or m in ("truncation", "lens")}
     # (no full attention over 384 > the 128-token block; the controls ask the control arms only)
     for r in ret:
@@ -132,13 +132,17 @@ def test_longctx_retrieval_cells_controls_and_summary(result):
         if r["method"] == "oracle" and r["control"] != "no_needle":
             assert r["telemetry"]["needle_raw"] == 1.0  # zooming exactly the needle's gists always reaches its tokens
     ib = res["in_block"]
-    assert ib["history"] == 128 and ib["trials"] == 100 and set(ib["per_kind"]) == set(retrieval.KINDS)
+    assert ib["history"] == 128 and ib["trials"] == 100 and set(ib["per_task"]) == {"passkey", "multikey"}
     s = res["summary"]
     assert s["in_block_retrieval"] == ib["accuracy"]
     assert set(s["retrieval"]) == {"truncation", "recency", "lens", "oracle"}
     assert all(set(v) == {"6x"} for v in s["retrieval"].values())  # 384 // 64
     hits = sum(r["hits"] for r in ret if r["method"] == "lens" and r["control"] is None)
     assert s["retrieval"]["lens"]["6x"] == pytest.approx(hits / 6)
+    assert {t: {m: v["6x"] for m, v in ms.items()} for t, ms in s["tasks"].items()} == {
+        r["task"]: {m: next(x["accuracy"] for x in ret if (x["task"], x["method"], x["control"]) == (r["task"], m, None))
+                    for m in ("truncation", "recency", "lens", "oracle")} for r in ret}
+    assert s["in_block_tasks"] == ib["per_task"]
     assert s["nll"]["history"] == 96 and s["nll"]["budget"] == 64
     assert s["nll"]["gap_nats"] == pytest.approx(nll(res, 96, 64, "truncation")["gap"])
     assert set(s["nll"]["gap_share"]) <= set(longctx.SESSION_METHODS)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, assert_close
 
 import kernels
@@ -866,3 +867,124 @@ def test_zoom_entries_bounds_every_needle_zoom_and_is_reached():
             assert worst <= bound - 5 <= worst + (K - 1) * depth_of(m, K) + 1, (K, m, worst, bound)
             if m in (K**3 - 1, K**4 - 3):
                 assert bound - 5 - worst <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the query-conditioned LensNet (issue 17)
+
+
+def test_indexer_matches_a_float64_loop():
+    """Indexer: per tail token t and kind c, sum_h w_thc ReLU(q_thc . k_ehc) (type kinds: the max over the span's ids),
+    summed over kinds and maxed over t, against a float64 loop; an entry whose preview marks no id gets 0 there."""
+    from megacontext import Indexer, masked_max
+    torch.manual_seed(0)
+    B, Tq, n, V, d, D, H, dk = 2, 3, 5, 11, 8, 6, 2, 4
+    ix = Indexer(D, d, H, dk, 3)
+    for p in ix.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.5)
+    query, x, vocab = torch.randn(B, Tq, D), torch.randn(B, n, d), torch.randn(V, d)
+    types = torch.rand(B, n, 2 * V) < 0.3
+    types[0, 1] = False
+    score, kinds = ix(query, x, types, vocab)
+    hq = ix.norm(query).double()
+    q = (hq @ ix.q.weight.double().T).view(B, Tq, 3, H, dk) / math.sqrt(dk)
+    w = (hq @ ix.w.weight.double().T).view(B, Tq, 3, H)
+    keys = [x.double() @ ix.k[0].weight.double().T] + [vocab.double() @ ix.k[c].weight.double().T for c in (1, 2)]
+    ref = torch.zeros(B, Tq, n, 3, dtype=torch.float64)
+    for b in range(B):
+        for t in range(Tq):
+            for e in range(n):
+                def s(c, key):
+                    return sum(w[b, t, c, h] * torch.relu(q[b, t, c, h] @ key.view(H, dk)[h]) for h in range(H))
+                ref[b, t, e, 0] = s(0, keys[0][b, e])
+                for c in (1, 2):
+                    ids = types[b, e, (c - 1) * V:c * V].nonzero().flatten().tolist()
+                    ref[b, t, e, c] = max((s(c, keys[c][v]) for v in ids), default=0.0)
+    assert_close("indexer score", ref.sum(-1).amax(1), score.double(), ratio=1e-5)
+    assert_close("indexer kinds", ref.amax(1), kinds.double(), ratio=1e-5)
+    vals = torch.randn(B, Tq, V)
+    got = masked_max(vals, types[..., :V], chunk=7)  # chunked over entries
+    assert got.shape == (B, Tq, n) and (got[0, :, 1] == 0).all()
+    assert torch.equal(got[1, :, 2], torch.where(types[1, 2, :V], vals[1], -math.inf).amax(-1).nan_to_num(0.0))
+
+
+def test_query_conditioned_lensnet_learns_which_key_is_asked():
+    """Eight gists each hold a different key after a marker (their previews' second half); the question names one of
+    them (the query states hold its embedding). The Indexer's LensNet learns to rank the asked gist first on held-out
+    questions; the same LensNet without the question (no Indexer) cannot beat chance: its inputs do not say which."""
+    torch.manual_seed(0)
+    d, G, T, V = 16, 8, 4, 40
+    vocab = torch.randn(V, d)
+    cfg = dict(block_k=4, w_max=40, recent_tokens=4, lens_width=32, lens_heads=2, lens_layers=1, lens_tail=T,
+               lens_types=True, lens_markers=2)
+    lod = torch.tensor([1] * G + [0] * T)
+    span = torch.tensor([4] * G + [1] * T)
+    dist = torch.tensor([4 * (G - i) + T - 4 for i in range(G)] + list(range(T - 1, -1, -1)))
+
+    def batch(B, gen):
+        keys = torch.stack([torch.randperm(V - 2, generator=gen)[:G] for _ in range(B)])  # (B, G) distinct keys
+        types = torch.zeros(B, G + T, 2 * V, dtype=torch.bool)
+        types[torch.arange(B)[:, None], torch.arange(G), V + keys] = True  # each gist: its key after a marker
+        types[:, :G, V - 1] = True  # and the marker itself
+        asked = torch.randint(0, G, (B,), generator=gen)
+        query = vocab[keys[torch.arange(B), asked]][:, None].expand(B, T, d) + 0.1 * torch.randn(B, T, d,
+                                                                                                  generator=gen)
+        x = torch.randn(B, G + T, d, generator=gen)
+        return x, types, query, asked
+
+    def top1(lens, with_query):
+        gen = torch.Generator().manual_seed(1)
+        x, types, query, asked = batch(256, gen)
+        out = lens(x, lod.expand(256, -1), dist.expand(256, -1), span.expand(256, -1), types=types, vocab=vocab,
+                   query=query if with_query else None)[:, :G]
+        return float((out.argmax(1) == asked).float().mean())
+
+    for with_query in (True, False):
+        lens = LensNet(MegaContextConfig(**cfg, lens_query="0" if with_query else ""), d, d)
+        opt = torch.optim.Adam(lens.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(150):
+            x, types, query, asked = batch(32, gen)
+            out = lens(x, lod.expand(32, -1), dist.expand(32, -1), span.expand(32, -1), types=types, vocab=vocab,
+                       query=query if with_query else None)[:, :G]
+            loss = F.cross_entropy(out, asked)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = top1(lens.eval(), with_query)
+        if with_query:
+            assert acc >= 0.9, acc
+        else:
+            assert acc <= 0.3, acc  # chance is 1/8
+
+
+def test_session_reads_the_question_as_the_base_does():
+    """lens_query: before a LensNet refocus the session reads its pending tokens, and the states it keeps for the
+    newest lens_tail tokens are the base's residual streams at the named layers over the current working context
+    (equal to one forward over all its entries), so a different question changes the scores."""
+    m = mc_model(w_max=64, recent_tokens=16, lens_types=True, lens_query="0,2", lens_markers=4, lens_margin=4)
+    for p in m.lensnet.indexer.parameters():  # a visible Indexer, as a trained one is
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    s = Session(m)
+    ids = torch.randint(0, 90, (1500,)).tolist()
+    s.ingest(ids)
+    for i in range(3):
+        s.ingest(ids[i * 8:i * 8 + 8])
+        s.refocus()
+    s.ingest([93, 5])  # a question arrives: the pending tokens are read at the next refocus
+    s.refocus(until_stable=True)
+    wc = s.wc
+    tok = (wc.lod == 0).nonzero().flatten()[-8:]
+    assert s.state_pos.tolist() == wc.start[tok].tolist() and s.state_pos[-1] == wc.cursor - 1
+    x = wc.embeddings(s.tree)[None]
+    mu, sigma = wc.positions(m.sigma_scale)
+    _, states = m.read(embeds=x, mu=mu[None], sigma=sigma[None], last_only=True)
+    assert states.shape[-1] == 2 * 48
+    assert_close("kept states", states[0, tok], s.states, ratio=1e-4)
+    before = s.scores()
+    s.states = s.states.flip(1)  # another question (states not just reordered over tokens)
+    assert (s.scores() - before).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="names a layer above"):
+        mc_model(lens_types=True, lens_query="3")
+    with pytest.raises(ValueError, match="lens_types on"):
+        mc_config(lens_query="1").validate()

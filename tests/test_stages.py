@@ -165,13 +165,21 @@ def test_attention_mass_matches_hand_computed_attention():
     assert float(mass[0]) == pytest.approx(0.5 * sum(uniform), abs=1e-3)
 
 
-@pytest.mark.parametrize("stage", ["gist", "lens", "lora"])
-def test_stage_trains_exactly_its_parameters(stage, data_dir, base, gist, tmp_path):
+QUERY = dict(lens_types=True, lens_query="0,2", lens_markers=8, lens_margin=8, lens_retrieval=1.0,
+             retrieval_tasks="passkey,multikey,vartrack")  # the query-conditioned LensNet (issue 17)
+
+
+@pytest.mark.parametrize("stage, extra", [("gist", {}), ("lens", {}), ("lora", {}),
+                                          ("lens", dict(QUERY, lens_teacher="counterfactual")),
+                                          ("lens", dict(QUERY, lens_teacher="attention")),
+                                          ("lens", dict(QUERY, lens_teacher="oracle"))],
+                         ids=["gist", "lens", "lora", "lens-query-cf", "lens-query-attention", "lens-query-oracle"])
+def test_stage_trains_exactly_its_parameters(stage, extra, data_dir, base, gist, tmp_path):
     """One optimizer step changes exactly the stage's parameters; they are the optimizer's, and the checkpoint
-    holds them (GistNet, LensNet, LoRA)."""
+    holds them (GistNet, LensNet, LoRA). With lens_query every teacher reaches every Indexer weight."""
     src = os.path.join(gist, "ckpt.pt")
     args = mc_args(stage, data_dir, base, str(tmp_path), batch_size=2, gist_w1_max=0,
-                   **({"gist_ckpt": src} if stage != "gist" else {}))
+                   **({"gist_ckpt": src} if stage != "gist" else {}), **extra)
     cfg = load_config(train.TrainConfig, args)
     model, _ = train.build_mc(cfg, None, torch.device("cpu"))
     opt = GPT.configure_optimizers(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cpu")

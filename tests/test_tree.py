@@ -475,11 +475,48 @@ def test_tree_token_types_at_every_level_follow_appends_and_rewrites(monkeypatch
             assert all((got[j] == expect(lod, int(i))).all() for j, i in enumerate(idx))
 
     check()
-    assert set(t._types) == {2, 3, 4}
+    assert set(t._types) == {(2, 0), (3, 0), (4, 0)}
     t.append(ids[4**4 + 9:])  # a level is born; the bitsets extend on the next use
     check()
-    assert len(t._types[5]) == 1 and len(t._types[2]) == t.n_nodes(2)
+    assert len(t._types[5, 0]) == 1 and len(t._types[2, 0]) == t.n_nodes(2)
     t.rewrite(700, [V - 1] * 3)
     check()
     top = t.types([5, 4, 1], [0, 700 // 256, 700 // 4])
     assert top[:, V - 1].all() and not t.types([4], [0])[0, V - 1]  # the rare id shows at every level above it
+
+
+def test_tree_types_after_markers_and_margin_against_a_brute_force(monkeypatch):
+    """types(..., markers, margin): the second half marks the ids whose predecessor is one of the top `markers` ids
+    (also across a node boundary), and every span starts `margin` tokens earlier; the RAM bitsets (at and above
+    TYPE_SPAN) agree with a loop over the tokens at every level, after appends and a rewrite that plants a marker."""
+    monkeypatch.setattr(tree_module, "TYPE_SPAN", 16)  # K = 4: LOD2 and up keep bitsets
+    rng = np.random.default_rng(6)
+    markers = 2  # ids V - 2 and V - 1
+    ids = rng.integers(0, V, 4**5 + 77)
+    t = make_tree()
+    t.append(ids[:4**4 + 5])
+
+    def expect(lod, index, margin):
+        a, b = node_span(lod, index, 4)
+        tok = t.tokens(0, len(t))
+        present, tagged = np.zeros(V, bool), np.zeros(V, bool)
+        for p in range(max(0, a - margin), b):
+            present[tok[p]] = True
+            tagged[tok[p]] |= p >= 1 and tok[p - 1] >= V - markers
+        return np.concatenate([present, tagged])
+
+    def check():
+        for margin in (0, 3):
+            for lod in range(t.depth + 1):
+                idx = np.arange(t.n_nodes(lod))[::5]
+                got = t.types(np.full(len(idx), lod), idx, markers, margin)
+                assert got.shape == (len(idx), 2 * V)
+                for j, i in enumerate(idx):
+                    assert (got[j] == expect(lod, int(i), margin)).all(), (lod, int(i), margin)
+
+    check()
+    t.append(ids[4**4 + 5:])
+    check()
+    t.rewrite(511, [V - 1])  # the last token of a LOD2 node: the id after it is now tagged, in the next node
+    check()
+    assert t.types([2], [512 // 16], markers)[0, V + int(t.tokens(512, 513)[0])]
