@@ -80,8 +80,8 @@ class MegaContextConfig:
     lens_index_dim: int = 32  # Indexer query/key width per head
     lens_markers: int = 0  # the top vocabulary ids that are markers (prepare.py's 8 special tokens): type previews
     # also mark the ids that follow one (a needle's key, named exactly at any depth; tree.span_types); 0 = off
-    lens_margin: int = 0  # previews start this many tokens before each span, so both halves of a needle that
-    # straddles a block boundary show its opening (and are zoomed together)
+    lens_margin: int = 0  # previews start this many tokens before each span (and take in the token after it), so
+    # both halves of a needle that straddles a block boundary show its key and are zoomed together (tree.node_types)
 
     @property
     def K(self) -> int:
@@ -500,34 +500,40 @@ def masked_max(values, mask, chunk: int = 1 << 24):
 
 class Indexer(nn.Module):
     """Query-conditioned match scores (DESIGN §5; DeepSeek-V3.2's lightning indexer): the base model's residual streams
-    of the newest tokens ask, every entry answers with keys of three kinds: its own embedding (a gist or a token),
-    the token types of its span, and the ids that follow a marker in it (tree.span_types). Per tail token t, head h
-    and kind c: q_thc and a weight w_thc from t's states; an entry's kind-c score is sum_h w_thc ReLU(q_thc . k_ehc),
-    where for the type kinds k runs over the span's ids (each id's key from its token embedding) and the max is
-    taken. The entry's score is the max over tail tokens of the sum over kinds: a question about key X raises the
-    entries whose spans hold X after a marker, at any depth. Cost per scoring: Tq x (n + 2 V) x H x dk plus a masked
-    max over Tq x n x V, independent of the history's length."""
+    of the newest tokens ask, every entry answers. Learned kinds, with keys from: the entry's own embedding (a gist
+    or a token), the token types of its span, and the ids that follow a marker in it (tree.span_types). Per tail token
+    t, head h and kind c: q_thc and a weight w_thc from t's states; an entry's kind-c score is sum_h w_thc
+    ReLU(q_thc . k_ehc), where for the type kinds k runs over the span's ids (each id's key from its token embedding)
+    and the max is taken. Lexical kinds (with the tail's ids): a weight u_tc from t's states times whether t's own id
+    is among the span's types (c = 1) or after a marker in it (c = 2): the exact-match case of the same form (a query
+    one-hot in t's id, keys one-hot in the span's), which a small learned bilinear map only approximates among 1,000
+    ids. The entry's score is the max over tail tokens of the sum over kinds: a question about key X raises the
+    entries whose spans hold X after a marker, at any depth; the states decide which tail tokens ask (the key after
+    <|query|>, the variable just named) and which do not (book text). Cost per scoring: Tq x (n + 2 V) x H x dk plus
+    a masked max over Tq x n x V, independent of the history's length."""
 
-    def __init__(self, d_query: int, d: int, heads: int, dim: int, kinds: int):
+    def __init__(self, d_query: int, d: int, heads: int, dim: int, type_kinds: int):
         super().__init__()
-        self.heads, self.dim, self.kinds = heads, dim, kinds
+        self.heads, self.dim, self.learned = heads, dim, 1 + type_kinds
+        self.kinds = self.learned + type_kinds  # learned, then lexical
         self.norm = RMSNorm(d_query)
-        self.q = nn.Linear(d_query, kinds * heads * dim, bias=False)
-        self.w = nn.Linear(d_query, kinds * heads, bias=False)
-        self.k = nn.ModuleList([nn.Linear(d, heads * dim, bias=False) for _ in range(kinds)])
+        self.q = nn.Linear(d_query, self.learned * heads * dim, bias=False)
+        self.w = nn.Linear(d_query, self.learned * heads + type_kinds, bias=False)  # (and the lexical u_tc)
+        self.k = nn.ModuleList([nn.Linear(d, heads * dim, bias=False) for _ in range(self.learned)])
         for p in self.parameters():  # small: untrained match scores are ~1e-3, LensNet starts as the query-free one
             if p.dim() == 2:
                 nn.init.normal_(p, 0.0, 0.02)
 
-    def forward(self, query, x, types=None, vocab=None):
-        """query: (B, Tq, d_query) the newest tokens' states; x: (B, n, d) entry embeddings; types: (B, n, V * (kinds
-        - 1)) bool previews, vocab (V, d) token embeddings. Returns (score (B, n), per-kind maxima over the tail
-        (B, n, kinds)), fp32."""
+    def forward(self, query, x, types=None, vocab=None, query_ids=None):
+        """query: (B, Tq, d_query) the newest tokens' states, query_ids (B, Tq) their ids; x: (B, n, d) entry
+        embeddings; types: (B, n, V * type_kinds) bool previews, vocab (V, d) token embeddings. Returns (score
+        (B, n), per-kind maxima over the tail (B, n, kinds)), fp32."""
         B, Tq, _ = query.shape
-        H, D, C = self.heads, self.dim, self.kinds
+        H, D, C = self.heads, self.dim, self.learned
         hq = self.norm(query.float())
         q = self.q(hq).view(B, Tq, C, H, D) / math.sqrt(D)
-        w = self.w(hq).view(B, Tq, C, H)
+        w = self.w(hq)
+        w, u = w[..., :C * H].view(B, Tq, C, H), w[..., C * H:]  # (B, Tq, C, H), (B, Tq, type_kinds)
         k = self.k[0](x.detach().float()).view(B, -1, H, D)
         parts = [torch.einsum("bthd,bnhd->btnh", q[:, :, 0], k).relu().mul(w[:, :, 0, None]).sum(-1)]  # (B, Tq, n)
         if C > 1:
@@ -536,7 +542,11 @@ class Indexer(nn.Module):
                 kv = self.k[c](vocab.detach().float()).view(V, H, D)
                 per_id = torch.einsum("bthd,vhd->btvh", q[:, :, c], kv).relu().mul(w[:, :, c, None]).sum(-1)
                 parts.append(masked_max(per_id, types[..., (c - 1) * V:c * V]))
-        parts = torch.stack(parts, -1)  # (B, Tq, n, C)
+            rows = torch.arange(B, device=types.device)[:, None]
+            for c in range(1, C):  # lexical: does the span hold tail token t's own id (after a marker)?
+                has = types[rows, :, (c - 1) * V + query_ids.to(types.device)]  # (B, Tq, n)
+                parts.append(u[..., c - 1, None] * has.to(u.device, u.dtype))
+        parts = torch.stack(parts, -1)  # (B, Tq, n, kinds)
         return parts.sum(-1).amax(1), parts.amax(1)
 
 
@@ -572,18 +582,17 @@ class LensNet(nn.Module):
         nn.init.zeros_(self.head.bias)  # untrained scores are small and unbiased: no edits beyond the budget's
         self.indexer = None
         if cfg.query_layers:
-            kinds = 1 + (2 if cfg.lens_markers else 1)  # gist, span types (, ids after a marker)
-            self.indexer = Indexer(d_query, d, cfg.lens_index_heads, cfg.lens_index_dim, kinds)
-            self.match_in = nn.Linear(kinds, W, bias=False)  # the per-kind matches, into each entry's features
+            self.indexer = Indexer(d_query, d, cfg.lens_index_heads, cfg.lens_index_dim, 2 if cfg.lens_markers else 1)
+            self.match_in = nn.Linear(self.indexer.kinds, W, bias=False)  # per-kind matches, into the entries
             self.query_in = nn.Linear(d_query, W, bias=False)  # the question's states, into the tail queries
 
-    def forward(self, x, lod, dist, span, children=None, types=None, vocab=None, query=None):
+    def forward(self, x, lod, dist, span, children=None, types=None, vocab=None, query=None, query_ids=None):
         """x: (B, n, d) entry embeddings; lod, dist (tokens from the entry's end to the cursor), span: (B, n);
         children: (B, n, P, d) embeddings of each entry's previewed descendants (preview_nodes; LOD0 rows ignored);
         or (lens_types) types: (B, n, V) bool, the token ids in each entry's span (and (B, n, 2V) with lens_markers:
         then the ids after a marker), with vocab (V, d) the token embeddings: the preview is then the max over the
         span's token types, the same at any depth. query (lens_query): (B, Tq, d_query) the base's states of the
-        newest tokens. Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal
+        newest tokens, query_ids (B, Tq) their ids. Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal
         group's mean)."""
         if self.horizon:
             dist, span = dist.clamp(max=self.horizon), span.clamp(max=self.horizon)
@@ -600,7 +609,7 @@ class LensNet(nn.Module):
         match = 0.0
         if self.indexer is not None:
             assert query is not None and types is not None, "a query-conditioned LensNet needs query and types"
-            match, kinds = self.indexer(query, x, types, vocab)
+            match, kinds = self.indexer(query, x, types, vocab, query_ids)
             h = h + self.match_in(kinds.to(h.dtype))
             q = q + self.query_in(query.detach().to(h.dtype)).mean(1, keepdim=True)
         for block in self.blocks:

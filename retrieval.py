@@ -151,11 +151,15 @@ def plant_drills(row, rng: np.random.Generator, needles: Needles, tasks, n_quest
     every instance's question with its answer at the end. An instance that does not fit is dropped (at least one is
     kept). Returns (per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers,
     1 elsewhere; the index of the first question)."""
-    n, used = len(row), set(row.tolist())
-    insts = [needles.task(tasks[int(rng.integers(len(tasks)))], rng, used, distractors=0) for _ in range(n_questions)]
-    for t in insts:
+    n, used, insts, looks = len(row), set(row.tolist()), [], []
+    names = [tasks[int(rng.integers(len(tasks)))] for _ in range(n_questions)]
+    others = [t for t in tasks if t != "passkey"] or ["multikey"]
+    names = [t if t != "passkey" or j == names.index("passkey") else others[int(rng.integers(len(others)))]
+             for j, t in enumerate(names)]  # one pass key per window: a second one would be the same question
+    for name in names + ["multikey"] * n_lookalikes:
+        t = needles.task(name, rng, used, distractors=0)  # every word once in the window
         used.update(i for needle in t.needles for i in needle)
-    looks = [needles.task("multikey", rng, used, distractors=0).needles[0] for _ in range(n_lookalikes)]
+        insts.append(t) if len(insts) < n_questions else looks.append(t.needles[0])
     slot = 8  # the longest needle (7 tokens) and a token of text
     while True:
         q_len = sum(len(t.question) + len(t.answer) for t in insts)

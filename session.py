@@ -98,9 +98,12 @@ class Session:
         lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
         if cfg.lens_types:
             types = self.tree.types(wc.lod.numpy(), wc.index.numpy(), cfg.lens_markers, cfg.lens_margin)
-            query = None if self.states is None else self.states[None]
+            query = ids = None
+            if self.states is not None:
+                query = self.states[None]
+                ids = torch.from_numpy(self.tree.ids_at(self.state_pos.numpy()))[None]
             return self.model.lensnet(x, lod, dist, span, types=torch.from_numpy(types)[None],
-                                      vocab=self.model.gpt.wte.weight, query=query)[0].cpu()
+                                      vocab=self.model.gpt.wte.weight, query=query, query_ids=ids)[0].cpu()
         child_lod, child_index = preview_nodes(wc.lod, wc.index, wc.K, cfg.lens_preview)
         children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1))
         children = children.view(1, len(wc), -1, x.shape[-1])

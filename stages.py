@@ -281,7 +281,7 @@ def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int, chu
 def lens_features(mc: MegaContextModel, wc: WorkingContext, tables, ids, query=None):
     """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, and each gist's preview:
     with lens_types the token types of its span (ids: the history's token ids; with lens_markers the ids after a
-    marker too, lens_margin tokens before each span included) and the token embeddings, else the embeddings of the
+    marker too, lens_margin tokens before each span and one after included) and the token embeddings, else the embeddings of the
     nodes lens_preview levels below it (preview_nodes); with lens_query the newest tokens' states (query_states)."""
     x = node_rows(tables, wc.lod, wc.index)
     dev, cfg = x.device, mc.cfg
@@ -289,8 +289,12 @@ def lens_features(mc: MegaContextModel, wc: WorkingContext, tables, ids, query=N
     if cfg.lens_types:
         ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
         types = node_types(lambda i: ids[i], wc.lod.numpy(), wc.index.numpy(), wc.K, mc.gpt.config.vocab_size,
-                           cfg.lens_markers, cfg.lens_margin)
-        return feats + (None, torch.from_numpy(types)[None].to(dev), mc.gpt.wte.weight, query)
+                           cfg.lens_markers, cfg.lens_margin, end=wc.cursor)
+        query_ids = None
+        if query is not None:  # the ids of the newest lens_tail tokens, whose states query came from
+            tok = wc.index[wc.lod == 0][-query.shape[1]:]
+            query_ids = torch.as_tensor(ids[tok.numpy()])[None]
+        return feats + (None, torch.from_numpy(types)[None].to(dev), mc.gpt.wte.weight, query, query_ids)
     children = node_rows(tables, *preview_nodes(wc.lod, wc.index, wc.K, cfg.lens_preview))
     return feats + (children[None],)
 

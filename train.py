@@ -144,7 +144,7 @@ class TrainConfig:
     lens_index_heads: int = 4  # LensNet's Indexer heads (lens_query)
     lens_index_dim: int = 32  # Indexer width per head
     lens_markers: int = 0  # top vocabulary ids that are markers (prepare.py: 8): previews mark the ids after one
-    lens_margin: int = 0  # previews start this many tokens before each span (a straddling needle shows in both halves)
+    lens_margin: int = 0  # previews start this many tokens early, + the token after (a straddling needle shows twice)
     settle_edits: int = 16  # optional edits per step of a question's refocus-until-stable loop
     lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's
     # attention mass, + KL as DSA's indexer) | 'oracle' (imitation of the oracle's zoom path on drills)

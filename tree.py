@@ -76,29 +76,35 @@ def span_types(tokens: np.ndarray, first: int, n: int, size: int, vocab_size: in
     return out
 
 
-def gather_types(take, starts: np.ndarray, size: int, vocab_size: int, markers: int = 0) -> np.ndarray:
+def gather_types(take, starts: np.ndarray, size: int, vocab_size: int, markers: int = 0, end=None) -> np.ndarray:
     """span_types of spans [start, start + size) of a history whose ids take(positions) returns (positions before
-    0 are skipped): (m, vocab_size), and with markers (m, 2 vocab_size), the ids after a marker in the second half."""
+    0 or from `end` on are skipped): (m, vocab_size), and with markers (m, 2 vocab_size), the ids after a marker in
+    the second half."""
     V, pos = vocab_size, starts[:, None] + np.arange(size)  # (m, size)
-    ok = pos >= 0
-    ids = np.asarray(take(np.maximum(pos, 0).reshape(-1)), np.int64).reshape(pos.shape)
+    ok = (pos >= 0) & (pos < (np.iinfo(np.int64).max if end is None else end))
+    ids = np.asarray(take(np.where(ok, pos, 0).reshape(-1)), np.int64).reshape(pos.shape)
     rows = np.zeros((len(starts), V * (2 if markers else 1)), bool)
     row = np.broadcast_to(np.arange(len(starts))[:, None], pos.shape)
     rows[row[ok], ids[ok]] = True
     if markers:
-        prev = np.asarray(take(np.maximum(pos - 1, 0).reshape(-1))).reshape(pos.shape)
+        prev = np.asarray(take(np.where(ok, np.maximum(pos - 1, 0), 0).reshape(-1))).reshape(pos.shape)
         tag = ok & (pos >= 1) & (prev >= V - markers)
         rows[row[tag], V + ids[tag]] = True
     return rows
 
 
-def node_types(take, lod, index, K: int, vocab_size: int, markers: int = 0, margin: int = 0, ram=None) -> np.ndarray:
-    """(n, vocab_size) bool: which ids occur in the span of each node (lod[i], index[i]) of a history whose ids
-    take(positions) returns. With markers > 0: (n, 2 vocab_size), the second half the ids that follow a marker in
-    the span (span_types). margin: every span starts `margin` tokens earlier (clipped at 0), so a needle that
-    straddles a node boundary shows its opening in the right-hand node's preview too. ram(lod, markers, index), when
-    given, supplies the bitsets of nodes of TYPE_SPAN tokens or more (MegaContextTree.types); else every span is
-    read from the tokens."""
+def node_types(take, lod, index, K: int, vocab_size: int, markers: int = 0, margin: int = 0, ram=None,
+               end: int | None = None) -> np.ndarray:
+    """(n, vocab_size) bool: which ids occur in the span of each node (lod[i], index[i]) of a history of `end` tokens
+    whose ids take(positions) returns. With markers > 0: (n, 2 vocab_size), the second half the ids that follow a
+    marker in the span (span_types). margin: every span starts `margin` tokens earlier and takes in the one token
+    after it (clipped to the history), so a needle that straddles a node boundary shows its key in both nodes'
+    previews: the right one reaches back to it, the left one, when an opening marker ends it, sees what the marker
+    introduces. (A needle's key is its second token: margin = its length - 2 reaches it from wherever the needle is
+    cut, and no further, so a neighbour that holds none of the needle does not show its key.) ram(lod, markers,
+    index), when given, supplies
+    the bitsets of nodes of TYPE_SPAN tokens or more (MegaContextTree.types); else every span is read from the
+    tokens."""
     lod, index = np.asarray(lod, np.int64).reshape(-1), np.asarray(index, np.int64).reshape(-1)
     V = vocab_size
     out = np.zeros((len(lod), V * (2 if markers else 1)), bool)
@@ -111,6 +117,7 @@ def node_types(take, lod, index, K: int, vocab_size: int, markers: int = 0, marg
             out[at, half * V:(half + 1) * V] = ram(l, kind, index[at])
     if margin:
         out |= gather_types(take, index * K**lod - margin, margin, V, markers)
+        out |= gather_types(take, (index + 1) * K**lod, 1, V, markers, end)
     return out
 
 
@@ -308,6 +315,10 @@ class MegaContextTree:
     def tokens(self, start: int, end: int) -> np.ndarray:
         return self.levels[0].slice(start, end).astype(np.int64)
 
+    def ids_at(self, positions) -> np.ndarray:
+        """Token ids (int64) at the given positions, in one gather."""
+        return self.levels[0].take(np.asarray(positions, np.int64)).astype(np.int64)
+
     def gists(self, lod: int, index: np.ndarray) -> np.ndarray:
         assert 1 <= lod <= self.depth, f"this tree has gists at LOD1..LOD{self.depth}, not LOD{lod}"
         return self.levels[lod].take(np.asarray(index, np.int64))
@@ -321,7 +332,7 @@ class MegaContextTree:
         def ram(l, kind, index):
             self._extend_types(l, kind)
             return np.unpackbits(self._types[l, kind][index], axis=1, count=self.vocab_size).astype(bool)
-        return node_types(self.levels[0].take, lod, index, self.K, self.vocab_size, markers, margin, ram)
+        return node_types(self.levels[0].take, lod, index, self.K, self.vocab_size, markers, margin, ram, len(self))
 
     def _type_rows(self, lod: int, a: int, b: int, markers: int = 0) -> np.ndarray:
         """Packed bitsets of nodes [a, b) of a level at or above TYPE_SPAN (present ids, or with markers the ids

@@ -244,9 +244,9 @@ def answer_far(method: str, mc, tree_dir: str, plan: dict, budget: int):
     s.ingest(q)
     scorer = longctx.oracle_scorer(plan["needles"]) if method == "oracle" else None
     s.refocus(until_stable=True, scorer=scorer)
-    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"],
-               needle_raw=longctx.needles_raw(s.wc, plan["needles"]))
-    return longctx.answer_in_session(s, n_new, scorer), tel
+    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"])
+    got = longctx.answer_in_session(s, n_new, scorer)
+    return got, dict(tel, needle_raw=longctx.needles_raw(s.wc, plan["needles"]))
 
 
 def retrieval_rows(ckpt, gpt, tree_dir: str, args, rng: np.random.Generator, tasks) -> list[dict]:

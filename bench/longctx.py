@@ -28,8 +28,8 @@ final cue names nothing) and no_needle. Sessions ingest the prompt (cold start, 
 streamed), then refocus until the working context stops changing, then decode greedily, refocusing until stable again
 before each answer token (a variable-tracking hop is named by the answer token before it); correct when the answer's
 every token matches. Accuracy with Wilson 95% intervals per (task, control, history, method), depths in rotation;
-telemetry per cell: refocus steps after the question, expansions, and how often every needle the answer needs ends
-raw (LOD0) in the working context (the focus's own success, whatever the base then answers).
+telemetry per cell: refocus steps after the question, expansions, and how often every needle the answer needs is raw
+(LOD0) in the working context by the end of the answer (the focus's own success, whatever the base then answers).
 
 Gate (--gate A): full-attention retrieval at history = the base's block (needles inside it) must reach A on held-out
 prompts of the --gate-tasks (default: every task asked), or the run exits 1 saying so: a harness whose base cannot
@@ -365,9 +365,9 @@ def answer(method, gpt, mc, prompt, budget, stream):
         return [int(t) for t in gpt.generate(x, n_new, temperature=0.0, cache=cache)], None
     scorer = oracle_scorer(prompt["needles"]) if method == "oracle" else None
     s = stream_session(mc, ids, stream, settle=True, scorer=scorer)
-    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"], needle_raw=needles_raw(s.wc,
-                                                                                                 prompt["needles"]))
-    return answer_in_session(s, n_new, scorer), tel
+    tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"])
+    got = answer_in_session(s, n_new, scorer)
+    return got, dict(tel, needle_raw=needles_raw(s.wc, prompt["needles"]))  # (a chain's last hop: by the answer's end)
 
 
 def oracle_scorer(spans):
@@ -607,7 +607,7 @@ def markdown(result) -> str:
         sess = [r for r in ret if "telemetry" in r and r["control"] is None]
         if sess:
             lines += ["", "Sessions after the question (question last): refocus steps until stable, expansions, share "
-                      "of prompts whose needles all end raw (LOD0) in the working context; accuracy per depth:", "",
+                      "of prompts whose needles are all raw (LOD0) by the end of the answer; accuracy per depth:", "",
                       "| task | history | method | steps | expansions | needles raw | per depth |", "|---" * 7 + "|"]
             for r in sess:
                 t = r["telemetry"]

@@ -53,4 +53,6 @@ lens_query = "1,4"  # LensNet reads the question: the base's residual streams of
 # every entry through the Indexer (issue 17: query-independent scores found no key -> value needle)
 lens_markers = 8  # prepare.py's 8 special tokens are markers: previews also mark the ids that follow one (a needle's
 # key after <|key|>), exact at any depth where the same word occurs thousands of times in book text
-lens_margin = 8  # previews start 8 tokens (a needle) early: both halves of a needle that straddles a block show it
+lens_margin = 5  # previews start 5 tokens early and take in the token after the span: both halves of a needle (7
+# tokens, its key second) that straddles a block show its key, a neighbour holding none of it does not (8 on both
+# sides zoomed the neighbours too: gists beside a needle scored as high as its holders)

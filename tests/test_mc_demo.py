@@ -27,16 +27,27 @@ def test_mc_demo_smoke_runs_the_whole_chain(data_dir, tmp_path):
     run, out = tmp_path / "run", tmp_path / "out"
     p = demo("--size", "smoke", env=dict(DATA_DIR=data_dir, RUN_DIR=str(run), OUT=str(out)))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for stage in ("base", "gist", "lens_counterfactual", "lens_attention"):
+    for stage in ("base", "gist", "lens_counterfactual", "lens_attention", "lens_oracle"):
         assert (run / stage / "ckpt.pt").exists(), stage
     report = json.loads((out / "mc_demo_smoke.json").read_text())
     assert report["size"] == "smoke" and report["command"] == "bash bench/mc_demo.sh --size smoke"
     assert report["device"] == "cpu" and report["torch"] and report["date"] and report["kernels"]
     assert report["gate"]["threshold"] == 0.0 and report["gate"]["trials"] >= 100
+    assert set(report["gate"]["per_task"]) == {"passkey", "multikey", "vartrack"}
     assert report["base"]["steps"] == 2 and report["base"]["tokens_per_s"] > 0 and report["base"]["mfu"] is None
-    assert report["lens_teacher"]["kept"] in ("counterfactual", "attention")
-    assert set(report["summary"]["retrieval"]) == {"truncation", "lens"}
-    assert {"val", "test"} <= set(report["targets"]) and (out / "mc_demo_smoke.md").exists()
+    s = report["summary"]
+    assert s["kept"] in ("counterfactual", "attention", "oracle")
+    assert set(s["tasks"]) == {"passkey", "multikey", "vartrack"}  # {task: {method: {"4x": accuracy}}}
+    assert all(set(v) == {"truncation", "lens", "oracle"} and all(set(a) == {"4x"} for a in v.values())
+               for v in s["tasks"].values())
+    assert set(s["teachers"]) == set(s["teachers_val"]) == {"counterfactual", "attention", "oracle"}
+    assert s["teachers"][s["kept"]] == {t: v["lens"] for t, v in s["tasks"].items()}
+    assert "gap_share" in s["nll_long_range"] or s["nll_long_range"] == {}
+    assert any(t["target"].startswith("passkey 4x: truncation") for t in report["targets"])
+    md = (out / "mc_demo_smoke.md").read_text()
+    assert "| vartrack | 4x |" in md and "LensNet (oracle)" in md
+    for name in ("select_counterfactual", "harness_test"):  # a finished harness is skipped when run again
+        assert (run / f"{name}.json").exists()
     assert p.stdout.strip().splitlines()[-1].startswith("=== done")
 
 

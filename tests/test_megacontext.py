@@ -874,23 +874,26 @@ def test_zoom_entries_bounds_every_needle_zoom_and_is_reached():
 
 
 def test_indexer_matches_a_float64_loop():
-    """Indexer: per tail token t and kind c, sum_h w_thc ReLU(q_thc . k_ehc) (type kinds: the max over the span's ids),
-    summed over kinds and maxed over t, against a float64 loop; an entry whose preview marks no id gets 0 there."""
+    """Indexer: per tail token t and learned kind c, sum_h w_thc ReLU(q_thc . k_ehc) (type kinds: the max over the
+    span's ids), and per lexical kind u_tc x [t's id in the span's types / after a marker], summed over kinds and
+    maxed over t, against a float64 loop; an entry whose preview marks no id gets 0 there."""
     from megacontext import Indexer, masked_max
     torch.manual_seed(0)
     B, Tq, n, V, d, D, H, dk = 2, 3, 5, 11, 8, 6, 2, 4
-    ix = Indexer(D, d, H, dk, 3)
+    ix = Indexer(D, d, H, dk, 2)
     for p in ix.parameters():
         torch.nn.init.normal_(p, 0.0, 0.5)
     query, x, vocab = torch.randn(B, Tq, D), torch.randn(B, n, d), torch.randn(V, d)
     types = torch.rand(B, n, 2 * V) < 0.3
     types[0, 1] = False
-    score, kinds = ix(query, x, types, vocab)
+    query_ids = torch.randint(0, V, (B, Tq))
+    score, kinds = ix(query, x, types, vocab, query_ids)
     hq = ix.norm(query).double()
     q = (hq @ ix.q.weight.double().T).view(B, Tq, 3, H, dk) / math.sqrt(dk)
-    w = (hq @ ix.w.weight.double().T).view(B, Tq, 3, H)
+    wu = hq @ ix.w.weight.double().T
+    w, u = wu[..., :3 * H].view(B, Tq, 3, H), wu[..., 3 * H:]
     keys = [x.double() @ ix.k[0].weight.double().T] + [vocab.double() @ ix.k[c].weight.double().T for c in (1, 2)]
-    ref = torch.zeros(B, Tq, n, 3, dtype=torch.float64)
+    ref = torch.zeros(B, Tq, n, 5, dtype=torch.float64)
     for b in range(B):
         for t in range(Tq):
             for e in range(n):
@@ -900,6 +903,7 @@ def test_indexer_matches_a_float64_loop():
                 for c in (1, 2):
                     ids = types[b, e, (c - 1) * V:c * V].nonzero().flatten().tolist()
                     ref[b, t, e, c] = max((s(c, keys[c][v]) for v in ids), default=0.0)
+                    ref[b, t, e, 2 + c] = u[b, t, c - 1] * float(types[b, e, (c - 1) * V + query_ids[b, t]])
     assert_close("indexer score", ref.sum(-1).amax(1), score.double(), ratio=1e-5)
     assert_close("indexer kinds", ref.amax(1), kinds.double(), ratio=1e-5)
     vals = torch.randn(B, Tq, V)
@@ -930,13 +934,14 @@ def test_query_conditioned_lensnet_learns_which_key_is_asked():
         query = vocab[keys[torch.arange(B), asked]][:, None].expand(B, T, d) + 0.1 * torch.randn(B, T, d,
                                                                                                   generator=gen)
         x = torch.randn(B, G + T, d, generator=gen)
-        return x, types, query, asked
+        query_ids = torch.randint(0, V - 2, (B, T), generator=gen)  # the tail's ids: noise, the key is not among them
+        return x, types, query, asked, query_ids
 
     def top1(lens, with_query):
         gen = torch.Generator().manual_seed(1)
-        x, types, query, asked = batch(256, gen)
+        x, types, query, asked, ids = batch(256, gen)
         out = lens(x, lod.expand(256, -1), dist.expand(256, -1), span.expand(256, -1), types=types, vocab=vocab,
-                   query=query if with_query else None)[:, :G]
+                   query=query if with_query else None, query_ids=ids)[:, :G]
         return float((out.argmax(1) == asked).float().mean())
 
     for with_query in (True, False):
@@ -944,9 +949,9 @@ def test_query_conditioned_lensnet_learns_which_key_is_asked():
         opt = torch.optim.Adam(lens.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(0)
         for _ in range(150):
-            x, types, query, asked = batch(32, gen)
+            x, types, query, asked, ids = batch(32, gen)
             out = lens(x, lod.expand(32, -1), dist.expand(32, -1), span.expand(32, -1), types=types, vocab=vocab,
-                       query=query if with_query else None)[:, :G]
+                       query=query if with_query else None, query_ids=ids)[:, :G]
             loss = F.cross_entropy(out, asked)
             opt.zero_grad()
             loss.backward()

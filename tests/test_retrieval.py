@@ -161,7 +161,10 @@ def test_plant_drills_and_copy_spans(setup):
         w, q_start = retrieval.plant_drills(row, rng, nd, list(retrieval.TASKS), 3, 3, 5.0)
         assert row[q_start] == nd.query and not (w[:q_start] == 5.0).any()
         assert row.shape == (513,) and w.shape == (513,) and set(np.unique(w)) <= {0.0, 1.0, 5.0}
-        assert len(needle_runs(nd, row[:q_start])) >= 3 + 3  # three tasks' needles and three look-alikes
+        runs = needle_runs(nd, row[:q_start])
+        assert len(runs) >= 3 + 3  # three tasks' needles and three look-alikes
+        keys = [row[a + 1] for a, _ in runs if row[a] == nd.key]  # a key names one needle, but multivalue's three
+        assert all(keys.count(k) in (1, 3) for k in keys)
         p, asked = q_start, 0
         while p < len(row) and row[p] == nd.query:  # each question, then its answer (weighted), is what solve reads
             q_end = p + 1 + next(i for i in range(len(row) - p - 1) if w[p + 1 + i] == 5.0)

@@ -487,8 +487,9 @@ def test_tree_token_types_at_every_level_follow_appends_and_rewrites(monkeypatch
 
 def test_tree_types_after_markers_and_margin_against_a_brute_force(monkeypatch):
     """types(..., markers, margin): the second half marks the ids whose predecessor is one of the top `markers` ids
-    (also across a node boundary), and every span starts `margin` tokens earlier; the RAM bitsets (at and above
-    TYPE_SPAN) agree with a loop over the tokens at every level, after appends and a rewrite that plants a marker."""
+    (also across a node boundary), and every span starts `margin` tokens earlier and takes in the token after it
+    (clipped to the history); the RAM bitsets (at and above TYPE_SPAN) agree with a loop over the tokens at every level, after
+    appends and a rewrite that plants a marker."""
     monkeypatch.setattr(tree_module, "TYPE_SPAN", 16)  # K = 4: LOD2 and up keep bitsets
     rng = np.random.default_rng(6)
     markers = 2  # ids V - 2 and V - 1
@@ -500,7 +501,7 @@ def test_tree_types_after_markers_and_margin_against_a_brute_force(monkeypatch):
         a, b = node_span(lod, index, 4)
         tok = t.tokens(0, len(t))
         present, tagged = np.zeros(V, bool), np.zeros(V, bool)
-        for p in range(max(0, a - margin), b):
+        for p in range(max(0, a - margin), min(len(tok), b + (margin > 0))):
             present[tok[p]] = True
             tagged[tok[p]] |= p >= 1 and tok[p - 1] >= V - markers
         return np.concatenate([present, tagged])
