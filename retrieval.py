@@ -148,8 +148,8 @@ def plant_drills(row, rng: np.random.Generator, needles: Needles, tasks, n_quest
                  weight: float):
     """Turn one window `row` (n,) int64 into a retrieval drill, in place: `n_questions` instances of tasks drawn from
     `tasks` (their own needles only) and `n_lookalikes` look-alike kv needles at random slots of its first part, then
-    every instance's question with its answer at the end. An instance that does not fit is dropped (at least one is
-    kept). Returns (per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers,
+    every instance's question with its answer at the end. An instance that does not fit, or for which the window's
+    text leaves no unused words, is dropped (at least one is kept). Returns (per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers,
     1 elsewhere; the index of the first question)."""
     n, used, insts, looks = len(row), set(row.tolist()), [], []
     names = [tasks[int(rng.integers(len(tasks)))] for _ in range(n_questions)]
@@ -157,7 +157,12 @@ def plant_drills(row, rng: np.random.Generator, needles: Needles, tasks, n_quest
     names = [t if t != "passkey" or j == names.index("passkey") else others[int(rng.integers(len(others)))]
              for j, t in enumerate(names)]  # one pass key per window: a second one would be the same question
     for name in names + ["multikey"] * n_lookalikes:
-        t = needles.task(name, rng, used, distractors=0)  # every word once in the window
+        try:
+            t = needles.task(name, rng, used, distractors=0)  # every word once in the window
+        except ValueError:  # the window's text holds (nearly) every word: fewer instances, not none
+            if insts:
+                break
+            raise
         used.update(i for needle in t.needles for i in needle)
         insts.append(t) if len(insts) < n_questions else looks.append(t.needles[0])
     slot = 8  # the longest needle (7 tokens) and a token of text

@@ -269,3 +269,27 @@ def test_shared_gists_pools_each_block_once():
     assert torch.equal(shared(1, x), make_gists(1, x)) and torch.equal(shared(1, x.clone()), make_gists(1, x))
     assert torch.equal(shared(2, x), 2 * x.mean(1)) and torch.equal(shared(1, y), y.mean(1))
     assert calls == [1, 1, 1, 2, 1]  # the second (1, x) came from the memo: 3 pools for 3 distinct inputs + 2 direct
+
+
+def test_refocus_cost_bench_times_both_arms(data_dir, tmp_path, capsys):
+    """bench/refocus_cost.py on a tiny query-conditioned checkpoint: both arms timed, the ratio is theirs, and a
+    checkpoint without lens_query is refused in one line."""
+    import refocus_cost
+    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=2, n_embd=64)
+    gpt = GPT(cfg)
+    mcfg = MegaContextConfig(block_k=8, w_max=96, recent_tokens=16, lens_width=32, lens_types=True, lens_query="0,2",
+                             lens_markers=8, lens_margin=5)
+    model = MegaContextModel(gpt, mcfg)
+    ckpt = dict(model=gpt.state_dict(), model_args=dataclasses.asdict(cfg), step=0, config=dict(data_dir=data_dir),
+                gistnet=model.gistnet.state_dict(), lensnet=model.lensnet.state_dict(),
+                mc_config=dataclasses.asdict(mcfg))
+    torch.save(ckpt, tmp_path / "q.pt")
+    r = refocus_cost.main(["--ckpt", str(tmp_path / "q.pt"), "--history", "2000", "--steps", "3", "--runs", "2",
+                           "--out", str(tmp_path / "rc")])
+    s = r["summary"]
+    assert set(s["score_ms"]) == {"query", "saliency"} and all(v > 0 for v in s["score_ms"].values())
+    assert s["ratio"] == pytest.approx(s["score_ms"]["query"] / s["score_ms"]["saliency"]) and s["read_ms"] >= 0
+    assert len(r["runs"]["score"]["query"]) == 2 and json.load(open(tmp_path / "rc.json"))["summary"] == s
+    with pytest.raises(SystemExit):
+        refocus_cost.main(["--ckpt", save_ckpt(tmp_path / "plain.pt", data_dir, mc=True), "--out", str(tmp_path / "x")])
+    assert "has no query-conditioned LensNet" in capsys.readouterr().err

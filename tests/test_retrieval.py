@@ -186,6 +186,12 @@ def test_plant_drills_and_copy_spans(setup):
     assert 1 <= (row[q_start:] == nd.query).sum() < 4
     with pytest.raises(ValueError, match="cannot hold"):
         retrieval.plant_drills(hay[:30].copy(), rng, nd, ["multivalue"], 1, 0, 5.0)
+    words = nd.words.tolist()  # a window whose text holds all words but 20: one multivalue drill (13 words), not 3
+    row = np.resize(np.array(words[20:]), 600)
+    w, q_start = retrieval.plant_drills(row, rng, nd, ["multivalue"], 3, 3, 5.0)
+    assert (row[q_start:] == nd.query).sum() == 1
+    with pytest.raises(ValueError, match="no unused word tokens"):
+        retrieval.plant_drills(np.resize(np.array(words[5:]), 600), rng, nd, ["multivalue"], 1, 0, 5.0)
 
 
 def test_wilson():
