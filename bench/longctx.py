@@ -56,10 +56,10 @@ sys.path[:0] = [REPO, HERE]
 import kernels  # noqa: E402
 import prepare  # noqa: E402
 import retrieval  # noqa: E402
+from checkpoint import mc_model  # noqa: E402
 from decode_latency import baseline, pick_device, timed  # noqa: E402
 from megacontext import RECENCY_UNIT, MegaContextConfig, MegaContextModel, check_capacity, recency_scores  # noqa
 from model import GPT, GPTConfig  # noqa: E402
-from sample import mc_model  # noqa: E402
 from session import Session  # noqa: E402
 from tree import depth_of  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
