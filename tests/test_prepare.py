@@ -211,9 +211,10 @@ def test_failure_does_not_clobber(tmp_path, monkeypatch):
 
 
 def test_cli_fallback_is_loud(tmp_path):
-    repo = tmp_path / "repo"  # prepare.py alone: ../shared/data/pg does not exist next to it
+    repo = tmp_path / "repo"  # prepare.py (and the durable writes it uses) alone: no ../shared/data/pg next to it
     repo.mkdir()
-    shutil.copy(os.path.join(ROOT, "prepare.py"), repo)
+    for name in ("prepare.py", "durable.py"):
+        shutil.copy(os.path.join(ROOT, name), repo)
     r = run_cli("--vocab-size", 512, "--syn-docs", 3, "--syn-chars", 3000, cwd=repo, script=str(repo / "prepare.py"))
     assert r.returncode == 0, r.stderr
     assert "!!!" in r.stderr and "SYNTHETIC" in r.stderr
