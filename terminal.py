@@ -72,6 +72,7 @@ class Signals:
 
     def close(self):
         """Leaving (the session saved): signals are ignored, so nothing can cut the exit."""
+        self.raising = False
         for s in HANDLED:
             signal.signal(s, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)

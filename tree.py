@@ -276,11 +276,11 @@ class TreeLock:
         self.path, self.fd, self.made = os.path.abspath(path), None, False
 
     def __enter__(self):
-        made = not os.path.isdir(self.path)
+        self.made = not os.path.isdir(self.path)
         file = os.path.join(self.path, LOCK_FILE)
         try:
             os.makedirs(self.path, exist_ok=True)
-            while True:
+            while self.fd is None:
                 fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,32 +289,43 @@ class TreeLock:
                     os.close(fd)
                     raise TreeLocked(f"{self.path} is in use by another session ({holder}); nothing was written: "
                                      "wait for it to end, or open the tree read-only (sample.py --read-only)") from None
+                except BaseException:
+                    os.close(fd)
+                    raise
                 try:
                     same = os.stat(file).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:  # released (and unlinked) between our open and our flock: lock anew
                     same = False
                 if same:
-                    break
-                os.close(fd)
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            _HELD[self.path] = self
         except OSError as e:
+            self.__exit__()
             raise TreeError(f"cannot write to {self.path} ({e.strerror}); choose a writable folder") from None
+        except BaseException:  # Ctrl-C while loading: no lock may outlive this call in a process that goes on
+            self.__exit__()
+            raise
         try:  # who holds it, for the next writer's message; a full disk only loses the name, not the lock
-            os.ftruncate(fd, 0)
+            os.ftruncate(self.fd, 0)
             since = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode())
+            os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode())
         except OSError:
             pass
-        self.fd, self.made = fd, made
-        _HELD[self.path] = self
         return self
 
     def __exit__(self, *exc):
         if self.fd is None:
+            self._remove_made()
             return
         _HELD.pop(self.path, None)
         durable.remove_quietly(os.path.join(self.path, LOCK_FILE))  # still locked: nobody else holds this file
         os.close(self.fd)
         self.fd = None
+        self._remove_made()
+
+    def _remove_made(self):
         if self.made:
             try:
                 os.rmdir(self.path)  # only when empty: nothing was saved into the folder this lock created
