@@ -276,12 +276,16 @@ class TreeLock:
         self.path, self.fd, self.made = os.path.abspath(path), None, False
 
     def __enter__(self):
-        self.made = not os.path.isdir(self.path)
         file = os.path.join(self.path, LOCK_FILE)
         try:
-            os.makedirs(self.path, exist_ok=True)
             while self.fd is None:
-                fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+                if not os.path.isdir(self.path):  # (again if a holder that made it removed it as it released)
+                    os.makedirs(self.path, exist_ok=True)
+                    self.made = True
+                try:
+                    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+                except FileNotFoundError:  # the folder went between the check and the open: make it anew
+                    continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
