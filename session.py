@@ -183,14 +183,16 @@ class Session:
 def ingest_stream(session: Session, ids, chunk: int = 1 << 16, save_to: str | None = None, save_every: int = 1 << 20,
                   out=sys.stderr, every_s: float = 10.0, stop=lambda: False, source: dict | None = None) -> float:
     """Ingest a long history chunk by chunk; returns tokens/s. A progress line (tokens, tokens/s, ETA, depth) goes to
-    `out` (None: silent) at most every `every_s` seconds and at the end. With `save_to`, the session is saved there
+    `out` (None: silent) after the first chunk (an early rate and ETA), then at most every `every_s` seconds, and at
+    the end. With `save_to`, the session is saved there
     after every `save_every` tokens, which bounds the RAM the tree's unsaved rows take; the caller saves at the end.
     Stops early (between chunks) once stop() is true, e.g. on Ctrl-C. `source` (stream_source, its "done" the
     offset of ids[0] in the file) is kept up to date in session.stream, so every save records how far the file got.
     Bad ids or a history the budget cannot hold raise ValueError before anything is ingested."""
     ids, cfg = session.tree.check_ids(ids), session.cfg
     check_capacity(len(session.tree) + len(ids), cfg.K, cfg.recent_tokens, cfg.target)
-    t0 = last = time.perf_counter()
+    t0 = time.perf_counter()
+    last = t0 - every_s
     unsaved = 0
     for i in range(0, len(ids), chunk):
         if stop():
