@@ -53,8 +53,16 @@ def tensor_bytes(obj) -> int:
 
 
 def save(ckpt: dict, path: str):
-    """Write atomically, after checking the disk has room (durable.DiskFull, one line, before any byte)."""
-    durable.write_atomic(path, lambda f: torch.save(ckpt, f), tensor_bytes(ckpt) + (1 << 16), "the checkpoint")
+    """Write atomically, after checking the disk has room (durable.DiskFull, one line, before any byte). A write that
+    fails anyway (the disk filled meanwhile) raises its OSError and leaves no temp file."""
+    def write(f):
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC) as "unexpected pos"; the
+            if isinstance(e.__context__, OSError):  # OSError it swallowed is the context
+                raise e.__context__ from None
+            raise
+    durable.write_atomic(path, write, tensor_bytes(ckpt) + (1 << 16), "the checkpoint")
 
 
 def load_gpt(ckpt: dict, device="cpu") -> GPT:

@@ -276,7 +276,8 @@ def _write_tokens(f, enc, texts, threads, batch_chars=16_000_000):
         batch, i = texts[i:j], j
         shards = [np.array([bos] + ids, dtype=np.uint16)  # ids < vocab_size <= 2**16, so uint16 is exact
                   for ids in enc.encode_ordinary_batch(batch, num_threads=threads)]
-        durable.check_space(os.path.dirname(f.name), 2 * sum(map(len, shards)), os.path.basename(f.name))
+        durable.check_space(os.path.dirname(f.name), 2 * sum(map(len, shards)),
+                            os.path.basename(f.name).split(".tmp")[0])  # (f is the shard's temp file)
         for a in shards:
             f.write(a.tobytes())
             offsets.append(offsets[-1] + len(a))
