@@ -265,3 +265,24 @@ def test_shared_gists_pools_each_block_once():
     assert torch.equal(shared(1, x), make_gists(1, x)) and torch.equal(shared(1, x.clone()), make_gists(1, x))
     assert torch.equal(shared(2, x), 2 * x.mean(1)) and torch.equal(shared(1, y), y.mean(1))
     assert calls == [1, 1, 1, 2, 1]  # the second (1, x) came from the memo: 3 pools for 3 distinct inputs + 2 direct
+
+
+def test_longctx_refuses_a_bad_gate_and_another_tokenizer(data_dir, tmp_path, capsys):
+    """--gate outside [0, 1] (a share of needles: 2 can never pass) and a --data-dir whose tokenizer is not the one
+    the checkpoint records: one line each, before any compute (issue 18)."""
+    import checkpoint
+    import prepare
+    other = str(tmp_path / "other")
+    prepare.main(["--synthetic", "--out", other, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000",
+                  "--seed", "7"])
+    path = save_ckpt(tmp_path / "ckpt.pt", data_dir)
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "tokenizer": checkpoint.tokenizer_record(data_dir)}, path)
+    for extra, msg in [(["--gate", "2"], "error: --gate must be in [0, 1] (the share of in-block needles retrieved), "
+                                         "got 2.0"),
+                       (["--data-dir", other], f"error: the tokenizer in {other} (sha256 ")]:
+        with pytest.raises(SystemExit) as e:
+            longctx.main(["--ckpt", path, "--data-dir", data_dir, *TINY, "--out", str(tmp_path / "x"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith(msg), (extra, err)
+    assert not os.path.exists(tmp_path / "x.json")
