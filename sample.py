@@ -216,7 +216,8 @@ def run_mc(args, ckpt, model, enc, generator, signals):
             with signals.reply():  # a book streams into the tree chunk by chunk, saved to --tree as it goes
                 ingest_stream(session, ids[start:], save_to=save_to, stop=signals, source=source,
                               out=sys.stderr if len(ids) - start > 65536 else None)
-                write_stream(mc_sample(session, [], args, generator, status, signals), enc)
+                if not signals.stop():  # (stopped: no refocus and reply to wait for before the save)
+                    write_stream(mc_sample(session, [], args, generator, status, signals), enc)
     except TreeError as e:  # a save of the streaming book failed (a full disk): DIR keeps its last generation
         fail(str(e))
     except ValueError as e:  # a history the budget cannot hold: ingest changed nothing, so what came before is kept

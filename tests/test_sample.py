@@ -512,3 +512,41 @@ def test_cli_modules_are_imported_by_none():
                              if n.endswith(".py")]:
         text = open(os.path.join(ROOT, path)).read()
         assert not re.search(r"^\s*(from sample import|import sample\b)", text, re.M), path
+
+
+def test_signals_at_every_step_of_a_save_never_cut_it(tmp_path, monkeypatch):
+    """Once a session is open (Signals.hold) SIGINT, SIGTERM and SIGHUP are only recorded: delivered (os.kill) at
+    every durable step of a tree save, three at a time, the save completes and the folder opens as the new
+    generation; before hold (loading) the first signal raises KeyboardInterrupt, once."""
+    import terminal
+    import tree as tree_module
+    from test_tree import Recorder, fake_embed, make_tree
+    saved = {s: signal.getsignal(s) for s in terminal.HANDLED}
+    signals = terminal.Signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # (the handler runs at the next bytecode; the sleep is never finished)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one while the first unwinds: recorded only
+        signals.hold()
+        t = make_tree()
+        t.append(np.arange(70) % 50)
+        path = str(tmp_path / "t")
+        t.save(path)
+        t.append(np.arange(90) % 50)  # 160 tokens at K=4: LOD3 is born in this save
+        points = []
+
+        def signal_storm(what):
+            points.append(what)
+            for s in terminal.HANDLED:
+                os.kill(os.getpid(), s)
+
+        monkeypatch.setattr(tree_module, "_crash_point", signal_storm)
+        t.save(path)
+        assert len(points) >= 6 and len(signals.hits) == 2 + 3 * len(points) and signals.ending == "SIGTERM"
+    finally:
+        signals.close()
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    back, _ = tree_module.MegaContextTree.open(path, 4, 6, 50, "model-a", fake_embed, Recorder())
+    assert len(back) == 160 and back.depth == 3
