@@ -343,8 +343,9 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
             tok_json = train_tokenizer([d["text"] for d in docs["train"]], vocab_size or 16384, bpe_chars)
             timing["bpe_s"], timing["bpe_chars"] = round(time.time() - t0, 2), min(bpe_chars, n_chars["train"])
             if tok_json["vocab_size"] < (vocab_size or 16384):
-                log(f"!!! note: the corpus fills only {tok_json['vocab_size'] - len(SPECIAL_TOKENS):,} BPE ranks: vocab "
-                    f"capped at {tok_json['vocab_size']:,} (asked {vocab_size or 16384:,}), so no id goes unused")
+                ranks = tok_json["vocab_size"] - len(SPECIAL_TOKENS)
+                log(f"!!! note: the corpus fills only {ranks:,} BPE ranks: vocab capped at {tok_json['vocab_size']:,} "
+                    f"(asked {vocab_size or 16384:,}), so no id goes unused")
             log(f"bpe: {len(tok_json['ranks'])} ranks + {len(SPECIAL_TOKENS)} special (vocab {tok_json['vocab_size']}) "
                 f"trained on {timing['bpe_chars']:,} chars in {timing['bpe_s']:.1f}s")
             tok_json["sha256"] = tokenizer_sha256(tok_json)  # every load checks it

@@ -80,7 +80,7 @@ class Signals:
         os.close(self.wake_w)
 
     def stop(self) -> bool:
-        """Whether the running reply or ingest should stop: a signal not acted upon yet, or one that ends the session."""
+        """Whether the running reply or ingest should stop: a signal not acted upon yet, or one ending the session."""
         return len(self.hits) > self.used or self.ending is not None
 
     __call__ = stop

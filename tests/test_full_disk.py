@@ -7,7 +7,6 @@ Injected-ENOSPC tests at every durable step of a tree save are in test_tree.py."
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
