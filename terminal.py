@@ -31,7 +31,10 @@ def quit_while_importing():
     """For a CLI, before its heavy imports: a signal then exits at once with one line (nothing is open yet), not a
     KeyboardInterrupt traceback from inside torch's import. Signals() replaces it."""
     def handler(signum, frame):
-        os.write(2, b"error: interrupted\n")
+        try:
+            os.write(2, b"error: interrupted\n")
+        except OSError:  # stderr gone with the terminal (SIGHUP)
+            pass
         os._exit(1)
     for s in HANDLED:
         signal.signal(s, handler)

@@ -251,8 +251,8 @@ def test_sample_mc_one_writer_per_tree(checkpoint, data_dir, tmp_path):  # noqa:
     holder's turns all land. A holder killed -9 leaves a stale lock file that the next writer takes over."""
     ckpt, book, _ = checkpoint
     tree = str(tmp_path / "tree")
-    racers = [launch(["--ckpt", ckpt, *MC, "--prompt-file", book, "--tree", tree, "--max-new-tokens", "3"])
-              for _ in range(2)]
+    racers = [launch(["--ckpt", ckpt, *MC, "--prompt-file", book, "--tree", tree, "--max-new-tokens", "400"])
+              for _ in range(2)]  # (each holds the tree for seconds: the two certainly overlap)
     results = sorted((finish(r, b"") for r in racers), key=lambda r: r[0])
     (rc0, _, err0), (rc1, _, err1) = results
     assert (rc0, rc1) == (0, 1) and "[mc] saved" in err0 and len(err1.strip().splitlines()) == 1, (err0, err1)
@@ -261,7 +261,7 @@ def test_sample_mc_one_writer_per_tree(checkpoint, data_dir, tmp_path):  # noqa:
                         r"nothing was written: wait for it to end, or open the tree read-only \(sample.py "
                         r"--read-only\)", err1.strip()), err1
     ids = encode(open(book).read(), data_dir)
-    assert tree_tokens(tree)[1:1 + len(ids)] == ids and len(tree_tokens(tree)) <= 1 + len(ids) + 3  # one copy
+    assert tree_tokens(tree)[1:1 + len(ids)] == ids and len(tree_tokens(tree)) <= 1 + len(ids) + 400  # one copy
 
     holder, seen = start_session(ckpt, tree)
     before = dir_digest(tree)

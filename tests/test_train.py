@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on a synthetic corpus: learning, position gaps, exact resume, torchrun, errors."""
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -206,6 +207,38 @@ def test_train_rerun_after_a_kill_before_the_first_checkpoint_logs_one_run(data_
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in log if "val_loss" in r] == [0, 4]
     assert open(os.path.join(out, "log.jsonl.prev")).read().count('"config"') == 1
+
+
+def test_train_log_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills after the step-2 checkpoint: the next log line fails with ENOSPC (injected; test_full_disk.py
+    fills a real one at config.json and at a checkpoint): one line that says the checkpoint is intact and how to go
+    on, no traceback, and that checkpoint resumes."""
+    out = str(tmp_path / "run")
+    real = train.start_log
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            if '"step": 3' in text:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(train, "start_log", lambda path, cfg: FillsUp(real(path, cfg)))
+    args = SMALL + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                    "--log_interval=1", "--eval_gap=0"]
+    with pytest.raises(SystemExit):
+        train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write {out}/log.jsonl (No space left on device); the checkpoint of step 2 is intact: "
+                   "free space, then --init_from=resume"], err
+    monkeypatch.setattr(train, "start_log", real)
+    train.main(args + ["--init_from=resume"])
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_train_refuses_a_batch_that_cannot_fit_before_allocating(data_dir, tmp_path, capsys):
