@@ -248,11 +248,11 @@ def test_sample_mc_one_writer_per_tree(checkpoint, data_dir, tmp_path):  # noqa:
     """Two writers, one tree (issue 18 item 1). Two book streams started together: one streams, the other gets one
     line naming it and exits 1 (the tree then holds one copy). While an interactive session holds the tree, another
     writer is refused before touching anything and --read-only reads it beside the writer, saving nothing; the
-    holder's turns all land. A holder killed -9 leaves a stale lock file that the next writer takes over."""
+    holder's turns all land."""
     ckpt, book, _ = checkpoint
     tree = str(tmp_path / "tree")
-    racers = [launch(["--ckpt", ckpt, *MC, "--prompt-file", book, "--tree", tree, "--max-new-tokens", "400"])
-              for _ in range(2)]  # (each holds the tree for seconds: the two certainly overlap)
+    racers = [launch(["--ckpt", ckpt, *MC, "--prompt-file", book, "--tree", tree, "--max-new-tokens", "200"])
+              for _ in range(2)]  # (each holds the tree for seconds, from before loading: the two overlap)
     results = sorted((finish(r, b"") for r in racers), key=lambda r: r[0])
     (rc0, _, err0), (rc1, _, err1) = results
     assert (rc0, rc1) == (0, 1) and "[mc] saved" in err0 and len(err1.strip().splitlines()) == 1, (err0, err1)
@@ -261,7 +261,7 @@ def test_sample_mc_one_writer_per_tree(checkpoint, data_dir, tmp_path):  # noqa:
                         r"nothing was written: wait for it to end, or open the tree read-only \(sample.py "
                         r"--read-only\)", err1.strip()), err1
     ids = encode(open(book).read(), data_dir)
-    assert tree_tokens(tree)[1:1 + len(ids)] == ids and len(tree_tokens(tree)) <= 1 + len(ids) + 400  # one copy
+    assert tree_tokens(tree)[1:1 + len(ids)] == ids and len(tree_tokens(tree)) <= 1 + len(ids) + 200  # one copy
 
     holder, seen = start_session(ckpt, tree)
     before = dir_digest(tree)
@@ -279,16 +279,8 @@ def test_sample_mc_one_writer_per_tree(checkpoint, data_dir, tmp_path):  # noqa:
     assert rc == 0 and "[mc] saved" in err
     hello = encode("hello there\n", data_dir)
     tokens = tree_tokens(tree)
-    assert tokens[len(tokens) - len(hello) - 5:].count(hello[0]) >= 1 and len(tokens) > 1 + len(ids) + len(hello)
-
-    dead, _ = start_session(ckpt, tree)
-    dead.kill()  # -9 at the prompt: its turn was never saved, its lock file stays
-    dead.wait()
-    assert json.load(open(os.path.join(tree, "lock")))["pid"] == dead.pid
-    p = launch(["--ckpt", ckpt, *MC, "--tree", tree, "--prompt", "again", "--max-new-tokens", "3"])
-    rc, out, err = finish(p, b"")
-    assert rc == 0 and "[mc] saved" in err and "lock" not in os.listdir(tree), err
-    assert len(tree_tokens(tree)) > len(tokens)
+    assert any(tokens[i:i + len(hello)] == hello for i in range(len(ids), len(tokens))) and "lock" not in \
+        os.listdir(tree)  # (a holder killed -9 and its stale lock: test_tree.py, with a real second process)
 
 
 def test_sample_mc_tree_on_a_folder_of_other_files_is_refused(checkpoint, data_dir, tmp_path):  # noqa: F811
@@ -309,7 +301,7 @@ def test_sample_mc_tree_on_a_folder_of_other_files_is_refused(checkpoint, data_d
         assert dir_digest(folder) == before
 
 
-@pytest.mark.parametrize("gap", [0.001, 0.002, 0.004, 0.006], ids=["1ms", "2ms", "4ms", "6ms"])
+@pytest.mark.parametrize("gap", [0.001, 0.004], ids=["1ms", "4ms"])  # (0.5-6 ms in bulk: test_signal_fuzz.py)
 def test_sample_mc_two_sigints_at_the_prompt_save_the_session(checkpoint, data_dir, tmp_path, gap):  # noqa: F811
     """Two SIGINTs `gap` apart at the `> ` prompt (what a wrapper that forwards Ctrl-C sends): saved, exit 0, no
     traceback (none from atexit either), and the turn is in the tree (was: `error: interrupted`, not saved, at
@@ -326,9 +318,8 @@ def test_sample_mc_two_sigints_at_the_prompt_save_the_session(checkpoint, data_d
     assert tree_tokens(tree)[1:1 + len(hello)] == hello
 
 
-@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "prompt"), (signal.SIGHUP, "prompt"),
-                                       (signal.SIGTERM, "reply"), (signal.SIGHUP, "reply")],
-                         ids=["TERM-prompt", "HUP-prompt", "TERM-reply", "HUP-reply"])
+@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "prompt"), (signal.SIGHUP, "reply")],
+                         ids=["TERM-prompt", "HUP-reply"])  # (every mix, in bulk: test_signal_fuzz.py)
 def test_sample_mc_sigterm_and_sighup_save_the_session(checkpoint, data_dir, tmp_path, sig, when):  # noqa: F811
     """SIGTERM (a kill, a shutdown) and SIGHUP (the terminal closed) at the prompt or mid-reply end the session:
     the reply stops after the current token, the session is saved, exit 0 (was: rc 143, nothing saved)."""

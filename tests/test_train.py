@@ -185,7 +185,7 @@ def test_train_rerun_after_a_kill_before_the_first_checkpoint_logs_one_run(data_
     two headers and duplicated steps in one log)."""
     out = str(tmp_path / "run")
     args = SMALL + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=4",
-                    "--log_interval=1", "--eval_gap=0"]
+                    "--log_interval=1", "--eval_gap=0", "--eval_iters=1", "--batch_size=2"]
     real, steps = train.stage_loss, []
 
     def dies_at_step_3(*a, **kw):
@@ -230,7 +230,7 @@ def test_train_log_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(data_dir,
 
     monkeypatch.setattr(train, "start_log", lambda path, cfg: FillsUp(real(path, cfg)))
     args = SMALL + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
-                    "--log_interval=1", "--eval_gap=0"]
+                    "--log_interval=1", "--eval_gap=0", "--eval_iters=1", "--batch_size=2"]
     with pytest.raises(SystemExit):
         train.main(args)
     err = capsys.readouterr().err.strip().splitlines()
