@@ -248,7 +248,7 @@ class TreeLocked(TreeError):
     """The tree folder is locked by another live process."""
 
 
-_HELD = {}  # folder -> the TreeLock this process holds on it (saves inside a session reuse it)
+_HELD = {}  # real path of a folder -> the TreeLock this process holds on it (saves inside a session reuse it)
 
 
 def _holder(fd: int) -> str:
@@ -304,7 +304,7 @@ class TreeLock:
                     self.fd = fd
                 else:
                     os.close(fd)
-            _HELD[self.path] = self
+            _HELD[os.path.realpath(self.path)] = self  # (a save may name the folder through another link)
         except OSError as e:
             self.__exit__()
             raise TreeError(f"cannot write to {self.path} ({e.strerror}); choose a writable folder") from None
@@ -323,7 +323,7 @@ class TreeLock:
         if self.fd is None:
             self._remove_made()
             return
-        _HELD.pop(self.path, None)
+        _HELD.pop(os.path.realpath(self.path), None)
         durable.remove_quietly(os.path.join(self.path, LOCK_FILE))  # still locked: nobody else holds this file
         os.close(self.fd)
         self.fd = None
@@ -340,7 +340,7 @@ class TreeLock:
 @contextlib.contextmanager
 def _writer(path: str):
     """The folder's lock for one save: the session's when this process holds it, else taken for the save."""
-    if path in _HELD:
+    if os.path.realpath(path) in _HELD:
         yield
         return
     with TreeLock(path):
