@@ -17,6 +17,7 @@ as a temp file in <out> and os.replace'd only once the whole run has succeeded: 
 """
 import argparse
 import base64
+import errno
 import hashlib
 import json
 import lzma
@@ -27,6 +28,8 @@ import time
 
 import numpy as np
 import tiktoken
+
+import durable
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "pg"))
@@ -121,8 +124,9 @@ def make_synthetic(n_docs, n_chars, n_kv, seed):
 
 # ----------------------------------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts, vocab_size, max_chars):
-    """Byte-level BPE on at most max_chars chars of texts -> tokenizer.json dict. Merges stop early on a tiny corpus;
-    the special ids stay at the top of the vocab regardless (unused ids in between are never produced)."""
+    """Byte-level BPE on at most max_chars chars of texts -> tokenizer.json dict. Merges stop early on a corpus too
+    small for vocab_size; the vocabulary is then capped to the ranks learned plus the special tokens, which follow
+    them, so the id space has no holes (an unused id would be an output the model can sample and nothing decodes)."""
     import rustbpe  # lazily: only training needs it
 
     def budget():
@@ -138,7 +142,9 @@ def train_tokenizer(texts, vocab_size, max_chars):
     # The strings are whole books, so a 256-string buffer already gives rayon plenty of parallel work.
     tok.train_from_iterator(budget(), vocab_size - len(SPECIAL_TOKENS), buffer_size=256)
     ranks = sorted(tok.get_mergeable_ranks(), key=lambda br: br[1])
-    first = vocab_size - len(SPECIAL_TOKENS)
+    assert [r for _, r in ranks] == list(range(len(ranks))), "rustbpe's ranks are not 0..n-1"
+    first = len(ranks)  # = vocab_size - len(SPECIAL_TOKENS) unless the corpus ran out of merges (then capped)
+    vocab_size = first + len(SPECIAL_TOKENS)
     return {"name": f"megacontext-bpe-{vocab_size}", "pattern": tok.get_pattern(), "vocab_size": vocab_size,
             "special_tokens": {s: first + j for j, s in enumerate(SPECIAL_TOKENS)},
             "ranks": {base64.b64encode(bytes(b)).decode("ascii"): r for b, r in ranks}}
@@ -260,16 +266,19 @@ def _commit(staged, out):
 
 
 def _write_tokens(f, enc, texts, threads, batch_chars=16_000_000):
-    """<|bos|> + tokens for every text into f; returns int64 offsets (n + 1,)."""
+    """<|bos|> + tokens for every text into f; returns int64 offsets (n + 1,). The free space is checked for each
+    batch before it is written (durable.DiskFull names the sizes)."""
     bos, offsets, i = enc.encode_single_token(BOS), [0], 0
     while i < len(texts):  # batches of ~16M chars bound the memory of tiktoken's python int lists (~0.3 GB)
         j, n = i, 0
         while j < len(texts) and (n < batch_chars or j == i):
             n, j = n + len(texts[j]), j + 1
         batch, i = texts[i:j], j
-        for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
-            a = np.empty(len(ids) + 1, dtype=np.uint16)
-            a[0], a[1:] = bos, ids  # ids < vocab_size <= 2**16, so uint16 is exact
+        shards = [np.array([bos] + ids, dtype=np.uint16)  # ids < vocab_size <= 2**16, so uint16 is exact
+                  for ids in enc.encode_ordinary_batch(batch, num_threads=threads)]
+        durable.check_space(os.path.dirname(f.name), 2 * sum(map(len, shards)),
+                            os.path.basename(f.name).split(".tmp")[0])  # (f is the shard's temp file)
+        for a in shards:
             f.write(a.tobytes())
             offsets.append(offsets[-1] + len(a))
     return np.array(offsets, dtype=np.int64)
@@ -333,6 +342,10 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
             t0 = time.time()
             tok_json = train_tokenizer([d["text"] for d in docs["train"]], vocab_size or 16384, bpe_chars)
             timing["bpe_s"], timing["bpe_chars"] = round(time.time() - t0, 2), min(bpe_chars, n_chars["train"])
+            if tok_json["vocab_size"] < (vocab_size or 16384):
+                ranks = tok_json["vocab_size"] - len(SPECIAL_TOKENS)
+                log(f"!!! note: the corpus fills only {ranks:,} BPE ranks: vocab capped at {tok_json['vocab_size']:,} "
+                    f"(asked {vocab_size or 16384:,}), so no id goes unused")
             log(f"bpe: {len(tok_json['ranks'])} ranks + {len(SPECIAL_TOKENS)} special (vocab {tok_json['vocab_size']}) "
                 f"trained on {timing['bpe_chars']:,} chars in {timing['bpe_s']:.1f}s")
             tok_json["sha256"] = tokenizer_sha256(tok_json)  # every load checks it
@@ -370,8 +383,7 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
         _commit(staged, out)
     finally:
         for tmp, _ in staged:  # only reached on failure: drop the temp files, leave the old outputs alone
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            durable.remove_quietly(tmp)
     log(f"wrote {out} in {time.time() - t_start:.1f}s")
     return meta
 
@@ -400,7 +412,12 @@ def main(argv=None):
     try:
         prepare(a.data or DEFAULT_DATA, out, a.vocab_size, a.bpe_chars, [s for s in a.splits.split(",") if s],
                 a.synthetic, a.max_docs, a.seed, a.syn_docs, a.syn_chars, a.syn_kv)
-    except (ValueError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
+    except OSError as e:  # FileNotFoundError and PermissionError are OSErrors; a full disk too
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SystemExit(f"prepare.py: error: {durable.reason(e)}; nothing in {out} was replaced (the temp files "
+                             "are removed)")
+        raise SystemExit(f"prepare.py: error: {e}")
+    except ValueError as e:
         raise SystemExit(f"prepare.py: error: {e}")
 
 

@@ -5,38 +5,48 @@
     python sample.py --ckpt out/tiny/ckpt.pt --interactive          # a REPL; the conversation stays in the KV cache
     python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/book --interactive  # chat over a saved MegaContext
     python sample.py --ckpt out/tiny/ckpt.pt --mc --prompt-file book.txt --budget 512 --tree out/book  # MegaContext
+    python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/book --read-only --interactive  # beside its writer
 
-The tokenizer is read from the checkpoint's data_dir (override with --data-dir). When the KV cache fills up, the
-newest half of the conversation is re-encoded into a fresh cache (the base model alone cannot see further back).
---mc removes that limit: the whole history goes into a gist tree and the model reads a working context of --budget
-entries (megacontext.py). --prompt-file streams a whole book into the tree (a progress line past 64k tokens);
---tree DIR resumes the session saved in DIR and saves it there every 1M tokens of a long prompt and on exit, so
-memory stays flat. After each refocus one line goes to stderr (stdout stays the generated text): a map of the
-history by level of detail (oldest left), entries used / budget, edits and swap rate; on a terminal it is one status
-line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet weights gets untrained ones
-from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop usable before the
-MegaContext training stages.
+The tokenizer is read from the checkpoint's data_dir (override with --data-dir) and must be the one the checkpoint
+was trained with. When the KV cache fills up, the newest half of the conversation is re-encoded into a fresh cache
+(the base model alone cannot see further back). --mc removes that limit: the whole history goes into a gist tree and
+the model reads a working context of --budget entries (megacontext.py). --prompt-file streams a whole book into the
+tree (a progress line past 64k tokens); --tree DIR resumes the session saved in DIR and saves it there every 1M
+tokens of a long prompt and on exit, so memory stays flat; the same command after a kill continues the book from
+the first token the tree does not hold. One process writes a tree at a time (tree.TreeLock); --read-only opens
+one another process holds and saves nothing. After each refocus one line goes to stderr (stdout stays the generated
+text): a map of the history by level of detail (oldest left), entries used / budget, edits and swap rate; on a
+terminal it is one status line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet
+weights gets untrained ones from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop
+usable before the MegaContext training stages.
 
 --interactive reads one prompt per `> ` line until Ctrl-D, an empty line or a quit word (quit, exit). Ctrl-C stops
-the reply being generated (the session keeps it) and, at the prompt, ends the session; a --tree session is saved on
-every one of these exits, and the exit status is 0. Every bad flag is a one-line error before any work.
+the reply being generated (the session keeps it) and, at the prompt, ends the session; SIGTERM and SIGHUP end it
+wherever they arrive. A --tree session is saved on every one of these exits, whatever the number and spacing of the
+signals (terminal.Signals never cuts a save), and the exit status is 0. Every bad flag is a one-line error before
+any work.
 """
 import argparse
 import codecs
-import dataclasses
+import contextlib
+import errno
 import math
 import os
 import sys
 
-import torch
+import terminal
 
-import prepare
-from megacontext import MegaContextConfig, MegaContextModel
-from model import GPT, GPTConfig, sample_next
-from session import Session as MCSession, ingest_stream
-from terminal import CtrlC, StatusLine, prompts, stdout_gone
-from train import fail, load_checkpoint
-from tree import TreeError, check_folder
+terminal.quit_while_importing()  # a signal while torch loads exits with one line, not a traceback
+
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
+import prepare  # noqa: E402
+from model import GPT, sample_next  # noqa: E402
+from session import Session, ingest_stream, stream_offset, stream_source  # noqa: E402
+from terminal import Signals, StatusLine, prompts, stdout_gone  # noqa: E402
+from train import fail, load_checkpoint  # noqa: E402
+from tree import TreeError, TreeLock, check_folder  # noqa: E402
 
 
 def parse_args(argv):
@@ -59,8 +69,11 @@ def parse_args(argv):
     p.add_argument("--recent", type=int, default=None, help="--mc: newest tokens always kept raw")
     p.add_argument("--policy", default=None, choices=["lens", "recency"], help="--mc: focus policy")
     p.add_argument("--tree", default=None, help="--mc: session directory, resumed when it exists, saved on exit")
+    p.add_argument("--read-only", action="store_true", help="--tree: open a saved session (even one another process "
+                                                             "writes) and never save")
     args = p.parse_args(argv)
     mc_flags = [f"--{k}" for k in ("budget", "block", "recent", "policy", "tree") if getattr(args, k) is not None]
+    mc_flags += ["--read-only"] * args.read_only
     for wrong, msg in [  # one line naming the flag and what it accepts; the first that applies is reported
         (args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
         (not 0 <= args.temperature < math.inf, f"--temperature must be a finite number >= 0 (0 = greedy), "
@@ -74,6 +87,7 @@ def parse_args(argv):
          "--interactive reads its prompts from stdin: drop --prompt/--prompt-file (to stream a book in first, run "
          "once with --mc --prompt-file F --tree DIR, then --mc --tree DIR --interactive)"),
         (bool(mc_flags) and not args.mc, f"{', '.join(mc_flags)} need{'s' * (len(mc_flags) == 1)} --mc"),
+        (args.read_only and args.tree is None, "--read-only needs --tree DIR (the saved session to read)"),
         (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is available"),
     ]:
         if wrong:
@@ -88,13 +102,17 @@ def write_stream(tokens, enc, out=sys.stdout):
     for tok in tokens:
         if tok == bos:
             break
-        out.write(utf8.decode(enc.decode_single_token_bytes(tok)))
+        try:
+            piece = enc.decode_single_token_bytes(tok)
+        except KeyError:  # an id the tokenizer lacks (data prepared before prepare.py capped its vocabulary)
+            piece = "\ufffd".encode()
+        out.write(utf8.decode(piece))
         out.flush()
     out.write(utf8.decode(b"", final=True) + "\n")
 
 
-class Session:
-    """A model, its tokenizer and one KV cache that holds the whole conversation so far."""
+class Conversation:
+    """Plain decoding (no --mc): a model, its tokenizer and one KV cache that holds the whole conversation so far."""
 
     def __init__(self, model: GPT, enc, generator):
         self.model, self.enc, self.generator = model, enc, generator
@@ -128,27 +146,6 @@ class Session:
         write_stream(self.sample(ids, args, stop), self.enc, out)
 
 
-def mc_model(ckpt, args, gpt):
-    """The checkpoint's MegaContext config and weights when it has them (training stages), else untrained nets. The
-    budget defaults to the checkpoint's, else to the default capped at the base's block."""
-    fields = {f.name for f in dataclasses.fields(MegaContextConfig)}
-    saved = {"w_max": min(MegaContextConfig.w_max, gpt.config.block_size)}
-    saved |= {k: v for k, v in ckpt.get("mc_config", {}).items() if k in fields}
-    given = {"block_k": args.block, "w_max": args.budget, "recent_tokens": args.recent, "policy": args.policy}
-    cfg = MegaContextConfig(**{**saved, **{k: v for k, v in given.items() if v is not None}})
-    if cfg.w_max > gpt.config.block_size:  # DESIGN §2: PoSE trains positions, not spans
-        raise ValueError(f"budget {cfg.w_max} is above the {gpt.config.block_size}-token block the base model was "
-                         f"trained on: it never attended over that many entries; use --budget <= "
-                         f"{gpt.config.block_size}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # untrained nets are identical on every run, so the model identity of a tree holds
-        mc = MegaContextModel(gpt, cfg)
-    for name in ("gistnet", "lensnet"):
-        if name in ckpt:
-            getattr(mc, name).load_state_dict(ckpt[name])
-    return mc.eval()
-
-
 def mc_status(session, columns: int) -> str:
     """One line: history map by level (scaled to `columns`), entries / budget, edits, swap rate, history."""
     t, wc, cfg = session.telemetry, session.wc, session.cfg
@@ -173,61 +170,87 @@ def mc_sample(session, ids, args, generator, status, stop=lambda: False):
         yield session.step(args.temperature, args.top_k, args.top_p, generator)
 
 
-def run_mc(args, ckpt, model, enc, generator, ctrlc):
-    """--mc: a MegaContext session, resumed from and saved to --tree when given. Bad input fails before any write;
-    every way out but a third Ctrl-C mid-reply saves the session (Session.save commits atomically)."""
+def say(line: str):
+    """One line on stderr; nothing when stderr is gone (the terminal closed: the session must still be saved)."""
     try:
-        mc = mc_model(ckpt, args, model)
-        resume = args.tree is not None and check_folder(args.tree, write=True)
-        session = MCSession.open(mc, args.tree) if resume else MCSession(mc)
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def run_mc(args, ckpt, model, enc, generator, signals):
+    """--mc: a MegaContext session, resumed from and saved to --tree when given (never saved with --read-only).
+    Bad input fails before any write. Once the session is open, signals are only recorded (Signals.hold), and every
+    way the session ends saves it: EOF, an empty line, the quit word, any number of Ctrl-C at any spacing, SIGTERM,
+    SIGHUP, a stdout whose reader went away; a history the budget cannot hold saves what came before it."""
+    try:
+        mc = checkpoint.mc_model(ckpt, args, model)
+        resume = args.tree is not None and check_folder(args.tree, write=False)
+        session = Session.open(mc, args.tree) if resume else Session(mc)
     except ValueError as e:  # bad config, a tree from another model or K, a damaged tree
         fail(str(e))
-    if not resume:
+    signals.hold()
+    if not len(session.tree):  # a new session (or the empty commit of one whose first save was cut short)
         session.ingest([enc.encode_single_token(prepare.BOS)])
-    print(f"[mc] {'resumed' if resume else 'new'} session: {session.describe()}", file=sys.stderr, flush=True)
+    save_to = None if args.read_only else args.tree
+    say(f"[mc] {'resumed' if resume else 'new'} session: {session.describe()}"
+        f"{'; read-only: nothing will be saved' if args.read_only else ''}")
     status, error, opened = StatusLine(), None, len(session.tree)
     try:
         if args.interactive:
-            print("[mc] a line per prompt; an empty line, quit, Ctrl-D or Ctrl-C at the prompt ends (and saves); "
-                  "Ctrl-C stops a reply", file=sys.stderr, flush=True)
-            for line in prompts():
-                with ctrlc.soft():
-                    write_stream(mc_sample(session, enc.encode_ordinary(line), args, generator, status, ctrlc), enc)
+            say("[mc] a line per prompt; an empty line, quit, Ctrl-D or Ctrl-C at the prompt ends (and saves); "
+                "Ctrl-C stops a reply")
+            for line in prompts(signals):
+                with signals.reply():
+                    write_stream(mc_sample(session, enc.encode_ordinary(line), args, generator, status, signals), enc)
         else:
-            ids = enc.encode_ordinary(args.prompt_text)
+            ids, start, source = enc.encode_ordinary(args.prompt_text), 0, None
+            if args.prompt_file and save_to:  # recorded in the tree, so that a run cut short can be continued
+                source = stream_source(os.path.abspath(args.prompt_file), args.prompt_bytes, len(ids))
+                start, note = stream_offset(session, source)
+                if note:
+                    say(f"[mc] {note}")
+                source = {**source, "start": len(session.tree) - start, "done": start}
             if args.prompt:
                 sys.stdout.write(args.prompt)  # a short prompt is echoed as without --mc; a book is not
-            with ctrlc.soft():  # a book streams into the tree chunk by chunk, saved to --tree as it goes
-                ingest_stream(session, ids, save_to=args.tree, out=sys.stderr if len(ids) > 65536 else None,
-                              stop=ctrlc)
-                write_stream(mc_sample(session, [], args, generator, status, ctrlc), enc)
+            with signals.reply():  # a book streams into the tree chunk by chunk, saved to --tree as it goes
+                ingest_stream(session, ids[start:], save_to=save_to, stop=signals, source=source,
+                              out=sys.stderr if len(ids) - start > 65536 else None)
+                if not signals.stop():  # (stopped: no refocus and reply to wait for before the save)
+                    write_stream(mc_sample(session, [], args, generator, status, signals), enc)
+    except TreeError as e:  # a save of the streaming book failed (a full disk): DIR keeps its last generation
+        fail(str(e))
     except ValueError as e:  # a history the budget cannot hold: ingest changed nothing, so what came before is kept
         error = str(e)
-    except BrokenPipeError:  # the reader of stdout is gone (`| head`, a `| tee` that took the Ctrl-C): still save
-        stdout_gone()
-    except KeyboardInterrupt:  # between turns the session is whole and is saved; mid-update the saved one stays
-        if ctrlc.torn:
-            fail(f"interrupted{f'; {args.tree} keeps its last saved session' if args.tree else ''}")
+    except OSError as e:  # the reader of stdout is gone (`| head`, a `| tee` that took the Ctrl-C; EIO: a closed
+        if e.errno not in (errno.EPIPE, errno.EIO):  # terminal): still save
+            raise
+        stdout_gone(e)
     finally:
         status.close()
-    if ctrlc():
-        print(f"[mc] stopped (Ctrl-C) at {len(session.tree):,} tokens of history", file=sys.stderr, flush=True)
-    saving = args.tree and (error is None or len(session.tree) > opened)  # a failed run that added nothing: no write
-    if saving:
+    why = signals.ended if args.interactive else signals.stopped
+    if why:
+        say(f"[mc] stopped ({why}) at {len(session.tree):,} tokens of history")
+    if not save_to:
+        if args.read_only and len(session.tree) > opened:
+            say(f"[mc] read-only: the {len(session.tree) - opened:,} tokens of this session were not saved")
+    elif error is None or len(session.tree) > opened:  # a failed run that added nothing writes nothing
         try:
-            session.save(args.tree)
-        except (OSError, TreeError) as e:
-            fail(f"cannot save the session to --tree {args.tree}: {getattr(e, 'strerror', None) or e}")
+            session.save(save_to)
+        except TreeError as e:  # a full disk: the message says what DIR keeps
+            fail(str(e))
         if error is None:
-            print(f"[mc] saved {len(session.tree):,} tokens to {args.tree}", file=sys.stderr)
+            say(f"[mc] saved {len(session.tree):,} tokens to {save_to}")
     if error is not None:
-        fail(f"{error}{f' (the session so far is saved in {args.tree})' if saving else ''}")
+        fail(f"{error}{f' (the session so far is saved in {save_to})' if save_to else ''}")
 
 
-def read_prompt(args) -> str:
+def read_prompt(args) -> tuple[bytes, str]:
+    """The --prompt-file's bytes (their size and checksum identify a streamed book) and its text."""
     try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+        with open(args.prompt_file, "rb") as f:
+            data = f.read()
+        return data, data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
     except OSError as e:
         fail(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}")
     except UnicodeDecodeError as e:
@@ -236,55 +259,64 @@ def read_prompt(args) -> str:
 
 
 def main(argv):
-    ctrlc = CtrlC()
+    signals = Signals()
     try:
-        run(parse_args(argv), ctrlc)
+        run(parse_args(argv), signals)
     except BrokenPipeError:
         stdout_gone()
-    except KeyboardInterrupt:  # Ctrl-C while loading, or a third one in a reply: no traceback, no half-written file
+    except KeyboardInterrupt:  # a signal while loading, before the session opened: nothing to save, no traceback
         fail("interrupted")
+    finally:
+        signals.close()
 
 
-def run(args, ctrlc):
-    args.prompt_text = read_prompt(args) if args.prompt_file else args.prompt or ""  # bad input before any work
-    if args.tree is not None:
+def run(args, signals):
+    args.prompt_bytes, args.prompt_text = read_prompt(args) if args.prompt_file else (b"", args.prompt or "")
+    with contextlib.ExitStack() as held:
+        if args.tree is not None:  # refused before anything is read or written: foreign files, a locked tree
+            try:
+                if not check_folder(args.tree, write=False) and args.read_only:
+                    raise TreeError(f"--read-only: {os.path.abspath(args.tree)} holds no saved session to read")
+                if not args.read_only:
+                    held.enter_context(TreeLock(args.tree))  # one writer per tree, for the whole session
+                    check_folder(args.tree, write=True)
+            except TreeError as e:
+                fail(str(e))
+        ckpt = load_checkpoint(args.ckpt)
+        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                              else "cpu")
+        data_dir = args.data_dir or ckpt["config"]["data_dir"]
         try:
-            check_folder(args.tree, write=True)
-        except TreeError as e:
+            model = checkpoint.load_gpt(ckpt, device)
+            enc = prepare.load_tokenizer(data_dir)
+            checkpoint.check_tokenizer(ckpt, data_dir, enc)
+        except FileNotFoundError:
+            fail(f"no tokenizer.json in {data_dir!r} (the checkpoint's data_dir); pass --data-dir")
+        except ValueError as e:  # damaged, or not the checkpoint's tokenizer: the message names the file and the fix
             fail(str(e))
-    ckpt = load_checkpoint(args.ckpt)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    data_dir = args.data_dir or ckpt["config"]["data_dir"]
-    try:
-        enc = prepare.load_tokenizer(data_dir)
-    except FileNotFoundError:
-        fail(f"no tokenizer.json in {data_dir!r} (the checkpoint's data_dir); pass --data-dir")
-    except ValueError as e:  # damaged: the message names the file and the fix
-        fail(str(e))
-    if enc.n_vocab > model.config.vocab_size:
-        fail(f"tokenizer in {data_dir!r} has {enc.n_vocab} tokens but the model only {model.config.vocab_size}")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    if args.mc:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
         with torch.no_grad():
-            return run_mc(args, ckpt, model, enc, generator, ctrlc)
-    session = Session(model, enc, generator)
+            if args.mc:
+                return run_mc(args, ckpt, model, enc, generator, signals)
+            chat(args, model, enc, generator, signals)
+
+
+def chat(args, model: GPT, enc, generator, signals):
+    """Plain decoding: one reply to --prompt/--prompt-file, or --interactive turns in one KV cache."""
+    conversation = Conversation(model, enc, generator)
+    signals.hold()  # a signal stops a reply or ends the REPL, never cuts a token in two
     bos = [enc.encode_single_token(prepare.BOS)]
-    with torch.no_grad():
-        if args.interactive:
-            print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter model; a line per prompt; an "
-                  "empty line, quit, Ctrl-D or Ctrl-C at the prompt ends; Ctrl-C stops a reply", file=sys.stderr)
-            session.feed(bos)
-            for line in prompts():
-                with ctrlc.soft():
-                    session.reply(enc.encode_ordinary(line), args, stop=ctrlc)
-            return
-        sys.stdout.write(args.prompt_text)
-        with ctrlc.soft():
-            session.reply(bos + enc.encode_ordinary(args.prompt_text), args, stop=ctrlc)
+    if args.interactive:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter model; a line per prompt; an empty "
+              "line, quit, Ctrl-D or Ctrl-C at the prompt ends; Ctrl-C stops a reply", file=sys.stderr)
+        conversation.feed(bos)
+        for line in prompts(signals):
+            with signals.reply():
+                conversation.reply(enc.encode_ordinary(line), args, stop=signals)
+        return
+    sys.stdout.write(args.prompt_text)
+    with signals.reply():
+        conversation.reply(bos + enc.encode_ordinary(args.prompt_text), args, stop=signals)
 
 
 if __name__ == "__main__":

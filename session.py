@@ -19,8 +19,11 @@ Decisions where DESIGN and the issue are silent:
   continue decodes exactly what an unsaved session would; opened with another budget it cold-starts instead.
 - A long history streams in through `ingest_stream`: fixed-size chunks (gists made in large batches, tree.py), a
   progress line, and saves every `save_every` tokens when the session has a directory, so the tree's RAM tail (rows
-  not yet on disk) is bounded and resident memory does not grow with the history.
+  not yet on disk) is bounded and resident memory does not grow with the history. The file being streamed is
+  recorded in the saved state (name, size, checksum, start, tokens done), so a run cut short continues it from the
+  first token the tree does not hold (stream_offset).
 """
+import hashlib
 import sys
 import time
 
@@ -55,6 +58,7 @@ class Session:
         # lens_query: the base's residual streams of the newest tokens as the last forward computed them, (Tq, D) with
         # the tokens' positions (Tq,): LensNet's queries (the question as the base reads it)
         self.states, self.state_pos = None, torch.zeros(0, dtype=torch.long)
+        self.stream = (state or {}).get("stream")  # the file being streamed in, and how far (ingest_stream)
         if state and state.get("shape") == self._shape():  # the saved working context fits this budget
             self.wc._splice(0, 0, *(torch.tensor(state["wc"][k]) for k in ("lod", "index", "born", "born_by")))
             self.wc.cursor, self.pending, self.alloc.steps = len(self.tree), state["pending"], state["steps"]
@@ -194,7 +198,7 @@ class Session:
         """Write the tree and this session's working context to directory `path` (appending if it came from there)."""
         wc = {k: getattr(self.wc, k).tolist() for k in ("lod", "index", "born", "born_by")}
         self.tree.save(path, extra=dict(shape=self._shape(), wc=wc, pending=self.pending, steps=self.alloc.steps,
-                                        totals=self.alloc.totals))
+                                        totals=self.alloc.totals, stream=self.stream))
 
     @classmethod
     def open(cls, model: MegaContextModel, path: str, verify: bool = True) -> "Session":
@@ -207,21 +211,26 @@ class Session:
 
 
 def ingest_stream(session: Session, ids, chunk: int = 1 << 16, save_to: str | None = None, save_every: int = 1 << 20,
-                  out=sys.stderr, every_s: float = 10.0, stop=lambda: False) -> float:
+                  out=sys.stderr, every_s: float = 10.0, stop=lambda: False, source: dict | None = None) -> float:
     """Ingest a long history chunk by chunk; returns tokens/s. A progress line (tokens, tokens/s, ETA, depth) goes to
-    `out` (None: silent) at most every `every_s` seconds and at the end. With `save_to`, the session is saved there
+    `out` (None: silent) after the first chunk (an early rate and ETA), then at most every `every_s` seconds, and at
+    the end. With `save_to`, the session is saved there
     after every `save_every` tokens, which bounds the RAM the tree's unsaved rows take; the caller saves at the end.
-    Stops early (between chunks) once stop() is true, e.g. on Ctrl-C.
+    Stops early (between chunks) once stop() is true, e.g. on Ctrl-C. `source` (stream_source, its "done" the
+    offset of ids[0] in the file) is kept up to date in session.stream, so every save records how far the file got.
     Bad ids or a history the budget cannot hold raise ValueError before anything is ingested."""
     ids, cfg = session.tree.check_ids(ids), session.cfg
     check_capacity(len(session.tree) + len(ids), cfg.K, cfg.recent_tokens, cfg.target)
-    t0 = last = time.perf_counter()
+    t0 = time.perf_counter()
+    last = t0 - every_s
     unsaved = 0
     for i in range(0, len(ids), chunk):
         if stop():
             break
         part = ids[i:i + chunk]
         session.ingest(part)
+        if source is not None:
+            session.stream = {**source, "done": source["done"] + i + len(part)}
         unsaved += len(part)
         if save_to is not None and unsaved >= save_every:
             session.save(save_to)
@@ -233,3 +242,30 @@ def ingest_stream(session: Session, ids, chunk: int = 1 << 16, save_to: str | No
                   f"ETA {(len(ids) - done) / rate:,.0f} s | depth {session.tree.depth}", file=out, flush=True)
             last = now
     return len(ids) / max(time.perf_counter() - t0, 1e-9)
+
+
+def stream_source(name: str, data: bytes, n_tokens: int) -> dict:
+    """What a session records about a file it streams in: name, size, checksum and tokens (ingest_stream adds how
+    many are done; the caller adds `start`, the history position of its first token)."""
+    return {"file": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "tokens": n_tokens}
+
+
+def stream_offset(session: Session, source: dict) -> tuple[int, str | None]:
+    """Where streaming `source` into this session starts, and a line saying why when not at 0: the first token the
+    tree does not hold when the tree's last stream is this file (same name, size and checksum) and nothing came after
+    it (an interrupted run: killed, or stopped with Ctrl-C); else 0, with the reason it cannot continue."""
+    last = session.stream
+    if not last or last.get("file") != source["file"]:
+        return 0, None if not last or last["done"] >= last["tokens"] else (
+            f"the tree holds an unfinished stream of {last['file']} ({last['done']:,} of {last['tokens']:,} tokens); "
+            f"{source['file']} is streamed after it")
+    done, n = last["done"], source["tokens"]
+    if (last["size"], last["sha256"]) != (source["size"], source["sha256"]):
+        return 0, (f"{source['file']} changed since the tree took {done:,} tokens of it ({last['size']:,} -> "
+                   f"{source['size']:,} bytes, another checksum): streaming it from its start")
+    if len(session.tree) != last["start"] + done:
+        return 0, (f"the tree holds {done:,} of {n:,} tokens of {source['file']}, but more history came after them: "
+                   "streaming it from its start")
+    if done >= n:
+        return n, f"the tree holds all {n:,} tokens of {source['file']} already: nothing to stream"
+    return done, f"continuing {source['file']} from token {done:,} of {n:,} (the tree holds the ones before it)"

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
+import durable
 import kernels
 import prepare
 import retrieval
@@ -166,8 +168,10 @@ class TrainConfig:
     def validate(self):
         """One-line ConfigError naming the key and its allowed values, for every field, before any work."""
         for key, allowed in RANGES.items():
-            if not in_range(getattr(self, key), allowed):
-                raise ConfigError(f"{key} must be {range_text(allowed)}, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if not in_range(value, allowed):
+                finite = "" if math.isfinite(value) or range_text(allowed) == "finite" else "a finite number "
+                raise ConfigError(f"{key} must be {finite}{range_text(allowed)}, got {value}")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if not self.out_dir.strip():
@@ -298,14 +302,16 @@ def check_memory(cfg: TrainConfig, model_args: dict, dtype: str, device: torch.d
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         free, where = free // ranks, "of RAM available" + (f" per rank ({ranks} ranks)" if ranks > 1 else "")
     state, act = train_memory(cfg, model_args, dtype)
+    gib = 2**30
+    if state > free:  # no batch fits: lowering it (the fix below) would only waste the user's next try
+        fail(f"a {model_args['n_layer']} x {model_args['n_embd']} model's weights and AdamW state alone need "
+             f"{state / gib:.1f} GiB, more than the {free / gib:.1f} GiB {where}; use a smaller model (n_layer, "
+             f"n_embd)")
     if state + act > free:
-        gib = 2**30
-        fix = ("use a smaller model (n_layer, n_embd)" if state > act else
-               "lower batch_size (grad_accum keeps the tokens per step) or block_size")
         fail(f"batch_size={cfg.batch_size} x block_size={cfg.block_size} on a {model_args['n_layer']} x "
              f"{model_args['n_embd']} model needs at least {(state + act) / gib:.1f} GiB ({state / gib:.1f} weights "
              f"and AdamW state, {act / gib:.1f} activations of one micro-batch), more than the {free / gib:.1f} GiB "
-             f"{where}; {fix}")
+             f"{where}; lower batch_size (grad_accum keeps the tokens per step) or block_size")
 
 
 def run_header(cfg) -> dict:
@@ -451,27 +457,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
 
-def save_atomic(obj, path: str, write=torch.save):
-    """write(obj, f) (torch.save) to a temporary file in the same directory, fsync, then rename: a crash never leaves
-    half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str) -> dict:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        fail(f"checkpoint not found: {path}")
-    except Exception as e:  # truncated zip, bad pickle, ...: all mean the same to the user
-        fail(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        fail(f"checkpoint {path} is not a MegaContext checkpoint")
-    return ckpt
+        return checkpoint.read(path)
+    except checkpoint.CheckpointError as e:
+        fail(str(e))
 
 
 def resume_log(path: str, step: int, cfg: TrainConfig):
@@ -481,11 +471,11 @@ def resume_log(path: str, step: int, cfg: TrainConfig):
     Returns the log open for appending."""
     kept, seen, header = [], set(), None
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, "rb") as f:  # bytes: a line of garbage (a torn write, a damaged disk) is skipped, not fatal
             for line in f:
                 try:
                     r = json.loads(line)
-                except ValueError:
+                except ValueError:  # (UnicodeDecodeError is one)
                     continue  # torn by the kill
                 if not isinstance(r, dict) or r.get("step", -1) > step or ("resumed" in r and r["step"] >= step):
                     continue
@@ -502,7 +492,29 @@ def resume_log(path: str, step: int, cfg: TrainConfig):
         header = now
     changed = {k: [header.get(k), v] for k, v in now.items() if header.get(k) != v}
     kept.append(json.dumps({"step": step, "resumed": {"changed": changed, **run_header(cfg)}}) + "\n")
-    save_atomic("".join(kept).encode(), path, lambda data, f: f.write(data))
+    data = "".join(kept).encode()
+    write_or_fail(path, lambda f: f.write(data), len(data), "nothing was changed; free space, then resume")
+    return open(path, "a")
+
+
+def write_or_fail(path: str, write, nbytes: int, kept: str):
+    """durable.write_atomic, or one line naming the file, the reason (a full disk) and what is still intact."""
+    try:
+        durable.write_atomic(path, write, nbytes, os.path.basename(path))
+    except OSError as e:
+        fail(f"cannot write {path} ({durable.reason(e)}); {kept}")
+
+
+def start_log(path: str, cfg: TrainConfig):
+    """A new run's log: config and run headers, written atomically. A log already there (no checkpoint beside it:
+    a run killed before its first one, or one without checkpoints) is moved to log.jsonl.prev, so the new log reads
+    as one run, with one header and its own steps. Returns the log open for appending."""
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+        print0(f"note: {path} was from an earlier run with no checkpoint to resume; moved to {path}.prev")
+    data = (json.dumps({"config": dataclasses.asdict(cfg)}) + "\n" + json.dumps({"run": run_header(cfg)}) +
+            "\n").encode()
+    write_or_fail(path, lambda f: f.write(data), len(data), "nothing was written")
     return open(path, "a")
 
 
@@ -734,6 +746,7 @@ def main(argv, nested: bool = False):
         except (ValueError, KeyError) as e:
             fail(f"retrieval drills: {e}")
     vocab_size = meta["vocab_size"]
+    tokenizer = None if meta.get("random_ids") else checkpoint.tokenizer_record(data_dir)  # checkpoints name it
     if meta.get("synthetic"):
         print0(f"!!! note: {data_dir} holds a SYNTHETIC corpus (planted facts in pseudo-English), not books")
     model_args = dataclasses.asdict(cfg.gpt_config(vocab_size))
@@ -774,16 +787,14 @@ def main(argv, nested: bool = False):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     wandb_run = None
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        if ckpt is None:
-            log_file = open(log_path, "a")
-            log_file.write(json.dumps({"config": dataclasses.asdict(cfg)}) + "\n")
-            log_file.write(json.dumps({"run": run_header(cfg)}) + "\n")
-            log_file.flush()
-        else:
-            log_file = resume_log(log_path, ckpt["step"], cfg)
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create out_dir {cfg.out_dir} ({durable.reason(e)})")
+        config_json = json.dumps(dataclasses.asdict(cfg), indent=2).encode()
+        write_or_fail(os.path.join(cfg.out_dir, "config.json"), lambda f: f.write(config_json), len(config_json),
+                      "nothing else was written")
+        log_file = start_log(log_path, cfg) if ckpt is None else resume_log(log_path, ckpt["step"], cfg)
         if cfg.wandb != "off":
             import wandb  # imported only when asked for: no network here, offline by default
             wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), mode=cfg.wandb,
@@ -794,10 +805,19 @@ def main(argv, nested: bool = False):
 
     def log(record):
         if master:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            try:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            except OSError as e:  # a full disk: the checkpoint is whole (a torn log line is dropped on resume)
+                fail(f"cannot write {log_path} ({durable.reason(e)}); {ckpt_state()}")
             if wandb_run is not None:
                 wandb_run.log(record, step=record["step"])
+
+    saved_step = ckpt["step"] if ckpt is not None else None
+
+    def ckpt_state() -> str:
+        return (f"the checkpoint of step {saved_step} is intact: free space, then --init_from=resume"
+                if saved_step is not None else "no checkpoint was written yet")
 
     gpu_name = torch.cuda.get_device_name(device) if use_cuda else ""
     peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
@@ -826,9 +846,15 @@ def main(argv, nested: bool = False):
                 rngs = gathered
             if master and cfg.save_checkpoint and step > 0:
                 extras = mc_checkpoint_extras(raw_model) if cfg.stage != "base" else {}
-                save_atomic({"model": gpt.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "best_val_loss": best_val, "config": dataclasses.asdict(cfg), "model_args": model_args,
-                             "rng": rngs, "data_position": step, **extras}, ckpt_path)
+                extras |= {"tokenizer": tokenizer} if tokenizer else {}
+                try:
+                    checkpoint.save({"model": gpt.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                     "best_val_loss": best_val, "config": dataclasses.asdict(cfg),
+                                     "model_args": model_args, "rng": rngs, "data_position": step, **extras},
+                                    ckpt_path)
+                except OSError as e:  # a full disk: the temp file is gone, the last checkpoint untouched
+                    fail(f"cannot write the checkpoint {ckpt_path} ({durable.reason(e)}); {ckpt_state()}")
+                saved_step = step
         if last:
             break
 

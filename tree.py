@@ -25,21 +25,40 @@ A crash at any point leaves the previous meta.json, whose counts and checksums d
 and files past it are ignored and overwritten by the next save. (Rewriting a whole .bin through a temp file on every
 save would be atomic too, but costs O(history) per save.) `open` memory-maps the committed rows and checks checksums
 by streaming the files, so history is bounded by disk, not RAM, and opening does not grow the resident set.
-A folder holding .bin files but no meta.json, or one that cannot be written, is refused before any write
-(check_folder).
+A folder holding .bin files but no meta.json, files that are not a tree's (notes, a training run, prepared data),
+or one that cannot be written is refused before any write (check_folder). A save checks the free space for its rows
+first, commits an empty generation before the first rows of a new folder (so no folder ever holds tree files without
+a commit record), and on a failure part-way (a full disk) truncates every file back to its committed rows and
+removes the files it created: the folder opens as the previous generation.
+
+One writer per folder: TreeLock, an exclusive flock on DIR/lock held for a whole session (a save takes it for its own
+duration when the caller holds none). The kernel drops it when its process dies, so a dead holder's lock is simply
+taken over; the file names the holder (pid, host, since) for the message a second writer gets. Readers take no lock:
+they map only the committed rows of the meta.json they read, and a writer never rewrites those.
 """
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 import zlib
 
 import numpy as np
 import torch
 
+import durable
+
 FORMAT_VERSION = 2  # v1 (fixed LOD2 top, three files) is read and extended, and written back as v2
 GIST_DTYPES = ("float32", "float16")  # numpy-native, so np.memmap can map them (bf16 is not)
 CHUNK_BYTES = 1 << 24  # streaming unit of checksums and whole-file copies: bounded RAM whatever the history
 TYPE_SPAN = 512  # nodes of at least this many tokens keep their token-type sets in RAM (MegaContextTree.types)
+LOCK_FILE = "lock"  # TreeLock's file in the tree folder
+# a tree folder's own names: the commit record, the level files, the lock, and temp files of an interrupted write
+OWN_NAME = re.compile(r"(meta\.json|tokens\.bin|lod\d+\.bin)(\.tmp\d+)?|lock|\.write-probe-.*")
 
 
 def depth_of(n_tokens: int, K: int) -> int:
@@ -230,33 +249,24 @@ def _crc_file(path: str, nbytes: int) -> int:
     return crc
 
 
-def _write_atomic(path: str, chunks):
-    """Write an iterable of byte buffers to path through a temp file: flush, fsync, os.replace."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str):
+def _is_tree_meta(path: str) -> bool | None:
+    """Whether the meta.json at `path` is a tree's commit record: True; False for another program's JSON (prepare.py's
+    meta.json); None when it cannot be read (corrupt: open() names that)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the data itself is already fsynced
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return isinstance(meta, dict) and "format_version" in meta and "counts" in meta
 
 
 def check_folder(path: str, write: bool) -> bool:
     """Whether folder `path` holds a committed tree (a meta.json). Called before anything is read or written; raises
-    TreeError (one line) for tree files without a commit record, which writing a new tree there would destroy, and,
-    when `write`, for a folder (or, if it does not exist yet, its nearest existing parent) or tree file that cannot
-    be written. Writability is probed, not read from mode bits, so root, ACLs and read-only mounts all count."""
+    TreeError (one line) for a folder that is neither empty nor a tree (another program's files: a tree is never
+    written beside them), for tree files without a commit record (which writing a new tree there would destroy),
+    and, when `write`, for a folder (or, if it does not exist yet, its nearest existing parent) or tree file that
+    cannot be written. Writability is probed, not read from mode bits, so root, ACLs and read-only mounts all count.
+    Files of someone else beside a committed tree are left alone (a save writes only the tree's own names)."""
     path = os.path.abspath(path)
     folder = path
     while not os.path.isdir(folder):  # the folder, or the nearest existing parent a save would create it in
@@ -264,8 +274,14 @@ def check_folder(path: str, write: bool) -> bool:
             raise TreeError(f"{folder} is a file, not a folder")
         folder = os.path.dirname(folder)
     names = sorted(os.listdir(path)) if folder == path else []
-    data = [n for n in names if n == "tokens.bin" or (n.startswith("lod") and n.endswith(".bin"))]
+    data = [n for n in names if n == "tokens.bin" or re.fullmatch(r"lod\d+\.bin", n)]
     committed = "meta.json" in names
+    tree_meta = _is_tree_meta(os.path.join(path, "meta.json")) if committed else None
+    foreign = ["meta.json (not a tree's)"] * (tree_meta is False) + [n for n in names if not OWN_NAME.fullmatch(n)]
+    if foreign and not tree_meta:
+        more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+        raise TreeError(f"{path} is not empty and holds no MegaContext tree (found {', '.join(foreign[:4])}{more}); "
+                        "nothing was written: a tree goes into an empty folder or the folder of a saved tree")
     if data and not committed:
         raise TreeError(f"{path} holds tree files ({', '.join(data)}) but no commit record (meta.json missing); "
                         "nothing was written: restore meta.json to resume, or start over in an empty folder")
@@ -281,6 +297,109 @@ def check_folder(path: str, write: bool) -> bool:
         where = folder if not e.filename or ".write-probe-" in e.filename else e.filename
         raise TreeError(f"cannot write to {where} ({e.strerror}); choose a writable folder") from None
     return committed
+
+
+class TreeLocked(TreeError):
+    """The tree folder is locked by another live process."""
+
+
+_HELD = {}  # real path of a folder -> the TreeLock this process holds on it (saves inside a session reuse it)
+
+
+def _holder(fd: int) -> str:
+    """'pid P on HOST since T' from a lock file; its holder may be writing it this instant, so read a few times."""
+    for _ in range(20):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0))
+            return f"pid {info['pid']} on {info['host']} since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.01)
+    return "a process that has not written its name yet"
+
+
+class TreeLock:
+    """One writer per tree folder (module docstring): an exclusive, non-blocking flock on DIR/lock.
+
+        with TreeLock(path):        # TreeLocked (one line naming the holder) if another process writes the tree
+            ...                     # the whole session; saves in it reuse this lock
+
+    The folder is created if needed and removed again on release when the lock file was all it held (a run that
+    failed before its first save leaves nothing behind). The lock file is unlinked on release while still locked,
+    so an acquirer checks, after its flock, that the file it locked is still the one the folder names."""
+
+    def __init__(self, path: str):
+        self.path, self.fd, self.made = os.path.abspath(path), None, False
+
+    def __enter__(self):
+        file = os.path.join(self.path, LOCK_FILE)
+        try:
+            while self.fd is None:
+                if not os.path.isdir(self.path):  # (again if a holder that made it removed it as it released)
+                    os.makedirs(self.path, exist_ok=True)
+                    self.made = True
+                try:
+                    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+                except FileNotFoundError:  # the folder went between the check and the open: make it anew
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holder(fd)
+                    os.close(fd)
+                    raise TreeLocked(f"{self.path} is in use by another session ({holder}); nothing was written: "
+                                     "wait for it to end, or open the tree read-only (sample.py --read-only)") from None
+                except BaseException:
+                    os.close(fd)
+                    raise
+                try:
+                    same = os.stat(file).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:  # released (and unlinked) between our open and our flock: lock anew
+                    same = False
+                if same:
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            _HELD[os.path.realpath(self.path)] = self  # (a save may name the folder through another link)
+        except OSError as e:
+            self.__exit__()
+            raise TreeError(f"cannot write to {self.path} ({e.strerror}); choose a writable folder") from None
+        except BaseException:  # Ctrl-C while loading: no lock may outlive this call in a process that goes on
+            self.__exit__()
+            raise
+        try:  # who holds it, for the next writer's message; a full disk only loses the name, not the lock
+            os.ftruncate(self.fd, 0)
+            since = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+            os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode())
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            self._remove_made()
+            return
+        _HELD.pop(os.path.realpath(self.path), None)
+        durable.remove_quietly(os.path.join(self.path, LOCK_FILE))  # still locked: nobody else holds this file
+        os.close(self.fd)
+        self.fd = None
+        self._remove_made()
+
+    def _remove_made(self):
+        if self.made:
+            try:
+                os.rmdir(self.path)  # only when empty: nothing was saved into the folder this lock created
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def _writer(path: str):
+    """The folder's lock for one save: the session's when this process holds it, else taken for the save."""
+    if os.path.realpath(path) in _HELD:
+        yield
+        return
+    with TreeLock(path):
+        yield
 
 
 class MegaContextTree:
@@ -448,44 +567,82 @@ class MegaContextTree:
     def save(self, path: str, extra: dict | None = None):
         """Write (or append to) the tree in directory `path`; then the tree is backed by it (memory-mapped).
 
-        A folder holding another tree, or tree files without a commit record, is refused before anything is
-        written (check_folder)."""
+        Refused before anything is written (TreeError, one line): a folder holding another tree, tree files without
+        a commit record or another program's files (check_folder), a folder another process holds the lock of, and
+        a save the disk has no room for. A save that fails part-way (a full disk) undoes its writes: the folder
+        opens as its previous generation, and this tree keeps its unsaved rows in RAM (a later save can retry)."""
         path = os.path.abspath(path)
         if self.rewritten:
             raise TreeError("this tree was rewritten in memory (MegaContextTree.rewrite) and cannot be saved")
-        if check_folder(path, write=True) and path != self.path:
-            raise TreeError(f"{path} already holds a MegaContext tree; open it, or save to another directory")
-        os.makedirs(path, exist_ok=True)
-        fresh = path != self.path
-        counts, crcs = [len(level) for level in self.levels], list(self.crcs)
+        with _writer(path):
+            if check_folder(path, write=True) and path != self.path:
+                raise TreeError(f"{path} already holds a MegaContext tree; open it, or save to another directory")
+            fresh = path != self.path
+            start = [0 if fresh else level.n_disk for level in self.levels]  # rows the folder already commits
+            counts = [len(level) for level in self.levels]
+            meta_bytes = len(json.dumps(self._meta(counts, [2**32 - 1] * len(counts), extra or {})))
+            new_bytes = sum((n - a) * level.row_bytes for level, n, a in zip(self.levels, counts, start))
+            kept = "nothing was saved there" if fresh else f"it keeps its last saved generation ({start[0]:,} tokens)"
+            committed = []  # set once meta.json names the new rows: from then on nothing is undone
+            try:
+                durable.check_space(path, new_bytes + 2 * meta_bytes, f"{counts[0] - start[0]:,} new tokens and "
+                                                                      "their gists")
+                self._write(path, fresh, start, counts, extra, committed)
+            except OSError as e:
+                if not committed:
+                    self._undo(path, fresh, start)
+                raise TreeError(f"cannot save the tree to {path} ({durable.reason(e)}); {kept}") from None
+            except BaseException:  # a simulated crash in the tests, a bug: still no half-written generation
+                if not committed:
+                    self._undo(path, fresh, start)
+                raise
+
+    def _write(self, path: str, fresh: bool, start: list, counts: list, extra: dict | None, committed: list):
+        """The durable steps of save: rows appended after the committed ones, fsyncs, then meta.json replaced."""
+        if fresh:  # an empty commit first: from now on the folder never holds tree files without a commit record
+            durable.write_atomic(os.path.join(path, "meta.json"),
+                                 lambda f: f.write(json.dumps(self._meta([0], [0], {})).encode()))
+        crcs = []
         for l, level in enumerate(self.levels):
-            file = os.path.join(path, level_file(l))
             _crash_point(f"write {level_file(l)}")
-            if fresh:  # a new directory: whole files, each through a temp file, streamed in chunks
-                crcs[l] = 0
-                for rows in level.chunks():
-                    crcs[l] = _crc(rows, crcs[l])
-                _write_atomic(file, level.chunks())
-                continue
-            tail = level.tail()
-            crcs[l] = _crc(tail, crcs[l])
-            # append after the committed rows, over any uncommitted bytes; a level born since the last save (or a
-            # leftover file of a crashed save) starts at offset 0
-            with os.fdopen(os.open(file, os.O_RDWR | os.O_CREAT, 0o644), "r+b") as f:
-                f.seek(level.n_disk * level.row_bytes)
-                f.write(np.ascontiguousarray(tail).tobytes())
+            crc = 0 if fresh else self.crcs[l]
+            # after the committed rows, over any uncommitted bytes; a level born since the last save (or a leftover
+            # file of a crashed save) starts at offset 0; a save into another folder writes every row, in chunks
+            rows = [level.tail()] if start[l] == level.n_disk else level.chunks()
+            with os.fdopen(os.open(os.path.join(path, level_file(l)), os.O_RDWR | os.O_CREAT, 0o644), "r+b") as f:
+                f.seek(start[l] * level.row_bytes)
+                for chunk in rows:
+                    crc = _crc(chunk, crc)
+                    f.write(np.ascontiguousarray(chunk).tobytes())
                 f.truncate()
                 f.flush()
                 os.fsync(f.fileno())
+            crcs.append(crc)
         _crash_point("fsync directory")
-        _fsync_dir(path)  # the data files' names (new levels, replaced files) are durable before meta.json names them
+        durable.fsync_dir(path)  # the data files' names (new levels) are durable before meta.json names them
         _crash_point("write meta.json")
-        _write_atomic(os.path.join(path, "meta.json"), [json.dumps(self._meta(counts, crcs, extra or {})).encode()])
-        _crash_point("fsync directory after commit")
-        _fsync_dir(path)
+        meta = json.dumps(self._meta(counts, crcs, extra or {})).encode()
+        durable.write_atomic(os.path.join(path, "meta.json"), lambda f: f.write(meta))  # the commit
+        committed.append(True)
+        _crash_point("fsync directory after commit")  # (write_atomic fsyncs the folder after its rename)
         for l, (level, n) in enumerate(zip(self.levels, counts)):
             level.map(os.path.join(path, level_file(l)), n)
         self.path, self.crcs = path, crcs
+
+    def _undo(self, path: str, fresh: bool, start: list):
+        """After a failed save: every level file back to its committed rows (files with none removed) and, in a folder
+        that held no tree, the empty commit too. Truncating and removing need no free space."""
+        for l, level in enumerate(self.levels):
+            file = os.path.join(path, level_file(l))
+            if start[l]:
+                try:
+                    os.truncate(file, start[l] * level.row_bytes)
+                except OSError:
+                    pass
+            else:
+                durable.remove_quietly(file)
+        if fresh:
+            durable.remove_quietly(os.path.join(path, "meta.json"))
 
     @classmethod
     def open(cls, path: str, K: int, d: int, vocab_size: int, identity: str, embed, gist, verify: bool = True):
@@ -528,7 +685,7 @@ class MegaContextTree:
                 tree.levels.append(_Rows((d,), dtype))
             level, n, file = tree.levels[lod], counts[lod], os.path.join(path, level_file(lod))
             size = os.path.getsize(file) if os.path.isfile(file) else -1
-            if size < n * level.row_bytes:
+            if n and size < n * level.row_bytes:
                 raise TreeError(f"tree file {file} is truncated: {max(size, 0)} bytes, meta.json commits "
                                 f"{n * level.row_bytes}")
             if verify and n and _crc_file(file, n * level.row_bytes) != crcs[lod]:

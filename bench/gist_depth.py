@@ -28,10 +28,10 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
 import prepare  # noqa: E402
+from checkpoint import mc_model  # noqa: E402
 from long_history import write_results  # noqa: E402
 from longctx import bootstrap  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from sample import mc_model  # noqa: E402
 from stages import deep_dnll  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
 

@@ -60,10 +60,10 @@ sys.path[:0] = [REPO, HERE]
 import longctx  # noqa: E402
 import prepare  # noqa: E402
 import retrieval  # noqa: E402
+from checkpoint import mc_model  # noqa: E402
 from decode_latency import rss_mb  # noqa: E402
 from megacontext import MegaContextConfig, MegaContextModel  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from sample import mc_model  # noqa: E402
 from session import Session, ingest_stream  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
 from tiling import zoom_entries  # noqa: E402

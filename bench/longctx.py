@@ -60,10 +60,10 @@ sys.path[:0] = [REPO, HERE]
 import kernels  # noqa: E402
 import prepare  # noqa: E402
 import retrieval  # noqa: E402
+from checkpoint import check_tokenizer, mc_model  # noqa: E402
 from decode_latency import baseline, pick_device, timed  # noqa: E402
 from megacontext import RECENCY_UNIT, MegaContextConfig, MegaContextModel, check_capacity, recency_scores  # noqa
 from model import GPT, GPTConfig  # noqa: E402
-from sample import mc_model  # noqa: E402
 from session import Session  # noqa: E402
 from tree import depth_of  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
@@ -134,6 +134,8 @@ def parse_args(argv):
         fail(f"history {min(a.histories)} must be longer than the horizon H={a.horizon}")
     if any(not 0 <= d <= 1 for d in a.depths) or not a.depths:
         fail("--depths must be one or more values in [0, 1]")
+    if a.gate is not None and not 0 <= a.gate <= 1:  # a share of the needles: 2 could never pass, nan always fails
+        fail(f"--gate must be in [0, 1] (the share of in-block needles retrieved), got {a.gate}")
     return a
 
 
@@ -691,6 +693,7 @@ def main(argv):
     # every bad input fails here, in one line, before any compute
     try:
         enc = prepare.load_tokenizer(args.data_dir)
+        check_tokenizer(ckpt, args.data_dir, enc)
         needles = retrieval.Needles(enc)
         haystack(args.data_dir, args.split, max(histories + [T]))
         over = [W for W in args.budgets + [args.retrieval_budget] if W > T]
@@ -718,8 +721,6 @@ def main(argv):
     gpt = GPT(GPTConfig(**ckpt["model_args"]))
     gpt.load_state_dict(ckpt["model"])
     gpt.to(device).eval()
-    if enc.n_vocab > gpt.config.vocab_size:
-        fail(f"tokenizer in {args.data_dir!r} has {enc.n_vocab} tokens but the model only {gpt.config.vocab_size}")
     print(kernels.banner(), file=sys.stderr)
 
     t0 = time.perf_counter()

@@ -37,8 +37,12 @@ def _read_file(path):
     """Assignments of a config file, in order, as {key: value}; only literals are allowed on the right."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        tree = ast.parse(open(path).read(), filename=path)
+        tree = ast.parse(data.decode("utf-8"), filename=path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
     except SyntaxError as e:
         raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     out = {}
@@ -70,6 +74,11 @@ def load_config(cls, argv):
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 value = raw  # bare word: a string
+            if isinstance(getattr(defaults, key), float) and isinstance(value, str):
+                try:
+                    value = float(raw)  # nan, inf: numbers, so the range check names what is wrong with them
+                except ValueError:
+                    pass
             if isinstance(getattr(defaults, key), str):
                 value = raw  # strings never need quotes on the command line
             values[key] = _coerce(key, value, getattr(defaults, key), "command line")

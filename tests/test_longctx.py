@@ -293,3 +293,24 @@ def test_refocus_cost_bench_times_both_arms(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         refocus_cost.main(["--ckpt", save_ckpt(tmp_path / "plain.pt", data_dir, mc=True), "--out", str(tmp_path / "x")])
     assert "has no query-conditioned LensNet" in capsys.readouterr().err
+
+
+def test_longctx_refuses_a_bad_gate_and_another_tokenizer(data_dir, tmp_path, capsys):
+    """--gate outside [0, 1] (a share of needles: 2 can never pass) and a --data-dir whose tokenizer is not the one
+    the checkpoint records: one line each, before any compute (issue 18)."""
+    import checkpoint
+    import prepare
+    other = str(tmp_path / "other")
+    prepare.main(["--synthetic", "--out", other, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000",
+                  "--seed", "7"])
+    path = save_ckpt(tmp_path / "ckpt.pt", data_dir)
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "tokenizer": checkpoint.tokenizer_record(data_dir)}, path)
+    for extra, msg in [(["--gate", "2"], "error: --gate must be in [0, 1] (the share of in-block needles retrieved), "
+                                         "got 2.0"),
+                       (["--data-dir", other], f"error: the tokenizer in {other} (sha256 ")]:
+        with pytest.raises(SystemExit) as e:
+            longctx.main(["--ckpt", path, "--data-dir", data_dir, *TINY, "--out", str(tmp_path / "x"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith(msg), (extra, err)
+    assert not os.path.exists(tmp_path / "x.json")

@@ -211,9 +211,10 @@ def test_failure_does_not_clobber(tmp_path, monkeypatch):
 
 
 def test_cli_fallback_is_loud(tmp_path):
-    repo = tmp_path / "repo"  # prepare.py alone: ../shared/data/pg does not exist next to it
+    repo = tmp_path / "repo"  # prepare.py (and the durable writes it uses) alone: no ../shared/data/pg next to it
     repo.mkdir()
-    shutil.copy(os.path.join(ROOT, "prepare.py"), repo)
+    for name in ("prepare.py", "durable.py"):
+        shutil.copy(os.path.join(ROOT, name), repo)
     r = run_cli("--vocab-size", 512, "--syn-docs", 3, "--syn-chars", 3000, cwd=repo, script=str(repo / "prepare.py"))
     assert r.returncode == 0, r.stderr
     assert "!!!" in r.stderr and "SYNTHETIC" in r.stderr
@@ -279,3 +280,19 @@ def test_damaged_data_file_errors_name_the_file(tmp_path, syn_dir, name, damage,
     msg = str(e.value)
     assert expect in msg and "rerun prepare.py" in msg and "\n" not in msg, msg
     assert "pickle" not in msg and "numpy" not in msg and "mmap" not in msg
+
+
+def test_vocab_the_corpus_cannot_fill_is_capped_without_holes(tmp_path, capsys):
+    """--vocab-size 65536 on a small corpus: the BPE stops early, and the vocabulary is capped to its ranks plus the
+    special tokens right after them, with a note (was: 2,138 ranks, specials at 65,528+, ids in between that
+    sampling could produce and nothing could decode)."""
+    out = str(tmp_path / "capped")
+    meta = prepare.prepare(None, out, synthetic=True, vocab_size=65536, syn_docs=2, syn_chars=4000)
+    enc, t = prepare.load_tokenizer(out), json.load(open(os.path.join(out, "tokenizer.json")))
+    n = len(t["ranks"])
+    assert n < 65536 - len(prepare.SPECIAL_TOKENS) and meta["vocab_size"] == enc.n_vocab == t["vocab_size"] == \
+        n + len(prepare.SPECIAL_TOKENS)
+    assert sorted(t["ranks"].values()) + sorted(t["special_tokens"].values()) == list(range(enc.n_vocab))
+    for i in range(enc.n_vocab):  # every id decodes
+        enc.decode_single_token_bytes(i)
+    assert f"vocab capped at {enc.n_vocab:,} (asked 65,536)" in capsys.readouterr().out

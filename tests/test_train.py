@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on a synthetic corpus: learning, position gaps, exact resume, torchrun, errors."""
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -81,8 +82,9 @@ def test_train_resume_is_exact(data_dir, tmp_path):
     train.main(common + [f"--out_dir={b}", "--max_iters=8", "--init_from=resume"])
     with open(os.path.join(b, "ckpt.pt"), "wb") as f:  # as if killed after logging step 8, before its checkpoint
         f.write(ckpt4)
-    with open(os.path.join(b, "log.jsonl"), "a") as f:
-        f.write('{"step": 9, "loss": 1.')  # a line torn by the kill
+    with open(os.path.join(b, "log.jsonl"), "ab") as f:
+        f.write(b"\xff\xfe\x80 random bytes, not UTF-8\n")  # damage (was: UnicodeDecodeError on resume)
+        f.write(b'{"step": 9, "loss": 1.')  # a line torn by the kill
     train.main(common + [f"--out_dir={b}", "--max_iters=8", "--init_from=resume"])
     train.main(common + [f"--out_dir={c}", "--max_iters=8"])
     log = read_log(b)
@@ -145,6 +147,8 @@ def test_train_torchrun_error_is_printed_once(tmp_path):
     ("--min_lr=0.01", "min_lr must be in [0, lr=0.003], got 0.01"), ("--beta2=1", "beta2 must be in [0, 1), got 1.0"),
     ("--warmup_iters=-5", "warmup_iters must be >= 0, got -5"), ("--seed=-1", "seed must be in [0, 1e7), got -1"),
     ("--grad_clip=-1", "grad_clip must be >= 0, got -1.0"), ("--block_k=128", "block_k must be in [2, 64], got 128"),
+    ("--lr=nan", "lr must be a finite number > 0, got nan"), ("--lr=inf", "lr must be a finite number > 0, got inf"),
+    ("--beta1=nan", "beta1 must be a finite number in [0, 1), got nan"),
 ])
 def test_train_config_values_are_range_checked(override, message):
     with pytest.raises(ConfigError) as e:
@@ -156,6 +160,85 @@ def test_train_every_numeric_config_field_has_a_range():
     numeric = {f.name for f in dataclasses.fields(train.TrainConfig) if f.type in (int, float)}
     assert numeric == set(train.RANGES)
     train.TrainConfig().validate()  # the defaults are in range
+
+
+def test_train_config_file_not_utf8_is_one_line_error(tmp_path):
+    bad = tmp_path / "latin1.py"
+    bad.write_bytes("# caf\u00e9\nlr = 1e-3\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(train.TrainConfig, [str(bad)])
+    assert str(e.value) == f"{bad} is not UTF-8 text (byte 0xe9 at offset 5)"
+
+
+def test_train_weights_past_ram_advise_a_smaller_model(data_dir, tmp_path, capsys):
+    """--n_layer=100000: the weights alone exceed RAM, so the advice is a smaller model, not a smaller batch."""
+    with pytest.raises(SystemExit):
+        train.main(SMALL + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--n_layer=100000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: a 100000 x 64 model's weights and AdamW state alone need ") \
+        and err[0].endswith("; use a smaller model (n_layer, n_embd)") and "batch" not in err[0], err
+
+
+def test_train_rerun_after_a_kill_before_the_first_checkpoint_logs_one_run(data_dir, tmp_path, monkeypatch):
+    """A run killed before its first checkpoint (its log: headers, steps, a torn line; no ckpt.pt), then the same
+    command: the new log has one header and each step once; the dead run's log is kept as log.jsonl.prev (was:
+    two headers and duplicated steps in one log)."""
+    out = str(tmp_path / "run")
+    args = SMALL + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=4",
+                    "--log_interval=1", "--eval_gap=0", "--eval_iters=1", "--batch_size=2"]
+    real, steps = train.stage_loss, []
+
+    def dies_at_step_3(*a, **kw):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt  # where kill -9 would stop it: after steps 1-2 are logged, before step 4's ckpt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "stage_loss", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write('{"step": 3, "lo')
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+    monkeypatch.setattr(train, "stage_loss", real)
+    train.main(args)
+    log = read_log(out)
+    assert [next(iter(r)) for r in log[:2]] == ["config", "run"] and sum("config" in r or "run" in r for r in log) == 2
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "val_loss" in r] == [0, 4]
+    assert open(os.path.join(out, "log.jsonl.prev")).read().count('"config"') == 1
+
+
+def test_train_log_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills after the step-2 checkpoint: the next log line fails with ENOSPC (injected; test_full_disk.py
+    fills a real one at config.json and at a checkpoint): one line that says the checkpoint is intact and how to go
+    on, no traceback, and that checkpoint resumes."""
+    out = str(tmp_path / "run")
+    real = train.start_log
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            if '"step": 3' in text:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(train, "start_log", lambda path, cfg: FillsUp(real(path, cfg)))
+    args = SMALL + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                    "--log_interval=1", "--eval_gap=0", "--eval_iters=1", "--batch_size=2"]
+    with pytest.raises(SystemExit):
+        train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write {out}/log.jsonl (No space left on device); the checkpoint of step 2 is intact: "
+                   "free space, then --init_from=resume"], err
+    monkeypatch.setattr(train, "start_log", real)
+    train.main(args + ["--init_from=resume"])
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_train_refuses_a_batch_that_cannot_fit_before_allocating(data_dir, tmp_path, capsys):

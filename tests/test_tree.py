@@ -1,11 +1,15 @@
 """tree.py: node arithmetic, gists made exactly when spans complete, and the on-disk format (atomic appends,
 memory-mapped open, truncated/corrupt/foreign trees refused with one line and nothing on disk changed)."""
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -13,6 +17,7 @@ import pytest
 import torch
 
 import tree as tree_module
+from conftest import ROOT
 from tree import MegaContextTree, TreeError, check_folder, children, depth_of, node_span, parent
 
 D, V = 6, 50
@@ -521,3 +526,168 @@ def test_tree_types_after_markers_and_margin_against_a_brute_force(monkeypatch):
     t.rewrite(511, [V - 1])  # the last token of a LOD2 node: the id after it is now tagged, in the next node
     check()
     assert t.types([2], [512 // 16], markers)[0, V + int(t.tokens(512, 513)[0])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 18: one writer per tree, never beside foreign files, a full disk loses nothing
+
+
+def hold_lock_in_another_process(path):
+    """A real second process that takes the tree's lock and keeps it until killed; returns it once it holds it."""
+    code = f"import sys, time; sys.path.insert(0, {ROOT!r}); import tree; tree.TreeLock({path!r}).__enter__(); " \
+           "print('locked', flush=True); time.sleep(600)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_tree_lock_one_writer_names_the_holder_and_a_dead_one_is_taken_over(tmp_path):
+    """A second writer (lock or save) is refused in one line naming the live holder's pid, host and start, and
+    changes nothing; once the holder is killed (-9, its lock file left behind) the next writer takes the lock over;
+    a release removes the lock file and, when the lock made the folder, the empty folder."""
+    path = str(tmp_path / "t")
+    t = make_tree()
+    t.append(np.arange(40) % V)
+    t.save(path)
+    holder = hold_lock_in_another_process(path)
+    try:
+        before = dir_digest(path)
+        for attempt in (lambda: tree_module.TreeLock(path).__enter__(), lambda: t.save(path)):
+            with pytest.raises(TreeError, match=rf"is in use by another session \(pid {holder.pid} on "
+                                                rf"{socket.gethostname()} since 20\d\d-") as e:
+                attempt()
+            assert "\n" not in str(e.value) and "read-only" in str(e.value)
+            assert dir_digest(path) == before
+        assert MegaContextTree.open(path, 4, D, V, "model-a", fake_embed, Recorder())[0].tokens(0, 3).tolist() == \
+            [0, 1, 2]  # a reader needs no lock
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.load(open(os.path.join(path, "lock")))["pid"] == holder.pid  # stale: its process is dead
+    with tree_module.TreeLock(path):
+        assert json.load(open(os.path.join(path, "lock")))["pid"] == os.getpid()
+        t.append([1, 2, 3])
+        t.save(path)  # the session's own lock serves its saves
+    assert "lock" not in os.listdir(path) and json.load(open(os.path.join(path, "meta.json")))["counts"][0] == 43
+    fresh = str(tmp_path / "new" / "t")
+    with tree_module.TreeLock(fresh):
+        assert os.listdir(fresh) == ["lock"]
+    assert not os.path.exists(fresh)  # made by the lock, left empty: gone again
+
+
+def test_tree_lock_released_between_open_and_flock_is_locked_anew(tmp_path, monkeypatch):
+    """The holder unlinks the lock file as it releases: an acquirer that opened the old file before that and locks
+    it after must notice and lock the new file, or two writers would each hold 'the' lock."""
+    path = str(tmp_path / "t")
+    first = tree_module.TreeLock(path).__enter__()
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_release(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            first.__exit__()  # the holder releases (and unlinks) right between our open and our flock
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(tree_module.fcntl, "flock", flock_after_release)
+    second = tree_module.TreeLock(path).__enter__()
+    monkeypatch.setattr(tree_module.fcntl, "flock", real_flock)
+    assert len(calls) == 2  # the first flock won the unlinked file, so it locked the folder's new one
+    with pytest.raises(TreeError, match="in use by another session"):
+        tree_module.TreeLock(path).__enter__()
+    second.__exit__()
+
+
+@pytest.mark.parametrize("files, found", [
+    ({"notes.txt": b"my notes"}, "notes.txt"),
+    ({"config.json": b"{}", "log.jsonl": b"{}\n", "ckpt.pt": b"PK"}, "ckpt.pt, config.json, log.jsonl"),
+    ({"meta.json": b'{"vocab_size": 512, "splits": {}}', "tokenizer.json": b"{}", "train.bin": b"\0\0"},
+     "meta.json (not a tree's), tokenizer.json, train.bin"),
+    ({"meta.json": b'{"vocab_size": 512, "splits": {}}'}, "meta.json (not a tree's)"),
+], ids=["notes", "training-out-dir", "prepared-data", "foreign-meta"])
+def test_tree_never_written_beside_foreign_files(tmp_path, files, found):
+    """A folder that is neither empty nor a tree (a user's notes, a training run, prepared data) is refused in one
+    line naming what was found, by check_folder and by save, and nothing in it changes; a committed tree with a
+    stranger's file beside it is still a tree (saves touch only the tree's own names)."""
+    path = tmp_path / "f"
+    path.mkdir()
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    before = dir_digest(str(path))
+    t = make_tree()
+    t.append(np.arange(20) % V)
+    for attempt in (lambda: check_folder(str(path), write=False), lambda: t.save(str(path))):
+        with pytest.raises(TreeError) as e:
+            attempt()
+        assert str(e.value) == (f"{path} is not empty and holds no MegaContext tree (found {found}); nothing was "
+                                "written: a tree goes into an empty folder or the folder of a saved tree")
+    assert dir_digest(str(path)) == before
+    tree_dir = str(tmp_path / "t")
+    t.save(tree_dir)
+    open(os.path.join(tree_dir, "notes.txt"), "w").write("mine")
+    t.append([1, 2])
+    t.save(tree_dir)
+    assert open(os.path.join(tree_dir, "notes.txt")).read() == "mine"
+
+
+class DiskFullAt:
+    """_crash_point replacement: ENOSPC at one durable step of a save (and, for a realistic tear, half a row of
+    garbage already written into the level file it was writing)."""
+
+    def __init__(self, at, path):
+        self.at, self.path = at, path
+
+    def __call__(self, what):
+        if what == self.at:
+            if what.startswith("write lod") or what == "write tokens.bin":
+                with open(os.path.join(self.path, what.split()[1]), "ab") as f:
+                    f.write(b"\x77" * 5)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("case", ["new-folder", "append", "append-new-level"])
+def test_tree_save_on_a_full_disk_leaves_the_previous_generation(tmp_path, monkeypatch, case):
+    """ENOSPC at every durable step of a save (injected), and a save the free-space check refuses: one line saying
+    what the folder keeps; the folder opens as its previous generation (a new folder: nothing, no orphan tokens.bin
+    or temp file that would get it refused later); the tree in memory keeps its rows and saves once there is room."""
+    K, path = 4, str(tmp_path / "t")
+    ids = np.random.default_rng(6).integers(0, V, 80)
+    t = make_tree(K)
+    if case != "new-folder":
+        t.append(ids[:60] if case == "append-new-level" else ids[:40])  # 60 -> 80 tokens at K=4 births LOD3
+        t.save(path)
+    n_prev = len(t)
+    points = []
+    monkeypatch.setattr(tree_module, "_crash_point", points.append)
+    probe = make_tree(K)
+    probe.append(ids[:len(t)])
+    if case != "new-folder":
+        probe.save(str(tmp_path / "probe"))
+        probe, _ = MegaContextTree.open(str(tmp_path / "probe"), K, D, V, "model-a", fake_embed, Recorder())
+    probe.append(ids[len(t):])
+    probe.save(str(tmp_path / "probe"))
+    free = [1 << 40]
+    monkeypatch.setattr(tree_module.durable, "free_bytes", lambda p: free[0])
+    t.append(ids[len(t):])
+    for at in points[:points.index("write meta.json") + 1] + ["no room"]:  # (after the commit nothing is written)
+        before = dir_digest(path) if os.path.exists(path) else None
+        free[0] = 1000 if at == "no room" else 1 << 40
+        monkeypatch.setattr(tree_module, "_crash_point", DiskFullAt(at, path))
+        with pytest.raises(TreeError) as e:
+            t.save(path)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"cannot save the tree to {path} ("), msg
+        assert ("No space left on device" if at != "no room" else "no room for") in msg
+        assert msg.endswith("nothing was saved there" if case == "new-folder" else
+                            f"it keeps its last saved generation ({n_prev} tokens)"), msg
+        if case == "new-folder":
+            assert not os.path.exists(path), (at, os.listdir(path))
+        else:
+            assert dir_digest(path) == before, at  # byte for byte: truncated back, new files removed
+            back, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+            assert len(back) == n_prev
+    monkeypatch.setattr(tree_module, "_crash_point", lambda what: None)
+    free[0] = 1 << 40
+    t.save(path)
+    back, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert np.array_equal(back.tokens(0, 80), ids) and back.depth == 3
+    assert sorted(os.listdir(path)) == sorted(["meta.json", "tokens.bin", "lod1.bin", "lod2.bin", "lod3.bin"])
