@@ -592,8 +592,8 @@ class LensNet(nn.Module):
         or (lens_types) types: (B, n, V) bool, the token ids in each entry's span (and (B, n, 2V) with lens_markers:
         then the ids after a marker), with vocab (V, d) the token embeddings: the preview is then the max over the
         span's token types, the same at any depth. query (lens_query): (B, Tq, d_query) the base's states of the
-        newest tokens, query_ids (B, Tq) their ids. Returns scores (B, n) fp32; the allocator reads only legal directions (a gist's own, a legal
-        group's mean)."""
+        newest tokens, query_ids (B, Tq) their ids. Returns scores (B, n) fp32; the allocator reads only legal
+        directions (a gist's own, a legal group's mean)."""
         if self.horizon:
             dist, span = dist.clamp(max=self.horizon), span.clamp(max=self.horizon)
         feats = torch.stack([torch.log1p(dist.float()), torch.log(span.float())], -1).to(self.feat.weight.dtype)

@@ -149,8 +149,8 @@ def plant_drills(row, rng: np.random.Generator, needles: Needles, tasks, n_quest
     """Turn one window `row` (n,) int64 into a retrieval drill, in place: `n_questions` instances of tasks drawn from
     `tasks` (their own needles only) and `n_lookalikes` look-alike kv needles at random slots of its first part, then
     every instance's question with its answer at the end. An instance that does not fit, or for which the window's
-    text leaves no unused words, is dropped (at least one is kept). Returns (per-position loss weights (n,): 0 on needle contents (random, unpredictable), `weight` on answers,
-    1 elsewhere; the index of the first question)."""
+    text leaves no unused words, is dropped (at least one is kept). Returns (per-position loss weights (n,): 0 on
+    needle contents (random, unpredictable), `weight` on answers, 1 elsewhere; the index of the first question)."""
     n, used, insts, looks = len(row), set(row.tolist()), [], []
     names = [tasks[int(rng.integers(len(tasks)))] for _ in range(n_questions)]
     others = [t for t in tasks if t != "passkey"] or ["multikey"]
@@ -236,8 +236,8 @@ def make_prompt(hay, needles: Needles, task: str, history: int, depth: float, rn
     question_len = len(shape.question) if control != "query_first" else len(shape.question) + 1
     n_text = history - question_len - sum(l for l, k in zip(shape.lengths, keep) if k)
     if n_text < 1 or len(hay) < n_text:
-        raise ValueError(f"a retrieval history of {history:,} tokens cannot hold the question and needles, or is longer "
-                         f"than the text ({len(hay):,} tokens)")
+        raise ValueError(f"a retrieval history of {history:,} tokens cannot hold the question and needles, or is "
+                         f"longer than the text ({len(hay):,} tokens)")
     start = int(rng.integers(0, len(hay) - n_text + 1))
     text = np.asarray(hay[start:start + n_text], dtype=np.int64)
     pos = needle_positions(n_text, shape, depth, rng, gaps=False)

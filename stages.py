@@ -281,8 +281,9 @@ def horizon_nll(mc: MegaContextModel, variants, tables, future, cursor: int, chu
 def lens_features(mc: MegaContextModel, wc: WorkingContext, tables, ids, query=None):
     """LensNet inputs (batch of one): entry embeddings, level, distance to the cursor, span, and each gist's preview:
     with lens_types the token types of its span (ids: the history's token ids; with lens_markers the ids after a
-    marker too, lens_margin tokens before each span and one after included) and the token embeddings, else the embeddings of the
-    nodes lens_preview levels below it (preview_nodes); with lens_query the newest tokens' states (query_states)."""
+    marker too, lens_margin tokens before each span and one after included) and the token embeddings, else the
+    embeddings of the nodes lens_preview levels below it (preview_nodes); with lens_query the newest tokens' states
+    (query_states) and their ids."""
     x = node_rows(tables, wc.lod, wc.index)
     dev, cfg = x.device, mc.cfg
     feats = (x[None], wc.lod[None].to(dev), (wc.cursor - wc.end)[None].to(dev), (wc.K ** wc.lod)[None].to(dev))
@@ -351,7 +352,8 @@ def holds(wc: WorkingContext, i: int, n: int, spans) -> bool:
 def oracle_labels(wc: WorkingContext, cands, spans):
     """Labels, in allocator units, of the imitation teacher: the oracle's zoom path (bench/longctx.oracle_scorer) on a
     drill. A zoom of a gist that holds a token of a needle the answer needs earns ORACLE_UNIT, and so costs a
-    collapse of a group that holds one; everything else 0. Book text without a needle gives all zeros."""
+    collapse of a group that holds one; everything else 0. (Book text has no oracle path: the teacher labels those
+    contexts counterfactually, lens_contexts.)"""
     K = wc.K
     return torch.tensor([ORACLE_UNIT * holds(wc, i, 1 if kind == "zoom" else K, spans) for kind, i in cands])
 
@@ -454,11 +456,11 @@ def lens_contexts(mc, x, y, cfg, gen):
         with torch.no_grad():
             if cfg.lens_teacher == "attention":
                 raw = attention_labels(wc, cands, attention_mass(mc.gpt, np.concatenate([ids, scored]), len(scored)))
-            elif cfg.lens_teacher == "oracle":
+            elif cfg.lens_teacher == "oracle" and spans:
                 raw = oracle_labels(wc, cands, spans)
-            else:
+            else:  # (the oracle has no zoom path on book text: there the counterfactual labels teach)
                 raw = counterfactual_labels(wc, cands, lambda v: horizon_nll(mc, v, tables, future, c))
-        labels = raw if cfg.lens_teacher == "oracle" else normalise(raw, cfg.lens_label_floor)
+        labels = raw if cfg.lens_teacher == "oracle" and spans else normalise(raw, cfg.lens_label_floor)
         yield wc, tables, ids, cands, labels.to(x.device), spans, raw, query_states(mc, wc, tables)
 
 

@@ -142,14 +142,15 @@ class TrainConfig:
     lens_preview: int = 1  # levels below each gist LensNet previews (K**lens_preview nodes per entry, max-pooled)
     lens_types: bool = False  # LensNet previews every token type of each gist's span instead (the same at any depth)
     lens_horizon: int = 0  # distances/spans beyond this many tokens look like this many to LensNet (0 = no cap)
-    lens_query: str = ""  # LensNet reads the question: the base's states after these blocks (0 = embeddings), e.g. "1,4"
+    lens_query: str = ""  # LensNet reads the question: the base's states after these blocks (0 = embeddings): "1,4"
     lens_index_heads: int = 4  # LensNet's Indexer heads (lens_query)
     lens_index_dim: int = 32  # Indexer width per head
     lens_markers: int = 0  # top vocabulary ids that are markers (prepare.py: 8): previews mark the ids after one
     lens_margin: int = 0  # previews start this many tokens early, + the token after (a straddling needle shows twice)
     settle_edits: int = 16  # optional edits per step of a question's refocus-until-stable loop
     lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's
-    # attention mass, + KL as DSA's indexer) | 'oracle' (imitation of the oracle's zoom path on drills)
+    # attention mass, + KL as DSA's indexer) | 'oracle' (imitation of the oracle's zoom path on drills; counterfactual
+    # labels on book text, where the oracle has none)
     lens_retrieval: float = 0.67  # lens: share of contexts with a needle beyond the raw window, asked at the end
     lens_label_floor: float = 0.5  # lens: labels are nats / max(std over the context's candidates, this floor)
     lens_replay: int = 24  # lens: earlier labelled contexts learned from again each step, besides the fresh batch

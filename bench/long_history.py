@@ -245,8 +245,8 @@ def answer_far(method: str, mc, tree_dir: str, plan: dict, budget: int):
     scorer = longctx.oracle_scorer(plan["needles"]) if method == "oracle" else None
     s.refocus(until_stable=True, scorer=scorer)
     tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"])
-    got = longctx.answer_in_session(s, n_new, scorer)
-    return got, dict(tel, needle_raw=longctx.needles_raw(s.wc, plan["needles"]))
+    got, raw = longctx.answer_in_session(s, n_new, scorer, plan["needles"])
+    return got, dict(tel, needle_raw=raw)
 
 
 def retrieval_rows(ckpt, gpt, tree_dir: str, args, rng: np.random.Generator, tasks) -> list[dict]:
@@ -328,8 +328,8 @@ def markdown(r) -> str:
         lines.append("")
     if r["retrieval"]:
         lines += ["Retrieval (needles planted into the saved history in memory; budget "
-                  f"{r['retrieval_budget']}; Wilson 95% intervals; refocus steps after the question, expansions, and the "
-                  "share of prompts whose needles all end raw in the working context):", "",
+                  f"{r['retrieval_budget']}; Wilson 95% intervals; refocus steps after the question, expansions, and "
+                  "the share of prompts whose needles all end raw in the working context):", "",
                   "| task | history | method | accuracy [95% CI] | per depth | steps | expands | needles raw |",
                   "|---|---|---|---|---|---|---|---|"]
         for x in r["retrieval"]:
@@ -417,7 +417,8 @@ def main(argv):
                      peak_rss_mb={r["history"]: round(r["peak_rss_mb"], 1) for r in rows},
                      tasks={task: accuracies(found, task) for task in dict.fromkeys(r["task"] for r in found)},
                      retrieval=accuracies(found, "passkey")),
-        retrieval=found, retrieval_budget=args.retrieval_budget, retrieval_gate=gates, device="cpu", threads=torch.get_num_threads(), torch=torch.__version__,
+        retrieval=found, retrieval_budget=args.retrieval_budget, retrieval_gate=gates, device="cpu",
+        threads=torch.get_num_threads(), torch=torch.__version__,
         date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
         dirty=bool(git("status", "--porcelain")), command="python bench/long_history.py " + " ".join(argv),
         load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),

@@ -28,8 +28,8 @@ final cue names nothing) and no_needle. Sessions ingest the prompt (cold start, 
 streamed), then refocus until the working context stops changing, then decode greedily, refocusing until stable again
 before each answer token (a variable-tracking hop is named by the answer token before it); correct when the answer's
 every token matches. Accuracy with Wilson 95% intervals per (task, control, history, method), depths in rotation;
-telemetry per cell: refocus steps after the question, expansions, and how often every needle the answer needs is raw
-(LOD0) in the working context by the end of the answer (the focus's own success, whatever the base then answers).
+telemetry per cell: refocus steps after the question, expansions, and how often every needle the answer needs was raw
+(LOD0) in the working context while the answer was decoded (the focus's own success, whatever the base answers).
 
 Gate (--gate A): full-attention retrieval at history = the base's block (needles inside it) must reach A on held-out
 prompts of the --gate-tasks (default: every task asked), or the run exits 1 saying so: a harness whose base cannot
@@ -335,25 +335,28 @@ def legal_depths(depths, history: int, budget: int) -> list[float]:
     return [d for d in depths if (1 - d) * history > budget + 16]
 
 
-def needles_raw(wc, spans) -> bool:
-    """Whether every token of every needle span [(start, length)] is a LOD0 entry of wc (the focus's own success)."""
-    raw = (wc.lod == 0)
-    return bool(spans) and all(int((raw & (wc.start >= a) & (wc.start < a + n)).sum()) == n for a, n in spans)
+def raw_spans(wc, spans) -> list[bool]:
+    """Per needle span [(start, length)]: whether every one of its tokens is a LOD0 entry of wc."""
+    raw = wc.lod == 0
+    return [int((raw & (wc.start >= a) & (wc.start < a + n)).sum()) == n for a, n in spans]
 
 
 @torch.no_grad()
-def answer_in_session(s: Session, n_new: int, scorer=None):
-    """Greedy answer ids of a session whose history ends with the question: refocus until stable, read the next token,
-    and again before every later answer token (each is in the history when the focus looks again: a variable-tracking
-    hop, or multivalue's key before its next value)."""
-    out = []
+def answer_in_session(s: Session, n_new: int, scorer=None, spans=()):
+    """(greedy answer ids, whether every needle span was raw at some point of the answer) of a session whose history
+    ends with the question (already settled): read the next token, then refocus until stable again before every
+    later answer token (each is in the history when the focus looks again: a variable-tracking hop, or multivalue's
+    key before its next value). A needle counts as read once it was raw when a token was decoded (the focus's own
+    success, whatever the base then answers; later budget collapses do not undo that)."""
+    out, seen = [], [False] * len(spans)
     for j in range(n_new):
         if j:
             s.refocus(until_stable=True, scorer=scorer)
+        seen = [a or b for a, b in zip(seen, raw_spans(s.wc, spans))]
         tok = int(s.logits().argmax())
         s.ingest([tok])
         out.append(tok)
-    return out
+    return out, bool(spans) and all(seen)
 
 
 @torch.no_grad()
@@ -368,8 +371,8 @@ def answer(method, gpt, mc, prompt, budget, stream):
     scorer = oracle_scorer(prompt["needles"]) if method == "oracle" else None
     s = stream_session(mc, ids, stream, settle=True, scorer=scorer)
     tel = dict(steps=s.telemetry["steps"], expands=s.telemetry["expands"])
-    got = answer_in_session(s, n_new, scorer)
-    return got, dict(tel, needle_raw=needles_raw(s.wc, prompt["needles"]))  # (a chain's last hop: by the answer's end)
+    got, raw = answer_in_session(s, n_new, scorer, prompt["needles"])
+    return got, dict(tel, needle_raw=raw)
 
 
 def oracle_scorer(spans):
@@ -609,7 +612,7 @@ def markdown(result) -> str:
         sess = [r for r in ret if "telemetry" in r and r["control"] is None]
         if sess:
             lines += ["", "Sessions after the question (question last): refocus steps until stable, expansions, share "
-                      "of prompts whose needles are all raw (LOD0) by the end of the answer; accuracy per depth:", "",
+                      "of prompts whose needles were all read raw (LOD0) while answering; accuracy per depth:", "",
                       "| task | history | method | steps | expansions | needles raw | per depth |", "|---" * 7 + "|"]
             for r in sess:
                 t = r["telemetry"]

@@ -1,9 +1,9 @@
-"""The MegaContext demonstration's report (bench/mc_demo.sh's last step): the harness on the test split (bench/longctx.py
-JSON: every arm with the kept LensNet teacher), LensNet alone with each other teacher on the same test prompts, and the
-teacher selection made on val -> <out>.json with a top-level `summary` (the test split's: `tasks` = {task: {method:
-{"8x": accuracy}}}, `teachers` = {teacher: {task: {"8x": accuracy}}}, in-block accuracy per task, the NLL gap shares)
-and the run's device, versions, date, commit and command, <out>.md (the per-task table first, then each target met or
-missed) and <out>.png. With --base-log, the base stage's throughput and MFU (medians over its logged steps).
+"""The MegaContext demonstration's report (bench/mc_demo.sh's last step): the harness on the test split
+(bench/longctx.py JSON: every arm with the kept LensNet teacher), LensNet alone with each other teacher on the same test
+prompts, and the teacher selection made on val -> <out>.json with a top-level `summary` (the test split's: `tasks` =
+{task: {method: {"8x": accuracy}}}, `teachers` = {teacher: {task: {"8x": accuracy}}}, in-block accuracy per task, the
+NLL gap shares) and the run's device, versions, date, commit and command, <out>.md (the per-task table first, then
+each target met or missed) and <out>.png. With --base-log, the base stage's throughput and MFU (medians over its logged steps).
 
     python bench/mc_report.py --out bench/results/mc_demo_cpu --test T.json --kept counterfactual \
         --select counterfactual=S1.json attention=S2.json oracle=S3.json \
@@ -92,10 +92,11 @@ def task_table(result, teachers: dict, kept: str, in_block) -> list[str]:
         row += [fmt_cell(c.get((task, mult, m))) for m in ("truncation", "recency")]
         for t in names:
             other = teachers.get(t)
-            r = c.get((task, mult, "lens")) if t == kept else (cells(other).get((task, mult, "lens")) if other else None)
+            r = c.get((task, mult, "lens")) if t == kept else cells(other).get((task, mult, "lens")) if other else None
             row.append(f"**{fmt_cell(r)}**" if t == kept else fmt_cell(r))
         row.append(fmt_cell(c.get((task, mult, "oracle"))))
-        raw = [c[task, mult, m]["telemetry"]["needle_raw"] if (task, mult, m) in c else None for m in ("lens", "oracle")]
+        raw = [c[task, mult, m]["telemetry"]["needle_raw"] if (task, mult, m) in c else None
+               for m in ("lens", "oracle")]
         row.append(" / ".join(longctx.fmt(v, 2) for v in raw))
         lines.append("| " + " | ".join(row) + " |")
     return lines

@@ -62,7 +62,7 @@ def test_task_formats(setup):
                 assert all(n[0] == nd.key and n[-1] == nd.value for n in t.needles)
             if task in ("multikey", "multiquery"):  # one needle per key, every word once
                 assert len(set(words)) == len(words)
-    assert nd.task("multikey", rng, distractors=0).needles == nd.task("multikey", rng, distractors=0).needles[:1] or True
+    assert len(nd.task("multikey", rng, distractors=0).needles) == 1  # (drills bring their own look-alikes)
     assert len(nd.task("vartrack", rng, distractors=0).needles) == 3
     with pytest.raises(ValueError, match="task"):
         nd.task("bogus", rng)
