@@ -60,23 +60,41 @@ def junit(path):
     return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 
 
+def read(path, parse, broken):
+    """parse(path), or None with one line in `broken` saying what is wrong with the file (a phase that timed out or
+    crashed leaves an empty or partial file; the table must still come out)."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ValueError("empty file")
+        return parse(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ET.ParseError) as e:
+        broken.append(f"{os.path.basename(path)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def summarize(directory, tag):
-    result = dict(tag=tag, gpu_tests=None, ceilings=None, kernels=[], targets=[], train=[])
+    result = dict(tag=tag, gpu_tests=None, ceilings=None, kernels=[], targets=[], train=[], broken=[])
+    broken = result["broken"]
     tests = os.path.join(directory, f"gpu_tests_{tag}.xml")
     if os.path.exists(tests):
-        result["gpu_tests"] = junit(tests)
+        result["gpu_tests"] = read(tests, junit, broken)
     rows = {}
     for path in sorted(glob.glob(os.path.join(directory, f"kernels_*_{tag}.json"))):  # one file per kernel family
-        with open(path) as f:
-            rows.update(kernel_rows(json.load(f)))
+        rows.update(read(path, lambda p: kernel_rows(_json(p)), broken) or {})
     for (group, prov), info in sorted(rows.items(), key=lambda kv: kv[0][0] + str(kv[0][1])):
         result["ceilings"] = result["ceilings"] or {k: info.get(k) for k in ("copy_bw_TBps", "bf16_matmul_TFLOPs")}
         result["kernels"].append({k: info.get(k) for k in ("name", "device", "torch", "triton", "git_sha", "ms_p50",
                                                             "GBps", "frac_copy_bw", "TFLOPs", "frac_bf16_matmul")})
     result["targets"] = evaluate(rows)
     for p in sorted(glob.glob(os.path.join(directory, f"train_*_{tag}.json"))):
-        with open(p) as f:
-            result["train"].append(json.load(f))
+        r = read(p, _json, broken)
+        if r is not None:
+            result["train"].append(r)
     with open(os.path.join(directory, f"summary_{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -101,6 +119,7 @@ def table(result):
         want = f">= {MFU_TARGET[1]:.0%}" if cfg == MFU_TARGET[0] else ""
         lines.append(f"train {cfg:<14} {r['tokens_per_s']:>12,.0f} tok/s   MFU {'-' if mfu is None else f'{mfu:.1%}'} "
                      f"{want}")
+    lines += [f"broken: {b}" for b in result.get("broken", [])]
     return "\n".join(lines)
 
 
