@@ -58,7 +58,7 @@ def _t(*shape, dtype=BF16, grad=False):
 
 def rope_case(B, T, Hq, Hk, D, dtype):
     q, k = _t(B, T, Hq, D, dtype=dtype, grad=True), _t(B, T, Hk, D, dtype=dtype, grad=True)
-    qo, ko = GaussRopeFn.apply(q, k, _t(B, T, dtype=FP32), _t(B, T, dtype=FP32), 10000.0)
+    qo, ko = GaussRopeFn.apply(q, k, _t(B, T, dtype=FP32), _t(B, T, dtype=FP32), 10000.0, 0, 0)
     torch.autograd.backward([qo, ko], [torch.empty_like(qo), torch.empty_like(ko)])
 
 
@@ -76,7 +76,7 @@ def lod_case(B, T, H, Hk, D, K, W0, W1, dtype, focus=0, fb=128):
         B, N, Hk, D, dtype=dtype, grad=True)
     foc = _t(B, -(-T // fb), focus, 2, dtype=torch.int32) if focus else None
     m = _Meta(N if W0 is None else T, n1, n2, K, W0, W1, fb, D ** -0.5, W0 is None)
-    o = LodAttentionFn.apply(q, k, v, _t(B, N, dtype=FP32), _t(B, N, dtype=FP32), foc, m, 10000.0)
+    o = LodAttentionFn.apply(q, k, v, _t(B, N, dtype=FP32), _t(B, N, dtype=FP32), foc, m, (10000.0, 0, 0))
     o.backward(torch.empty_like(o))
 
 
