@@ -45,17 +45,21 @@ def bands(c, K, W0, W1):
 def lod_visibility(start, end, lod, *, K=32, W0=None, W1=0, focus=None, focus_block=128, B=None, check_tiling=True):
     """Boolean visibility mask [B, Nq=N, Nk=N] (True = query may attend to key), any entry order.
 
-    With check_tiling, raise ValueError unless every query sees itself plus an exact tiling of [0, cursor).
+    With check_tiling, raise ValueError unless every query sees itself plus an exact tiling of [0, cursor). Under
+    torch.compile the data-dependent checks are skipped (they would break the graph); eager calls check.
     """
+    checking = not torch.compiler.is_compiling()
+    check_tiling = check_tiling and checking
     N = start.shape[-1]
     B = B or (start.shape[0] if start.dim() == 2 else 1)
     if W0 is None:
         return torch.ones(N, N, dtype=torch.bool, device=start.device).tril()[None].expand(B, N, N)
     s, e, l = (as_bn(x, B, N, n).long() for x, n in ((start, "start"), (end, "end"), (lod, "lod")))
-    check(bool(((l >= 0) & (l <= 2)).all()), "lod_attention: lod must be 0, 1 or 2")
     span = K ** l
-    check(bool(((e - s) == span).all() and (s % span == 0).all() and (s >= 0).all()),
-          "lod_attention: every entry must span [k*K**lod, (k+1)*K**lod) (aligned, complete nodes)")
+    if checking:
+        check(bool(((l >= 0) & (l <= 2)).all()), "lod_attention: lod must be 0, 1 or 2")
+        check(bool(((e - s) == span).all() and (s % span == 0).all() and (s >= 0).all()),
+              "lod_attention: every entry must span [k*K**lod, (k+1)*K**lod) (aligned, complete nodes)")
     b0, b1 = bands(s, K, W0, W1)  # the query's cursor is its start
     sq, b0q, b1q = s[:, :, None], b0[:, :, None], b1[:, :, None]  # (B, N, 1) query side
     sk, ek, lk = s[:, None, :], e[:, None, :], l[:, None, :]  # (B, 1, N) key side
@@ -67,12 +71,13 @@ def lod_visibility(start, end, lod, *, K=32, W0=None, W1=0, focus=None, focus_bl
         check(foc.dim() == 4 and foc.shape[0] == B and foc.shape[-1] == 2,
               f"lod_attention: focus must be [B, NQB, F, 2] or [NQB, F, 2], got {tuple(focus.shape)}")
         fl_all, fi_all = foc[..., 0], foc[..., 1]
-        check(bool(((fl_all < 0) | (fl_all == 1) | (fl_all == 2)).all() and (fi_all >= 0).all()),
-              "lod_attention: focus nodes must be (lod 1 or 2, index >= 0), or lod < 0 for padding")
         qb = s.div(focus_block, rounding_mode="floor")
         tokq = l == 0
-        check(bool((qb[tokq] < foc.shape[1]).all()), f"lod_attention: focus has {foc.shape[1]} query blocks, "
-              f"token positions need {int(qb[tokq].max()) + 1 if tokq.any() else 0} (focus_block={focus_block})")
+        if checking:
+            check(bool(((fl_all < 0) | (fl_all == 1) | (fl_all == 2)).all() and (fi_all >= 0).all()),
+                  "lod_attention: focus nodes must be (lod 1 or 2, index >= 0), or lod < 0 for padding")
+            check(bool((qb[tokq] < foc.shape[1]).all()), f"lod_attention: focus has {foc.shape[1]} query blocks, "
+                  f"token positions need {int(qb[tokq].max()) + 1 if tokq.any() else 0} (focus_block={focus_block})")
         lists = torch.gather(foc, 1, qb.clamp_max(foc.shape[1] - 1)[:, :, None, None].expand(-1, -1, *foc.shape[2:]))
         hide = torch.zeros_like(vis)
         show = torch.zeros_like(vis)
