@@ -18,6 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `import kernels` from the repository root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_env
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GPU = torch.cuda.is_available() and not INTERPRET
@@ -53,18 +54,13 @@ def _env_info() -> dict:
 
 @functools.cache
 def measured_ceilings() -> dict:
-    """This device's copy bandwidth (TB/s: read + write of 1 GiB) and bf16 GEMM rate (TFLOP/s, 8192^3), measured
-    once per run, so every figure is also a fraction of what this machine does (ceilings.json: the 2026-11-23 H100)."""
+    """This device's copy bandwidth (TB/s) and bf16 GEMM rate (TFLOP/s), measured once per run (bench/gpu_env.py;
+    MC_CEILINGS names the file of the run's first phase), so every figure is also a fraction of what this machine
+    does (ceilings.json: the 2026-11-23 H100). Stand-ins without a GPU."""
     if not GPU:
         return dict(STANDIN_CEILINGS, ceilings_measured=False)
-    from triton.testing import do_bench
-    x = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    copy_ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    gemm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    return dict(copy_bw_TBps=2 * x.numel() * 2 / (copy_ms * 1e-3) / 1e12,
-                bf16_matmul_TFLOPs=2 * 8192**3 / (gemm_ms * 1e-3) / 1e12, ceilings_measured=True)
+    import gpu_env
+    return gpu_env.ceilings()
 
 
 def device_quantiles(fn) -> tuple[float, float, float]:

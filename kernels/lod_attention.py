@@ -439,17 +439,19 @@ def smem_bytes(kernel, cfg, D, elt):
     return (2 * bn + 2 * bm * st) * D * elt + bm * bn * 8
 
 
-def registers_ok(kernel, cfg, D):
+def registers_ok(kernel, cfg, D, causal=False):
     """16-bit configs that compile without spills, by fp32 elements per thread: fwd holds a [BM, D] accumulator and
-    two [BM, BN] score tiles (<= 96, or 128 with 8 warps); dq its accumulator (<= 64) and scores (<= 32 with 8 warps,
-    16 with 4); dk/dv two [BN, D] accumulators and three [BM, BN] tiles per pipeline stage (<= 88). Fitted to sm_90
-    compiles at D = 64 and 128 (bench/results/compile_sm90.md), which check every kept config."""
+    two [BM, BN] score tiles (<= 128); dq its accumulator (<= 64; 32 for the causal one at 8 warps, which spilled
+    12 B at D = 128) and scores (<= 32 with 8 warps, 16 with 4); dk/dv two [BN, D] accumulators and three [BM, BN]
+    tiles per pipeline stage (<= 88). Fitted to sm_90 compiles at D = 64 and 128 (bench/results/compile_sm90.md),
+    which check every kept config."""
     bm, bn, threads = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], 32 * cfg.num_warps
     if kernel == "fwd":
-        return bm * (D + 2 * bn) // threads <= (128 if cfg.num_warps == 8 else 96)
+        return bm * (D + 2 * bn) // threads <= 128
     if kernel == "dkdv":
         return (2 * bn * D + 3 * bm * bn * cfg.num_stages) // threads <= 88
-    return bm * D // threads <= 64 and bm * bn // threads <= (32 if cfg.num_warps == 8 else 16)
+    wide = cfg.num_warps == 8
+    return bm * D // threads <= (32 if causal and wide else 64) and bm * bn // threads <= (32 if wide else 16)
 
 
 def _prune(kernel):
@@ -458,7 +460,7 @@ def _prune(kernel):
         D, elt = a["D"], a["QR"].element_size()
         keep = [c for c in configs if a["FB"] % c.kwargs["BLOCK_M"] == 0  # one focus list per query tile
                 and smem_bytes(kernel, c, D, elt) <= SMEM_LIMIT
-                and (registers_ok(kernel, c, D) if elt == 2  # fp32: IEEE dots on FMAs; small tiles, short compiles
+                and (registers_ok(kernel, c, D, a["CAUSAL"]) if elt == 2  # fp32: IEEE dots on FMAs; small tiles, short compiles
                      else c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048)]
         return keep or configs[-1:]
     return prune
@@ -470,8 +472,8 @@ def _cfgs(*tiles):
 
 CONFIGS = dict(  # (BLOCK_M, BLOCK_N, warps, stages), pruned per shape by _prune; the last one fits every shape
     fwd=_cfgs((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)),
-    dq=_cfgs((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)),
-    dkdv=_cfgs((32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 1), (32, 32, 4, 1)),
+    dq=_cfgs((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)),
+    dkdv=_cfgs((32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 1), (32, 32, 4, 1)),
 )
 _KEY = ["NB", "H", "HK", "D", "KB", "CAUSAL", "HAS_FOCUS", "LOWP"]  # NB buckets the length; dtypes join the key
 _TUNED = dict(
@@ -483,6 +485,7 @@ _TUNED = dict(
                          restore_value=["DKA", "DVA"])(_lod_attn_dkdv_kernel),
 )
 DEFAULT_CFG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)  # interpreter: small tiles keep masked work cheap
+SHORT_DENSE = True  # T <= W0 + K goes to causal SDPA (_dense_equivalent); tests turn it off to compare the kernels
 _CHUNK_TOKENS = 1024  # query rows per dk/dv program, at least: a gist key tile's range is split into chunks of this
 _DUMMY = {}  # device -> a 1-element fp32 tensor for unused pointer arguments
 
@@ -718,7 +721,7 @@ def lod_attention(q, k, v, mu, sigma, start=None, end=None, lod=None, *, K=32, W
         return torch.ops.megacontext.lod_attention(q, k, v, mu, sigma, start, end, lod, focus, K, W0, W1,
                                                    focus_block, scale, *rope)[0]
     m, foc = _meta(q, start, end, lod, focus, K, W0, W1, focus_block, scale)
-    if not m.causal and m.T <= m.W0 + K:  # every token sees its whole past: causal SDPA is the same attention
+    if SHORT_DENSE and not m.causal and m.T <= m.W0 + K:  # every token sees its whole past: causal SDPA is the same
         return _dense_equivalent(q, k, v, mu, sigma, m.T, m.N1, K, scale, *rope)
     mu, sigma = _positions(mu, sigma, B, N)
     return LodAttentionFn.apply(q.contiguous(), k.contiguous(), v.contiguous(), mu, sigma, foc, m, rope)

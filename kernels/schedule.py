@@ -159,3 +159,14 @@ def busy(kernel, T, H, K=32, W0=1024, W1=256, BM=128, BN=64, ctas=1, B=1, groups
         costs = dkdv_costs(T, K, W0, W1, BM, BN, groups, kernel=kernel, **kw)
     span, ideal = makespan(costs, B * H, sms * ctas, heads_fastest=not kernel.endswith("_v1"))
     return ideal / span, span, ideal
+
+
+def useful_pairs(T, K, W0, W1):
+    """(query, key) pairs the pyramid's mask holds, per batch row and head: each query's visible keys (its tiling of
+    the past) plus itself, over T tokens and their T//K LOD1 and T//K**2 LOD2 gists."""
+    total = 0
+    for L, n in enumerate((T, T // K, T // (K * K))):
+        c = np.arange(n, dtype=np.int64) * K ** L  # cursors
+        b0, b1 = _bands(c, K, W0, W1)
+        total += int(((c - b0) + (b0 - b1) // K + b1 // (K * K) + 1).sum())
+    return total
