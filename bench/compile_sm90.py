@@ -317,7 +317,8 @@ def markdown(records, probe):
                    f"| {max(r['compile_s'] for r in ok):.0f} | {'; '.join(bad) or 'ok'} |")
     head = [r for r in records if any("T65536-H16-D128" in sh for sh in r["shapes"]) and r["kernel"].startswith("lod")]
     if head:
-        out += ["", "Pyramidal attention at the headline shape (T = 65,536, 16 heads, D = 128, bf16), each kept config, "
+        out += ["", "Pyramidal attention at the headline shape (T = 65,536, 16 heads, D = 128, bf16), each kept "
+                "config, "
                 "with the programs one SM holds (registers, shared memory) and the schedule model's busy fraction "
                 "(kernels/schedule.py: ideal / makespan on 132 SMs at that occupancy; the forward grid also serves "
                 "dq) at 64k and 256k tokens:", "",

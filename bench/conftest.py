@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
     why = "benchmarks need a CUDA GPU" + (" (TRITON_INTERPRET=1 is set)" if INTERPRET else "")
     for item in items:
         if not (STANDIN and "standin" in item.name):
-            item.add_marker(pytest.mark.skip(reason=why + ("; stand-in mode runs the standin cases" if STANDIN else "")))
+            item.add_marker(pytest.mark.skip(reason=why + ("; stand-in mode runs the standin cases" if STANDIN
+                                                           else "")))
 
 
 def _env_info() -> dict:

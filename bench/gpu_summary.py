@@ -81,7 +81,10 @@ def ncu_figures(path):
     """A few lines of Nsight Compute's report of the pyramid forward (SM active / elapsed, registers, occupancy)."""
     with open(path) as f:
         text = f.read()
-    get = lambda name: (m.group(1).replace(",", "") if (m := re.search(rf"{name}\s+\S*\s+([\d.,]+)", text)) else None)  # noqa
+    def get(name):
+        m = re.search(rf"{name}\s+\S*\s+([\d.,]+)", text)
+        return m.group(1).replace(",", "") if m else None
+
     active, elapsed = get("SM Active Cycles"), get("Elapsed Cycles")
     if not (active and elapsed):
         return dict(note=text.strip().splitlines()[0][:200] if text.strip() else "empty report")

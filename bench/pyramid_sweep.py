@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import gpu_env  # noqa: E402
+from bench_lod_attention import _flex  # noqa: E402
 import kernels  # noqa: E402
 from kernels.lod_attention import lod_attention  # noqa: E402
 from kernels.pyramid import layout_tensors  # noqa: E402
@@ -62,23 +63,6 @@ def case(T, D, dev, k=K):
     for x in (q, kk, v):
         x.requires_grad_()
     return (q, kk, v, mu, sigma, start, end, lod), do
-
-
-def flex_op(q, k, v, start, end, lod, w0, w1, k_):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    b0 = ((start - w0).div(k_, rounding_mode="floor") * k_).clamp_min(0)
-    b1 = ((b0 - w1 * k_).div(k_ * k_, rounding_mode="floor") * k_ * k_).clamp_min(0)
-
-    def mask_mod(b, h, i, j):
-        c, s, e, lv = start[i], start[j], end[j], lod[j]
-        band = (((lv == 0) & (b0[i] <= s) & (e <= c)) | ((lv == 1) & (b1[i] <= s) & (e <= b0[i]))
-                | ((lv == 2) & (e <= b1[i])))
-        return band | (i == j)
-
-    N = q.shape[1]
-    bm = create_block_mask(mask_mod, None, None, N, N, device=q.device, _compile=True)
-    fa = torch.compile(flex_attention)
-    return lambda: fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm).transpose(1, 2)
 
 
 def main(argv=None):
@@ -129,12 +113,13 @@ def main(argv=None):
         kw = dict(K=k_, W0=w0, W1=w1)
         qs, ks, vs = (torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         dos = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
-        sdpa = lambda: F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),  # noqa
-                                                      is_causal=True).transpose(1, 2)
+        qt, kt, vt = (x.transpose(1, 2) for x in (qs, ks, vs))
+        sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)  # noqa: E731
         ops = [("triton", lambda: lod_attention(*inputs, **kw), (q, k, v), do), ("sdpa", sdpa, (qs, ks, vs), dos)]
         if D == 128 and T in flex_T:
             try:
-                ops.append(("flex", flex_op(q, k, v, *inputs[5:], w0, w1, k_), (q, k, v), do))
+                flex = _flex(q, k, v, *inputs[5:], k_, w0, w1)
+                ops.append(("flex", lambda: flex(q, k, v), (q, k, v), do))
             except Exception as e:  # noqa: BLE001 - a missing FlexAttention is a result, not a crash
                 result["rows"].append(dict(D=D, T=T, provider="flex", error=f"{type(e).__name__}: {e}"[:200]))
         for provider, op, leaves, grad in ops:

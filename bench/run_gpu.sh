@@ -24,7 +24,8 @@ part="${1:-}"
 case "$part" in a|b|all|dry) ;; *) echo "usage: bash bench/run_gpu.sh a|b|all|dry" >&2; exit 2 ;; esac
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tr ' ' _)
+device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
+  | tr ' ' _)
 [ "$part" = dry ] || [ "$device" != cpu ] || { echo "part $part needs a CUDA GPU" >&2; exit 2; }
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo "${MC_COMMIT:-nogit}")
 tag="${device}_$(date +%F)_${commit}"
@@ -56,8 +57,9 @@ kern_k="(rope and B4-T4096 and (triton or compiled)) or (gist_pool and B8-T8192-
 train=(python bench/train_throughput.py --random-tokens --log-every=5 --compile=True --jsonl "$out/train_$tag.jsonl"
        --tag "$tag")
 demo=(--vocab=1024 --retrieval_mix=0 --copy_steps=0 --short_steps=0)  # the demo's base recipe minus its drills
-ncu_cmd="exec ncu --nvtx --nvtx-include prof/ --kernel-name regex:lod_attn_fwd --section SpeedOfLight --section Occupancy --section LaunchStats \
-  --section ComputeWorkloadAnalysis python bench/pyramid_sweep.py --ncu > $out/ncu_$tag.txt 2>&1"
+ncu_cmd="exec ncu --nvtx --nvtx-include prof/ --kernel-name regex:lod_attn_fwd --section SpeedOfLight \
+  --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis python bench/pyramid_sweep.py --ncu \
+  > $out/ncu_$tag.txt 2>&1"
 ncu_phase() {  # exec: the time slice's signal reaches ncu itself
   if command -v ncu > /dev/null; then phase ncu "$1" 0 sh -c "$ncu_cmd"
   else echo "ncu not installed: skipped" > "$out/ncu_$tag.txt"; printf 'ncu\t0\t0\tabsent\n' >> "$phases"; fi

@@ -16,7 +16,8 @@ case still trains.
 p-RoPE and position-free heads (model.py's rope_bands, rope_heads): bands j >= `bands` get frequency 0 and heads
 h >= `heads` are not rotated (both 0: all), inside the same kernel, so no gather or concatenation copies.
 
-Layouts: x: [B, T, H, D] (D even, last dim contiguous), mu, sigma: [B, T] float (a batch stride of 0 is read as is). Callers keep mu small (relative to a
+Layouts: x: [B, T, H, D] (D even, last dim contiguous), mu, sigma: [B, T] float (a batch stride of 0 is read as is).
+Callers keep mu small (relative to a
 session origin near the cursor) so fp32 angles stay precise: fp32 has a spacing of 64 at 1e9, so absolute positions
 that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
 

@@ -96,7 +96,8 @@ def test_gpu_summary_targets(tmp_path):
 def test_gpu_summary_ncu(tmp_path):
     """The figures the table takes from an Nsight Compute report (its section layout), or the line saying why not."""
     report = tmp_path / "ncu.txt"
-    report.write_text("  _lod_attn_fwd_kernel (529, 16, 1)x(256, 1, 1)\n    Elapsed Cycles                cycle    8,671,220\n"
+    report.write_text("  _lod_attn_fwd_kernel (529, 16, 1)x(256, 1, 1)\n"
+                      "    Elapsed Cycles                cycle    8,671,220\n"
                       "    SM Active Cycles              cycle 5,039,814.02\n    Registers Per Thread  register/thread"
                       "               239\n    Achieved Occupancy                        %        12.47\n")
     n = gpu_summary.ncu_figures(str(report))
