@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -127,12 +128,13 @@ class CausalSelfAttention(nn.Module):
             qkv = qkv + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hs)
         q, k = self.q_norm(q), self.k_norm(k)
-        if pyramid is not None or (self.attn == "lod" and cache is None):  # RoPE fused into the kernel's loads
+        if pyramid is not None or (self.attn == "lod" and cache is None):  # RoPE inside kernels.lod_attention
             assert cache is None, "pyramid metadata is for cache-free (training) forwards"
-            if not self.rotates_all:  # rotate here, so the kernel's fused rotation must be the identity
-                q, k = self.rotate(q, k, mu, sigma)
+            if self.rope_heads == 0:  # a position-free block: the kernel's rotation must be the identity
                 mu, sigma = torch.zeros_like(mu), torch.zeros_like(sigma)
-            y = kernels.lod_attention(q, k, v, mu, sigma, **(pyramid or {}), rope_base=self.rope_base)
+            y = kernels.lod_attention(q, k, v, mu, sigma, **(pyramid or {}), rope_base=self.rope_base,
+                                      rope_bands=self.rope_bands % (self.head_dim // 2), rope_heads=self.rope_heads
+                                      % self.n_head)
             return self.c_proj(y.reshape(B, T, C))
         q, k = self.rotate(q, k, mu, sigma)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -147,24 +149,15 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-    @property
-    def rotates_all(self) -> bool:
-        return self.rope_heads == self.n_head and self.rope_bands == self.head_dim // 2
-
     def rotate(self, q, k, mu, sigma):
         """Gaussian RoPE on the first rope_heads heads of q and k (B, T, nh, hs), in their rope_bands fastest bands;
         NoPE heads and frequency-0 bands pass unchanged: they match content at any distance, where every rotated band
-        of a far key has an arbitrary phase. Band j pairs dims j and hs/2 + j; the rotating bands j < R are gathered
-        into a head of 2R dims, whose bands at base**(2R/hs) have exactly the frequencies base**(-2j/hs)."""
-        r, R, half = self.rope_heads, self.rope_bands, self.head_dim // 2
-        if self.rotates_all:
-            return kernels.gauss_rope(q, k, mu, sigma, self.rope_base)
-        if r == 0:
+        of a far key has an arbitrary phase. One kernels.gauss_rope call (bands j < R keep frequency base**(-2j/hs),
+        the others get 0; heads past rope_heads are copied), with no gather or concatenation around it."""
+        if self.rope_heads == 0:
             return q, k
-        qr, kr = (torch.cat([t[:, :, :r, :R], t[:, :, :r, half:half + R]], -1) for t in (q, k))
-        qr, kr = kernels.gauss_rope(qr, kr, mu, sigma, self.rope_base ** (R / half))
-        return tuple(torch.cat([torch.cat([tr[..., :R], t[:, :, :r, R:half], tr[..., R:], t[:, :, :r, half + R:]], -1),
-                                t[:, :, r:]], 2) for t, tr in ((q, qr), (k, kr)))
+        return kernels.gauss_rope(q, k, mu, sigma, self.rope_base, self.rope_bands % (self.head_dim // 2),
+                                  self.rope_heads % self.n_head)
 
 
 class MLP(nn.Module):
@@ -237,12 +230,14 @@ class GPT(nn.Module):
                        device or p.device, dtype or p.dtype)
 
     def forward(self, idx=None, targets=None, *, embeds=None, mu=None, sigma=None, cache=None, reduction="mean",
-                last_only=False, pyramid=None):
+                last_only=False, pyramid=None, weights=None):
         """Logits (and loss) for token ids `idx` (B, T) or input embeddings `embeds` (B, T, C).
 
         mu: (B, T) or (T,) positions (int or float; default: consecutive after the cache); sigma: same shape, spreads
         (default 0 = standard RoPE). targets: (B, T) ids, -1 ignored; reduction 'mean' or 'none' (per-entry NLL).
-        Returns (logits (B, T, V) fp32, loss or None). With `cache`, the new entries are appended to it.
+        Returns (logits (B, T, V) fp32, None) without targets. With targets and reduction 'mean': (None, loss), the
+        head and the loss fused in chunks of rows (kernels/cross_entropy.py: no [B, T, V] logits), weighted by
+        `weights` (B, T) when given (sum w * nll / sum w). With `cache`, the new entries are appended to it.
         reduction='none': (None, loss (B, T)), the head run only at entries with a target (>= 0; 0 loss elsewhere).
         last_only (no targets): logits (B, 1, V) of the newest entry only, skipping the output head elsewhere (a
         decode that re-reads many cached entries needs just the next-token distribution).
@@ -267,17 +262,15 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         assert not (last_only and targets is not None), "last_only computes no loss"
+        assert weights is None or (targets is not None and reduction == "mean"), "weights weight the mean loss"
+        if targets is not None and reduction == "mean":
+            return None, linear_cross_entropy(self.ln_f(x), self.lm_head.weight, targets, weights)
         if targets is not None and reduction == "none":  # per-entry losses: the head runs only where a target is
             keep = targets >= 0
             loss = x.new_zeros(B, T, dtype=torch.float32)
             loss[keep] = F.cross_entropy(self.lm_head(self.ln_f(x[keep])).float(), targets[keep], reduction="none")
             return None, loss
-        logits = self.lm_head(self.ln_f(x[:, -1:] if last_only else x)).float()
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
-        return logits, loss.view(B, T) if reduction == "none" else loss
+        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x)).float(), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; matrices decay, norms and biases do not (nanoGPT). Fused on CUDA."""

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import retrieval
+from kernels.pyramid import layout_tensors
 from megacontext import FocusAllocator, MegaContextModel, WorkingContext, level_sigma, preview_nodes
 from tiling import coarsest_runs
 from tree import depth_of, node_types
@@ -97,13 +98,17 @@ def make_gists(mc: MegaContextModel, emb, pool: str = "gist", levels: int | None
 
 
 def pyramid_meta(mc: MegaContextModel, T: int, n1: int, n2: int, device):
-    """The training layout (tokens, LOD1 gists, LOD2 gists): start, end, lod (N,) and positions mu, sigma (N,)."""
+    """The training layout (tokens, LOD1 gists, LOD2 gists): start, end, lod (N,) and positions mu, sigma (N,). In
+    make_gists' counts the metadata comes from kernels.pyramid.layout_tensors, built once per (T, K, device), which
+    lod_attention recognises without checking it."""
     K = mc.cfg.K
     lod = torch.cat([torch.zeros(T), torch.ones(n1), torch.full((n2,), 2)]).long()
     start = torch.cat([torch.arange(T), torch.arange(n1) * K, torch.arange(n2) * K * K]).long()
     span = K ** lod
     mu = start.double() + (span - 1).double() / 2  # DESIGN §3: a gist sits at its span centre
     sigma = level_sigma(mc.sigma_scale.detach(), lod, span)
+    if (n1, n2) == (T // K, T // K**2):
+        return [*layout_tensors(T, K, device), mu.to(device), sigma.to(device)]
     return [t.to(device) for t in (start, start + span, lod, mu, sigma)]
 
 

@@ -535,10 +535,7 @@ def stage_loss(model, batch, cfg: TrainConfig, gen: torch.Generator):
     x, y, mu, w = batch
     if cfg.stage != "base":
         return model(x, y, gen, cfg.stage)
-    if w is None:
-        return model(x, y, mu=mu)[1], {}
-    nll = model(x, y, mu=mu, reduction="none")[1]  # (B, T); 0 where y is -1, which has weight 0 too
-    return (nll * w).sum() / w.sum(), {}
+    return model(x, y, mu=mu, weights=w)[1], {}  # the fused head + loss; y = -1 has weight 0
 
 
 def build_mc(cfg: TrainConfig, ckpt: dict | None, device):

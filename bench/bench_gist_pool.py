@@ -17,6 +17,7 @@ SHAPES = [  # (B, T, H, D, K)
     pytest.param((8, 8192, 12, 64, 32), id="B8-T8192-H12-D64-K32"),  # GPT-2-small width, LOD1 blocks
     pytest.param((4, 8192, 16, 128, 64), id="B4-T8192-H16-D128-K64"),
     pytest.param((8, 8192, 12, 64, 8), id="B8-T8192-H12-D64-K8"),
+    pytest.param((2, 96, 3, 32, 8), id="standin-B2-T96-H3-D32-K8"),  # CPU plumbing check (MC_BENCH_STANDIN=1)
 ]
 
 
@@ -28,12 +29,15 @@ def _compiled():
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
 @pytest.mark.parametrize("provider", ["reference", "compiled", "triton"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bench_gist_pool(benchmark, bench_record, triton_backend, shape, provider, mode):
+def test_bench_gist_pool(benchmark, bench_record, bench_device, triton_backend, shape, provider, mode):
     B, T, H, D, K = shape
-    x = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd")
-    query = torch.randn(H, D, device="cuda", requires_grad=mode != "fwd")
+    dev = bench_device
+    if provider == "compiled" and dev == "cpu":
+        pytest.skip("stand-in mode: torch.compile is the GPU's comparison")
+    x = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=mode != "fwd")
+    query = torch.randn(H, D, device=dev, requires_grad=mode != "fwd")
     op = {"reference": gist_pool_ref, "compiled": _compiled(), "triton": gist_pool}[provider]
-    dout = torch.randn(B, T // K, H, D, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(B, T // K, H, D, device=dev, dtype=torch.bfloat16)
 
     if mode == "fwd":
         fn = lambda: op(x, query, K)  # noqa: E731

@@ -3,9 +3,9 @@
 FLOPs, with P the (query, key) pairs a provider multiplies, per batch row and head (2 matmuls of D MACs per pair):
     fwd  = 4 P D B H          bwd = 2.5 fwd (5 matmuls instead of 2)          full = fwd + bwd = 3.5 fwd
 Three counts of P are recorded:
-    visited: P = sum over the forward's query tiles of BLOCK_M * BLOCK_N * (key tiles it loads) (mirrors the kernel's
-             ranges, tile config from the autotuner); the work the kernel does, the headline TFLOP/s (bwd and full
-             reuse the forward's count: the dk/dv pass visits a similar, not identical, tile set)
+    visited: P = sum over the forward's programs of BLOCK_M * BLOCK_N * (key tiles it loads) (kernels/schedule.py,
+             tile config from the autotuner); the work the kernel does, the headline TFLOP/s (bwd and full reuse the
+             forward's count: the dk/dv pass visits a similar, not identical, tile set)
     useful:  P = number of visible (query, key) pairs (the mask's popcount, computed arithmetically)
     dense:   P = T (T + 1) / 2, causal attention over the T tokens alone (what `sdpa` computes)
 Providers: reference (lod_attention_ref: mask + SDPA, small T only), compiled (torch.compile of Gaussian RoPE + SDPA
@@ -22,50 +22,24 @@ import torch
 import torch.nn.functional as F
 
 from kernels.lod_attention import lod_attention, lod_attention_ref, lod_visibility
+from kernels.pyramid import layout_tensors
 from kernels.rope import gauss_rope_ref
+from kernels.schedule import fwd_costs, useful_pairs
 
 CASES = [  # (B, T, H, D, K, W0, W1)
     pytest.param((1, 65536, 16, 64, 32, 1024, 256), id="T65536-H16-D64-W1024-256"),
     pytest.param((1, 65536, 16, 128, 32, 1024, 256), id="T65536-H16-D128-W1024-256"),
     pytest.param((1, 8192, 16, 64, 32, 1024, 16), id="T8192-H16-D64-W1024-16"),
+    pytest.param((1, 70, 3, 32, 4, 8, 2), id="standin-T70-H3-D32-K4-W8-2"),  # CPU plumbing check (MC_BENCH_STANDIN=1)
 ]
 REF_MAX_N = 12000  # the references hold an N x N mask and fp32 scores per head
 
 
 def _layout(T, K, device):
-    n1, n2 = T // K, T // (K * K)
-    start = torch.cat([torch.arange(T), torch.arange(n1) * K, torch.arange(n2) * K * K]).to(device)
-    lod = torch.cat([torch.zeros(T), torch.ones(n1), torch.full((n2,), 2.0)]).long().to(device)
-    end = start + K ** lod
+    start, end, lod = layout_tensors(T, K, device)  # what the gist stage passes: no metadata checks per call
     mu = (start + end - 1).float() / 2
     sigma = torch.where(lod > 0, (end - start).float() / math.sqrt(12), 0.0)
     return start, end, lod, mu[None], sigma[None]
-
-
-def _bands(c, K, W0, W1):
-    b0 = max(0, (c - W0) // K * K)
-    return b0, max(0, (b0 - W1 * K) // (K * K) * K * K)
-
-
-def pairs(T, K, W0, W1, BM=None, BN=None):
-    """Visible pairs (BM, BN None) or pairs in the forward kernel's visited tiles; per batch row and head."""
-    n = [T, T // K, T // (K * K)]
-    total = 0
-    for QL in range(3):
-        span = K ** QL
-        for q0 in range(0, n[QL], BM or 1):
-            q1 = min(q0 + (BM or 1), n[QL]) - 1
-            (b0f, b1f), (b0l, b1l) = _bands(q0 * span, K, W0, W1), _bands(q1 * span, K, W0, W1)
-            rng = [(b0f, q1 * span + (QL == 0)), (b1f // K, b0l // K), (0, b1l // (K * K))]
-            for L, (lo, hi) in enumerate(rng):
-                if L == QL and L > 0:
-                    lo, hi = min(lo, q0), max(hi, q1 + 1)
-                if BM is None:  # exact: the band of each query, plus itself
-                    b0, b1 = _bands(q0 * span, K, W0, W1)
-                    total += [q0 * span - b0, (b0 - b1) // K, b1 // (K * K)][L] + (L == QL)
-                else:
-                    total += BM * BN * max(0, -(-(min(hi, n[L]) - lo) // BN))
-    return total
 
 
 @functools.cache
@@ -99,9 +73,11 @@ def _flex(q, k, v, start, end, lod, K, W0, W1):
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
 @pytest.mark.parametrize("provider", ["reference", "compiled", "triton", "sdpa", "flex"])
 @pytest.mark.parametrize("case", CASES)
-def test_bench_lod_attention(benchmark, bench_record, triton_backend, case, provider, mode):
+def test_bench_lod_attention(benchmark, bench_record, bench_device, triton_backend, case, provider, mode):
     B, T, H, D, K, W0, W1 = case
-    dev, dtype = "cuda", torch.bfloat16
+    dev, dtype = bench_device, torch.bfloat16
+    if provider in ("compiled", "flex") and dev == "cpu":
+        pytest.skip("stand-in mode: torch.compile and FlexAttention are the GPU's comparisons")
     start, end, lod, mu, sigma = _layout(T, K, dev)
     N = T if provider == "sdpa" else len(start)
     if provider in ("reference", "compiled") and N > REF_MAX_N:
@@ -138,13 +114,14 @@ def test_bench_lod_attention(benchmark, bench_record, triton_backend, case, prov
     if provider == "sdpa":
         flops, extra = mult * dense, {}
     else:
-        useful = pairs(T, K, W0, W1)
+        useful = useful_pairs(T, K, W0, W1)
         extra = dict(useful_pairs=useful, useful_TFLOPs_equiv=None)
         visited = useful
         if provider == "triton":
-            cfg = sys.modules["kernels.lod_attention"]._TUNED["fwd"].best_config  # package re-exports the op
+            cfg = getattr(sys.modules["kernels.lod_attention"]._TUNED["fwd"], "best_config", None)  # None: untuned
             if cfg is not None:
-                visited = pairs(T, K, W0, W1, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                visited = int(fwd_costs(T, K, W0, W1, bm, bn, masked=1.0, overhead=0.0).sum()) * bm * bn
                 extra["tile_cfg"] = str(cfg)
         flops = mult * visited
         extra.update(visited_pairs=visited)

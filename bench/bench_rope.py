@@ -17,6 +17,7 @@ from kernels.rope import gauss_rope, gauss_rope_ref
 SHAPES = [  # (B, T, Hq, Hk, D)
     pytest.param((4, 4096, 32, 8, 128), id="B4-T4096-Hq32-Hk8-D128"),  # Llama-3-8B-like GQA
     pytest.param((8, 1024, 12, 12, 64), id="B8-T1024-H12-D64"),  # GPT-2-small-like
+    pytest.param((2, 33, 3, 1, 32), id="standin-B2-T33-Hq3-Hk1-D32"),  # CPU plumbing check (MC_BENCH_STANDIN=1)
 ]
 
 
@@ -36,13 +37,15 @@ def _triton_qk(q, k, mu, sigma):
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
 @pytest.mark.parametrize("provider", ["reference", "compiled", "triton"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bench_rope(benchmark, bench_record, triton_backend, shape, provider, mode):
+def test_bench_rope(benchmark, bench_record, bench_device, triton_backend, shape, provider, mode):
     B, T, Hq, Hk, D = shape
-    dtype = torch.bfloat16
-    q = torch.randn(B, T, Hq, D, device="cuda", dtype=dtype, requires_grad=mode != "fwd")
-    k = torch.randn(B, T, Hk, D, device="cuda", dtype=dtype, requires_grad=mode != "fwd")
-    lod = torch.randint(0, 2, (B, T), device="cuda")  # half tokens, half 32-token gists
-    mu = torch.arange(T, device="cuda", dtype=torch.float32).expand(B, T) - T
+    dtype, dev = torch.bfloat16, bench_device
+    if provider == "compiled" and dev == "cpu":
+        pytest.skip("stand-in mode: torch.compile is the GPU's comparison")
+    q = torch.randn(B, T, Hq, D, device=dev, dtype=dtype, requires_grad=mode != "fwd")
+    k = torch.randn(B, T, Hk, D, device=dev, dtype=dtype, requires_grad=mode != "fwd")
+    lod = torch.randint(0, 2, (B, T), device=dev)  # half tokens, half 32-token gists
+    mu = torch.arange(T, device=dev, dtype=torch.float32).expand(B, T) - T
     sigma = torch.where(lod > 0, 32 / math.sqrt(12), 0.0)
     op = {"reference": _ref_qk, "compiled": _compiled(), "triton": _triton_qk}[provider]
     dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)

@@ -44,6 +44,7 @@ from kernels import _util  # noqa: E402
 from kernels.gist_pool import GistPoolFn  # noqa: E402
 from kernels.lod_attention import LodAttentionFn, _Meta, smem_bytes  # noqa: E402
 from kernels.rope import GaussRopeFn  # noqa: E402
+from kernels.schedule import busy, ctas_per_sm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -58,7 +59,7 @@ def _t(*shape, dtype=BF16, grad=False):
 
 def rope_case(B, T, Hq, Hk, D, dtype):
     q, k = _t(B, T, Hq, D, dtype=dtype, grad=True), _t(B, T, Hk, D, dtype=dtype, grad=True)
-    qo, ko = GaussRopeFn.apply(q, k, _t(B, T, dtype=FP32), _t(B, T, dtype=FP32), 10000.0)
+    qo, ko = GaussRopeFn.apply(q, k, _t(B, T, dtype=FP32), _t(B, T, dtype=FP32), 10000.0, 0, 0)
     torch.autograd.backward([qo, ko], [torch.empty_like(qo), torch.empty_like(ko)])
 
 
@@ -76,7 +77,7 @@ def lod_case(B, T, H, Hk, D, K, W0, W1, dtype, focus=0, fb=128):
         B, N, Hk, D, dtype=dtype, grad=True)
     foc = _t(B, -(-T // fb), focus, 2, dtype=torch.int32) if focus else None
     m = _Meta(N if W0 is None else T, n1, n2, K, W0, W1, fb, D ** -0.5, W0 is None)
-    o = LodAttentionFn.apply(q, k, v, _t(B, N, dtype=FP32), _t(B, N, dtype=FP32), foc, m, 10000.0)
+    o = LodAttentionFn.apply(q, k, v, _t(B, N, dtype=FP32), _t(B, N, dtype=FP32), foc, m, (10000.0, 0, 0))
     o.backward(torch.empty_like(o))
 
 
@@ -90,7 +91,8 @@ CASES = [
     ("rope gpu int64 T65544-Hq256-Hk1-D128 bf16", rope_case, (1, 65544, 256, 1, 128, BF16), False),
     ("rope bench B8-T1024-H12-D64 bf16", rope_case, (8, 1024, 12, 12, 64, BF16), False),
     ("rope train small B32-T2048-H8-D64 bf16", rope_case, (32, 2048, 8, 8, 64, BF16), False),
-    ("rope p-RoPE mc_demo_gpu B32-T1024-H8-D32 bf16", rope_case, (32, 1024, 8, 8, 32, BF16), False),
+    ("rope train medium B16-T2048-H12-D64 bf16", rope_case, (16, 2048, 12, 12, 64, BF16), False),
+    ("rope p-RoPE mc_demo_gpu B32-T1024-H8-D64 bf16", rope_case, (32, 1024, 8, 8, 64, BF16), False),
     ("gist gpu B4-T8192-H12-D64-K32 bf16", gist_case, (4, 8192, 12, 64, 32, BF16), True),
     ("gist gpu B2-T8192-H8-D128-K64 bf16", gist_case, (2, 8192, 8, 128, 64, BF16), False),
     ("gist gpu B2-T4096-H16-D64-K8 fp16", gist_case, (2, 4096, 16, 64, 8, FP16), False),
@@ -177,9 +179,12 @@ def measure(fn, args, kwargs):
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0  # noqa: E731
     dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
     loops, n = tile_loops(kernel.asm["cubin"], fp32_dots=dtype == FP32 and "PREC" in kwargs)
-    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+    regs = num(r"Used (\d+) registers")
+    return dict(registers=regs, spill_stores=num(r"(\d+) bytes spill stores"),
                 spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
-                smem=kernel.metadata.shared, sass_insts=n, tile_loops=loops, compile_s=round(time.time() - t0, 1))
+                smem=kernel.metadata.shared, ctas_per_sm=ctas_per_sm(regs, kwargs.get("num_warps", 4),
+                                                                     kernel.metadata.shared),
+                sass_insts=n, tile_loops=loops, compile_s=round(time.time() - t0, 1))
 
 
 def cfg_str(c):
@@ -312,13 +317,23 @@ def markdown(records, probe):
                    f"| {max(r['compile_s'] for r in ok):.0f} | {'; '.join(bad) or 'ok'} |")
     head = [r for r in records if any("T65536-H16-D128" in sh for sh in r["shapes"]) and r["kernel"].startswith("lod")]
     if head:
-        out += ["", "Pyramidal attention at the headline shape (T = 65,536, 16 heads, D = 128, bf16), each kept config:",
-                "", "| kernel | config | registers | spill B | smem KB (estimate) | tile insts (mma) |",
-                "|---|---|---|---|---|---|"]
+        out += ["", "Pyramidal attention at the headline shape (T = 65,536, 16 heads, D = 128, bf16), each kept "
+                "config, "
+                "with the programs one SM holds (registers, shared memory) and the schedule model's busy fraction "
+                "(kernels/schedule.py: ideal / makespan on 132 SMs at that occupancy; the forward grid also serves "
+                "dq) at 64k and 256k tokens:", "",
+                "| kernel | config | registers | spill B | smem KB (estimate) | CTAs/SM | busy 64k | busy 256k | "
+                "tile insts (mma) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in head:
             tl_ = ", ".join(f"{t['insts']} ({t['mma']})" for t in r.get("tile_loops", []))
+            b64, b256 = (headline_busy(r, T) for T in (65536, 262144))
             out.append(f"| {r['kernel']} | {r['config']} | {r.get('registers')} | {r.get('spill_stores')} | "
-                       f"{r.get('smem', 0) / 1024:.0f} ({r.get('smem_est', 0) / 1024:.0f}) | {tl_} |")
+                       f"{r.get('smem', 0) / 1024:.0f} ({r.get('smem_est', 0) / 1024:.0f}) | {r.get('ctas_per_sm')} | "
+                       f"{b64} | {b256} | {tl_} |")
+        v1 = busy("fwd_v1", 65536, 16, ctas=1)[0]
+        out += ["", f"The forward before issue 22 (per-level query tiles, BLOCK_M 128, BLOCK_N 64, 1 CTA/SM, as Nsight "
+                f"Compute measured it): busy {v1:.2f} at 64k in the model (measured on the H200: 0.58 of the elapsed "
+                f"cycles with SMs active)."]
     if probe:
         out += ["", "RoPE strategy probe: the attention forward inner loop (D = 128, 128x64 tile, 8 warps, bf16) with "
                 "the key rotation done three ways (kernels/lod_attention.py chose the first).", "",
@@ -331,9 +346,25 @@ def markdown(records, probe):
     return "\n".join(out) + "\n"
 
 
+def headline_busy(r, T):
+    """The schedule model's busy fraction of a headline-shape record's grid at T tokens (16 heads, K 32, W0 1024,
+    W1 256), at the occupancy its compile allows; '-' without a compile."""
+    if "error" in r or not r.get("ctas_per_sm"):
+        return "-"
+    cfg = dict(kv.split("=") for kv in r["config"].split() if "=" in kv)
+    kind = "dkdv" if r["kernel"] == "lod_attn_dkdv" else "fwd"
+    return f"{busy(kind, T, 16, BM=int(cfg['BLOCK_M']), BN=int(cfg['BLOCK_N']), ctas=r['ctas_per_sm'])[0]:.3f}"
+
+
+def _cases(subset, only=""):
+    """The cases of a subset whose names contain any of the comma-separated patterns in `only` (all when empty)."""
+    pats = [p for p in only.split(",") if p]
+    return [c for c in CASES if (subset == "all" or c[3]) and (not pats or any(p in c[0] for p in pats))]
+
+
 def _warm_worker(args):
-    index, workers, subset = args
-    jobs = [j for j in plan([c for c in CASES if subset == "all" or c[3]]).values() if j["kept"]]
+    index, workers, subset, only = args
+    jobs = [j for j in plan(_cases(subset, only)).values() if j["kept"]]
     for j in jobs[index::workers]:
         try:
             compile_sm90(j["fn"], j["args"], j["kwargs"], fresh=False)
@@ -342,13 +373,13 @@ def _warm_worker(args):
     return len(jobs[index::workers])
 
 
-def warm(workers, subset):
+def warm(workers, subset, only=""):
     """Fill Triton's cache (on the GPU machine: same target, same keys as the launches) in parallel processes, so the
     test tier and the benchmarks start without compiling."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return sum(pool.map(_warm_worker, [(i, workers, subset) for i in range(workers)]))
+        return sum(pool.map(_warm_worker, [(i, workers, subset, only) for i in range(workers)]))
 
 
 def main(argv=None):
@@ -357,16 +388,17 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compile_sm90"),
                    help="output path without extension: writes .json and .md")
     p.add_argument("--list", action="store_true", help="print the planned compiles and exit")
-    p.add_argument("--only", default="", help="only the cases whose name contains this")
+    p.add_argument("--only", default="", help="only the cases whose name contains one of these (comma-separated)")
     p.add_argument("--pruned", action="store_true", help="also compile the configs the prune drops (not checked)")
     p.add_argument("--no-probe", action="store_true", help="skip the RoPE strategy probe")
     p.add_argument("--warm", type=int, default=0, metavar="N", help="only fill Triton's cache, with N processes")
     args = p.parse_args(argv)
     if args.warm:
         t0 = time.time()
-        print(f"warmed {warm(args.warm, args.subset)} kernels in {time.time() - t0:.0f} s with {args.warm} processes")
+        n = warm(args.warm, args.subset, args.only)
+        print(f"warmed {n} kernels in {time.time() - t0:.0f} s with {args.warm} processes")
         return 0
-    cases = [c for c in CASES if (args.subset == "all" or c[3]) and args.only in c[0]]
+    cases = _cases(args.subset, args.only)
     jobs = plan(cases)
     todo = [j for j in jobs.values() if j["kept"] or args.pruned]
     if args.subset == "ci":  # the largest kept config of each kernel (and focus variant): the most likely to spill

@@ -1,21 +1,29 @@
 """Benchmark tier (GPU only): skip rules, the device's ceilings measured in the run, one helper that records physics.
 
 Run on the GPU box:  pytest bench/ --benchmark-json bench/results/<gpu>_<date>_<commit>.json
-Without CUDA, or under TRITON_INTERPRET=1 (do_bench and autotune need a driver), every benchmark is skipped.
+Without CUDA, or under TRITON_INTERPRET=1 (do_bench and autotune need a driver), every benchmark is skipped, except in
+the stand-in mode MC_BENCH_STANDIN=1 (CPU): only the tiny `standin` cases run, timed by a host-clock stand-in for
+do_bench against stand-in ceilings, so the whole harness (fixtures, record(), pytest-benchmark's JSON, the summary)
+runs in the CPU test tier (tests/test_bench_harness.py, bash bench/run_gpu.sh dry). Its figures are not measurements.
 """
 import functools
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `import kernels` from the repository root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_env
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GPU = torch.cuda.is_available() and not INTERPRET
+STANDIN = os.environ.get("MC_BENCH_STANDIN", "0") == "1" and not GPU  # CPU plumbing check, not a measurement
+STANDIN_CEILINGS = dict(copy_bw_TBps=0.01, bf16_matmul_TFLOPs=0.1)  # round stand-ins: fractions stay readable
 
 
 def pytest_collect_file(parent, file_path):
@@ -29,7 +37,9 @@ def pytest_collection_modifyitems(config, items):
         return
     why = "benchmarks need a CUDA GPU" + (" (TRITON_INTERPRET=1 is set)" if INTERPRET else "")
     for item in items:
-        item.add_marker(pytest.mark.skip(reason=why))
+        if not (STANDIN and "standin" in item.name):
+            item.add_marker(pytest.mark.skip(reason=why + ("; stand-in mode runs the standin cases" if STANDIN
+                                                           else "")))
 
 
 def _env_info() -> dict:
@@ -38,22 +48,34 @@ def _env_info() -> dict:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         sha = ""
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                git_sha=sha or "unknown")
+    device = torch.cuda.get_device_name() if GPU else "cpu (stand-in timer)"
+    return dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                git_sha=sha or os.environ.get("MC_COMMIT", "unknown"))
 
 
 @functools.cache
 def measured_ceilings() -> dict:
-    """This device's copy bandwidth (TB/s: read + write of 1 GiB) and bf16 GEMM rate (TFLOP/s, 8192^3), measured
-    once per run, so every figure is also a fraction of what this machine does (ceilings.json: the 2026-11-23 H100)."""
-    from triton.testing import do_bench
-    x = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    copy_ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    gemm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    return dict(copy_bw_TBps=2 * x.numel() * 2 / (copy_ms * 1e-3) / 1e12,
-                bf16_matmul_TFLOPs=2 * 8192**3 / (gemm_ms * 1e-3) / 1e12, ceilings_measured=True)
+    """This device's copy bandwidth (TB/s) and bf16 GEMM rate (TFLOP/s), measured once per run (bench/gpu_env.py;
+    MC_CEILINGS names the file of the run's first phase), so every figure is also a fraction of what this machine
+    does (ceilings.json: the 2026-11-23 H100). Stand-ins without a GPU."""
+    if not GPU:
+        return dict(STANDIN_CEILINGS, ceilings_measured=False)
+    import gpu_env
+    return gpu_env.ceilings()
+
+
+def device_quantiles(fn) -> tuple[float, float, float]:
+    """p20, p50, p80 in ms: do_bench on the device clock; in stand-in mode, three host-clock calls."""
+    if GPU:
+        from triton.testing import do_bench
+        return tuple(do_bench(fn, quantiles=[0.2, 0.5, 0.8]))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return q[1], statistics.median(times), q[7]
 
 
 def record(benchmark, fn, nbytes: float = None, flops: float = None):
@@ -63,12 +85,12 @@ def record(benchmark, fn, nbytes: float = None, flops: float = None):
     flops: useful FLOPs (compute-bound ops, judged against the bf16 GEMM rate). Both ceilings are measured in this
     run (measured_ceilings); derived numbers use p50. MC_BENCH_ROUNDS sets the host-clock rounds (default 50).
     """
-    from triton.testing import do_bench
-
     ceil = measured_ceilings()
-    p20, p50, p80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8])  # ms
+    p20, p50, p80 = device_quantiles(fn)
     info = benchmark.extra_info
-    info.update(_env_info(), ceil, ms_p20=p20, ms_p50=p50, ms_p80=p80)
+    info.update(_env_info())
+    info.update(ceil)
+    info.update(ms_p20=p20, ms_p50=p50, ms_p80=p80)
     if nbytes is not None:
         gbps = nbytes / (p50 * 1e-3) / 1e9
         info.update(bytes=nbytes, GBps=gbps, frac_copy_bw=gbps / (ceil["copy_bw_TBps"] * 1e3))
@@ -78,10 +100,11 @@ def record(benchmark, fn, nbytes: float = None, flops: float = None):
 
     def fn_sync():
         fn()
-        torch.cuda.synchronize()  # pytest-benchmark reads the host clock: wait for the kernels
+        if GPU:
+            torch.cuda.synchronize()  # pytest-benchmark reads the host clock: wait for the kernels
 
-    rounds = int(os.environ.get("MC_BENCH_ROUNDS", "50"))
-    benchmark.pedantic(fn_sync, rounds=rounds, warmup_rounds=max(1, rounds // 5))
+    rounds = 1 if STANDIN else int(os.environ.get("MC_BENCH_ROUNDS", "50"))
+    benchmark.pedantic(fn_sync, rounds=rounds, warmup_rounds=0 if STANDIN else max(1, rounds // 5))
     return info
 
 
@@ -89,6 +112,12 @@ def record(benchmark, fn, nbytes: float = None, flops: float = None):
 def bench_record(benchmark):
     """record() bound to this test's benchmark; a fixture, so bench files need not import a module named conftest."""
     return lambda fn, **kw: record(benchmark, fn, **kw)
+
+
+@pytest.fixture
+def bench_device():
+    """Where the benchmark's tensors live: cuda, or cpu in stand-in mode."""
+    return "cuda" if GPU else "cpu"
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ Runs train.py itself (same code path as training, no checkpoint written) and rea
 trains on uniform random ids over a --vocab vocabulary written in prepare.py's shard format to a temporary directory:
 the cost per token is the real one (the vocabulary sets the head's size), and no tokenizer, corpus or rustbpe is
 needed, as on the GPU machine. Extra --key=value arguments are train.py config overrides. Writes
-<out>/train_<config>_<tag>.json (tag: <device>_<date>_<commit>; commit from git, else $MC_COMMIT).
+<out>/train_<config>_<tag>.json (tag: <device>_<date>_<commit>; commit from git, else $MC_COMMIT), or appends one line
+to --jsonl. Interrupted (SIGINT: bench/run_gpu.sh's time slice), it still reports the intervals logged so far.
 """
 import argparse
 import datetime
@@ -57,14 +58,20 @@ def main(argv):
     p.add_argument("--vocab", type=int, default=16384, help="vocabulary of --random-tokens (prepare.py's default)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="where the JSON goes")
     p.add_argument("--tag", default=None, help="<device>_<date>_<commit> (default: computed)")
+    p.add_argument("--jsonl", default=None, help="append the result as one line to this file instead")
     args, overrides = p.parse_known_args(argv)
+    interrupted = False
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as data:
         if args.random_tokens:
             random_corpus(data, args.vocab)
             overrides = overrides + [f"--data_dir={data}"]
-        train.main(args.configs + overrides + [f"--out_dir={out}", f"--max_iters={args.steps}",
-                                               f"--eval_interval={10 * args.steps}", "--eval_iters=1", "--eval_gap=0",
-                                               f"--log_interval={args.log_every}", "--save_checkpoint=False"])
+        try:
+            train.main(args.configs + overrides + [f"--out_dir={out}", f"--max_iters={args.steps}",
+                                                   f"--eval_interval={10 * args.steps}", "--eval_iters=1",
+                                                   "--eval_gap=0", f"--log_interval={args.log_every}",
+                                                   "--save_checkpoint=False"])
+        except KeyboardInterrupt:  # out of time: what was logged still counts
+            interrupted = True
         with open(os.path.join(out, "log.jsonl")) as f:
             lines = [json.loads(line) for line in f]
     intervals = [r for r in lines if "tok_per_s" in r][1:]  # the first holds warm-up and compilation
@@ -80,12 +87,17 @@ def main(argv):
               "date": datetime.date.today().isoformat(), "commit": commit,
               "command": "python bench/train_throughput.py " + " ".join(argv), "tokens_per_s": tok_s,
               "mfu": statistics.median(mfus) if mfus else None, "steps": args.steps,
-              "data": "random token ids" if args.random_tokens else cfg["data_dir"],
+              "data": "random token ids" if args.random_tokens else cfg["data_dir"], "interrupted": interrupted,
+              "intervals": len(intervals),
               "tokens_per_step": cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"],
               "model": {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "attn", "compile")}}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"train_{config}_{tag}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"train_{config}_{tag}.json"), "w") as f:
+            json.dump(result, f, indent=2)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a"
     print(f"{'device':<24} {'tok/s':>12} {'MFU':>8}\n{device:<24} {tok_s:>12,.0f} {mfu:>8}")
     return result

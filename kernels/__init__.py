@@ -1,4 +1,4 @@
-"""MegaContext kernels: Gaussian RoPE, gist pooling and pyramidal (LOD-aware) attention.
+"""MegaContext kernels: Gaussian RoPE, gist pooling, pyramidal (LOD-aware) attention, the fused output head + loss.
 
 MC_KERNELS=auto|triton|torch is read once at import. `torch` selects the plain PyTorch references; `triton` the
 Triton kernels, raising if they cannot run; `auto` the kernels on CUDA and the references elsewhere. The Triton
@@ -16,6 +16,7 @@ _util.BACKEND = _util.resolve_backend(os.environ.get("MC_KERNELS", "auto"))
 from kernels.rope import gauss_rope, gauss_rope_ref  # noqa: E402
 from kernels.gist_pool import gist_pool, gist_pool_ref  # noqa: E402
 from kernels.lod_attention import lod_attention, lod_attention_ref  # noqa: E402
+from kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 
 
 def backend() -> str:
@@ -38,4 +39,4 @@ def banner() -> str:
 
 
 __all__ = ["gauss_rope", "gauss_rope_ref", "gist_pool", "gist_pool_ref", "lod_attention", "lod_attention_ref",
-           "backend", "set_backend", "banner"]
+           "linear_cross_entropy", "backend", "set_backend", "banner"]

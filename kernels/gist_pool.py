@@ -13,12 +13,16 @@ Backward, with dout = d loss / d out[b, g, h]:
 Groups never mix: a group is K consecutive rows starting at a multiple of K, and the tree never pools a partial
 block, so T must be a multiple of K. K is a power of two, 1 <= K <= 64 (one register tile per group and head).
 
-Kernels: one program per (GB consecutive groups, head h), holding a [GB, K, D] tile; GB is autotuned among configs
-pruned by shape (16..32 elements per thread), so every program streams several KB. The backward recomputes the scores
-and the softmax instead of saving them: it must reload the tile anyway for dp and dquery, and the scores are K*D FMAs
-on data already in registers. dquery is reduced in the kernel: each program sums its groups' ds_i x_i into a [D]
-partial and adds it to an fp32 [H, D] buffer with one atomic add (B*G/GB adds per head; the summation order, so the
-last bits, can differ run to run).
+Kernels: one program per GB consecutive groups, all heads: it streams the groups' contiguous K * H * D elements head
+by head in [GB, K, D] tiles (the per-head grid before read 128-byte pieces of every row from programs far apart in
+time); GB is autotuned among configs pruned by shape (16..64 elements per thread and head step). Each byte of x, dout
+and dx is read or written once. The backward recomputes the scores and the softmax instead of saving them: it must
+reload the tile anyway for dp and dquery, and the scores are K*D FMAs on data already in registers. dquery is
+reduced in the kernel: each program adds its groups' sum of ds_i x_i per head to an fp32 [H, D] buffer with one
+atomic add per head (B*G/GB adds per head; the summation order, so the last bits, can differ run to run).
+
+Eager calls go through GistPoolFn; under torch.compile the same launchers run as the custom ops
+megacontext::gist_pool / gist_pool_bwd.
 """
 import math
 
@@ -39,10 +43,9 @@ def gist_pool_ref(x: torch.Tensor, query: torch.Tensor, K: int) -> torch.Tensor:
 
 
 @triton.jit
-def _load_groups(X, QRY, pid, h, NG, scale,
-                 H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, GB: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The [GB, K, D] tile of groups pid*GB.. (group = b * G + g, first row group * K) of head h, its query, and p."""
-    g = pid * GB + tl.arange(0, GB)  # int64 via pid
+def _load_groups(X, QRY, g, h, NG, scale,
+                 H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [GB, K, D] tile of groups g (group = b * G + g, first row group * K) at head h, its query, and p."""
     i = tl.arange(0, K)
     d = tl.arange(0, BLOCK_D)
     offs = ((g[:, None] * K + i[None, :]) * (H * D) + h * D)[:, :, None] + d[None, None, :]  # (GB, K, BLOCK_D)
@@ -53,7 +56,7 @@ def _load_groups(X, QRY, pid, h, NG, scale,
     s = tl.sum(x * qv[None, None, :], axis=2) * scale  # (GB, K); masked d and groups contribute 0
     e = tl.exp(s - tl.max(s, axis=1)[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
-    return x, qv, p, offs, mask, g, d, dmask
+    return x, qv, p, offs, mask, d, dmask
 
 
 @triton.jit(do_not_specialize=["NG"])
@@ -66,15 +69,15 @@ def _gist_pool_fwd_kernel(
     H: tl.constexpr,  # heads
     D: tl.constexpr,  # head dim (any; padded to BLOCK_D)
     K: tl.constexpr,  # rows per group, a power of two <= 64
-    GB: tl.constexpr,  # groups per program (autotuned; GB * K rows streamed per program)
+    GB: tl.constexpr,  # groups per program (autotuned; GB * K * H * D contiguous elements per program)
     BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
-    pid = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 at long T
-    h = tl.program_id(1)
-    x, qv, p, offs, mask, g, d, dmask = _load_groups(X, QRY, pid, h, NG, scale, H, D, K, GB, BLOCK_D)
-    out = tl.sum(p[:, :, None] * x, axis=1)  # (GB, BLOCK_D)
-    o_offs = (g * H + h)[:, None] * D + d[None, :]
-    tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=(g < NG)[:, None] & dmask[None, :])
+    g = tl.program_id(0).to(tl.int64) * GB + tl.arange(0, GB)  # int64: row offsets pass 2**31 at long T
+    for h in range(H):
+        x, qv, p, offs, mask, d, dmask = _load_groups(X, QRY, g, h, NG, scale, H, D, K, BLOCK_D)
+        out = tl.sum(p[:, :, None] * x, axis=1)  # (GB, BLOCK_D)
+        o_offs = (g * H + h)[:, None] * D + d[None, :]
+        tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=(g < NG)[:, None] & dmask[None, :])
 
 
 @triton.jit(do_not_specialize=["NG"])
@@ -83,7 +86,7 @@ def _gist_pool_bwd_kernel(
     QRY,  # [H, D] contiguous
     DOUT,  # [B, G, H, D] contiguous upstream gradient
     DX,  # [B, T, H, D] contiguous, x's dtype
-    DQRY,  # [H, D] fp32, zeroed: dquery accumulates here (one atomic add of a [D] partial per program)
+    DQRY,  # [H, D] fp32, zeroed: dquery accumulates here (one atomic add of a [D] partial per program and head)
     NG,  # B * G groups
     scale,  # 1 / sqrt(D)
     H: tl.constexpr,  # heads
@@ -92,23 +95,23 @@ def _gist_pool_bwd_kernel(
     GB: tl.constexpr,  # groups per program
     BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    x, qv, p, offs, mask, g, d, dmask = _load_groups(X, QRY, pid, h, NG, scale, H, D, K, GB, BLOCK_D)
-    o_offs = (g * H + h)[:, None] * D + d[None, :]
-    do = tl.load(DOUT + o_offs, mask=(g < NG)[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (GB, BLOCK_D)
-    dp = tl.sum(x * do[:, None, :], axis=2)  # (GB, K)
-    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # softmax Jacobian, score scale folded in; 0 off range
-    dx = p[:, :, None] * do[:, None, :] + ds[:, :, None] * qv[None, None, :]
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.atomic_add(DQRY + h * D + d, tl.sum(tl.sum(ds[:, :, None] * x, axis=1), axis=0), mask=dmask)
+    g = tl.program_id(0).to(tl.int64) * GB + tl.arange(0, GB)
+    for h in range(H):
+        x, qv, p, offs, mask, d, dmask = _load_groups(X, QRY, g, h, NG, scale, H, D, K, BLOCK_D)
+        o_offs = (g * H + h)[:, None] * D + d[None, :]
+        do = tl.load(DOUT + o_offs, mask=(g < NG)[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (GB, BD)
+        dp = tl.sum(x * do[:, None, :], axis=2)  # (GB, K)
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # softmax Jacobian, score scale folded in
+        dx = p[:, :, None] * do[:, None, :] + ds[:, :, None] * qv[None, None, :]
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.atomic_add(DQRY + h * D + d, tl.sum(tl.sum(ds[:, :, None] * x, axis=1), axis=0), mask=dmask)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose [GB, K, D] tile gives each thread 16..32 elements (>= 4 KB streamed, no spills)."""
+    """Keep configs whose [GB, K, D] head step gives each thread 16..64 elements (>= 4 KB a step, no spills)."""
     a = {**named_args, **kwargs}  # the autotuner passes positional arguments in named_args, keywords in kwargs
     e = a["K"] * a["BLOCK_D"]
-    keep = [c for c in configs if 16 <= c.kwargs["GB"] * e // (32 * c.num_warps) <= 32]
+    keep = [c for c in configs if 16 <= c.kwargs["GB"] * e // (32 * c.num_warps) <= 64]
     return keep or configs[:1]
 
 
@@ -121,8 +124,8 @@ _gist_pool_bwd_tuned = triton.autotune(CONFIGS, key=_KEY, prune_configs_by=dict(
 DEFAULT_CFG = dict(GB=4, num_warps=4)  # interpreter: cost is per program, so several groups per program
 
 
-def _grid(B, G, H):
-    return lambda meta: (triton.cdiv(B * G, meta["GB"]), H)
+def _grid(B, G):
+    return lambda meta: (triton.cdiv(B * G, meta["GB"]),)
 
 
 def _gist_pool_fwd(x, query, K):
@@ -132,7 +135,7 @@ def _gist_pool_fwd(x, query, K):
     out = torch.empty((B, T // K, H, D), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    launch(_gist_pool_fwd_tuned, _grid(B, T // K, H), DEFAULT_CFG, x, query, out, B * (T // K), 1.0 / math.sqrt(D),
+    launch(_gist_pool_fwd_tuned, _grid(B, T // K), DEFAULT_CFG, x, query, out, B * (T // K), 1.0 / math.sqrt(D),
            H=H, D=D, K=K, BLOCK_D=triton.next_power_of_2(D))
     return out
 
@@ -145,7 +148,7 @@ def _gist_pool_bwd(x, query, dout, K):
     dquery = torch.zeros((H, D), device=x.device, dtype=torch.float32)
     if dx.numel() == 0:
         return dx, dquery.to(query.dtype)
-    launch(_gist_pool_bwd_tuned, _grid(B, T // K, H), DEFAULT_CFG, x, query, dout, dx, dquery, B * (T // K),
+    launch(_gist_pool_bwd_tuned, _grid(B, T // K), DEFAULT_CFG, x, query, dout, dx, dquery, B * (T // K),
            1.0 / math.sqrt(D), H=H, D=D, K=K, BLOCK_D=triton.next_power_of_2(D))
     return dx, dquery.to(query.dtype)
 
@@ -166,6 +169,44 @@ class GistPoolFn(torch.autograd.Function):
         return dx, dquery, None
 
 
+# the same launches as custom ops, for torch.compile (opaque to dynamo: no tracing into the autotuner)
+@torch.library.custom_op("megacontext::gist_pool", mutates_args=())
+def _gist_pool_op(x: torch.Tensor, query: torch.Tensor, K: int) -> torch.Tensor:
+    return _gist_pool_fwd(x, query, K)
+
+
+@_gist_pool_op.register_fake
+def _gist_pool_fake(x, query, K):
+    B, T, H, D = x.shape
+    return x.new_empty((B, T // K, H, D))
+
+
+@torch.library.custom_op("megacontext::gist_pool_bwd", mutates_args=())
+def _gist_pool_bwd_op(x: torch.Tensor, query: torch.Tensor, dout: torch.Tensor, K: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gist_pool_bwd(x, query, dout, K)
+
+
+@_gist_pool_bwd_op.register_fake
+def _gist_pool_bwd_fake(x, query, dout, K):
+    return x.new_empty(x.shape), query.new_empty(query.shape)
+
+
+def _gist_pool_setup(ctx, inputs, output):
+    x, query, K = inputs
+    ctx.save_for_backward(x, query)
+    ctx.K = K
+
+
+def _gist_pool_backward(ctx, dout):
+    x, query = ctx.saved_tensors
+    dx, dquery = torch.ops.megacontext.gist_pool_bwd(x, query, dout.contiguous(), ctx.K)
+    return dx, dquery, None
+
+
+_gist_pool_op.register_autograd(_gist_pool_backward, setup_context=_gist_pool_setup)
+
+
 def gist_pool(x: torch.Tensor, query: torch.Tensor, K: int) -> torch.Tensor:
     """Attention-pool every aligned group of K rows with one learned query per head.
 
@@ -182,5 +223,7 @@ def gist_pool(x: torch.Tensor, query: torch.Tensor, K: int) -> torch.Tensor:
     check(x.shape[1] % K == 0,
           f"gist_pool: T={x.shape[1]} is not a multiple of K={K}; the tree never pools a partial block")
     if use_triton(x, query):
+        if torch.compiler.is_compiling():
+            return torch.ops.megacontext.gist_pool(x, query, K)
         return GistPoolFn.apply(x, query, K)
     return gist_pool_ref(x, query, K)

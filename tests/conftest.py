@@ -96,3 +96,38 @@ def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synthetic"))
     prepare.main(["--synthetic", "--out", out, "--vocab-size", "512", "--syn-docs", "8", "--syn-chars", "40000"])
     return out
+
+
+class TorchOps:
+    """Context manager listing the torch compute ops dispatched inside it (allocations, views and conftest's NaN
+    fills are free: no kernel), to prove that a kernel call launches nothing around its kernels."""
+    FREE = ("empty", "empty_like", "view", "expand", "as_strided", "detach", "alias", "t.", "transpose", "slice",
+            "unsqueeze", "select", "_unsafe_view", "ones_like")  # ones_like: autograd's seed gradient
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func).split("aten.")[-1]
+                poison = name.startswith("fill_") and args[1] != args[1]  # _poison_empty's NaN fill
+                if not name.startswith(outer.FREE) and not poison:
+                    outer.ops.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self.mode = [], Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched (recorded by kernels._util.LAUNCH_HOOK instead of run)."""
+    from kernels import _util
+    names = []
+    monkeypatch.setattr(_util, "LAUNCH_HOOK", lambda tuned, grid, args, kwargs: names.append(tuned.fn.__name__))
+    return names

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import TorchOps, assert_close
 
 from kernels.gist_pool import gist_pool, gist_pool_ref
 
@@ -61,6 +61,18 @@ def test_gist_pool_matches_refs(triton_backend, B, T, H, D, K, dtype, qdtype):
         # dquery is a reduction over B*T rows: the table's gradient row, in the input dtype of x
         assert_close(f"{name} vs ref", r, t, dtype, grad=name != "out")
         assert_close(f"{name} vs oracle", o, t, dtype, grad=name != "out")
+
+
+def test_gist_pool_glue(triton_backend, launches):
+    """One launch each way; around them only the zeroed dquery accumulator (its atomics need it)."""
+    x, query = torch.randn(2, 64, 3, 32, requires_grad=True), torch.randn(3, 32, requires_grad=True)
+    with TorchOps() as fwd:
+        out = gist_pool(x, query, 8)
+    dout = torch.randn_like(out)
+    with TorchOps() as bwd:
+        torch.autograd.grad(out, (x, query), dout)
+    assert launches == ["_gist_pool_fwd_kernel", "_gist_pool_bwd_kernel"]
+    assert fwd.ops == [] and bwd.ops == ["zeros.default"], (fwd.ops, bwd.ops)
 
 
 def test_gist_pool_groups_do_not_mix(triton_backend):

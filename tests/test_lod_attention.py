@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import TorchOps, assert_close
 from kernels.lod_attention import lod_attention, lod_attention_ref, lod_visibility
 
 SIGMA_SCALE = 1 / math.sqrt(12)
@@ -199,6 +199,38 @@ def test_lod_attention_chunked_dkdv(triton_backend, monkeypatch, focus):
     T, K, W0, W1 = 63, 4, 4, 1
     assert mod._chunks(mod._Meta(T, T // K, T // K**2, K, W0, W1, 32, 1.0, False)) == (1, 2, 7)
     run_case(1, T, 1, 1, 32, K, W0, W1, torch.float32, focus=random_focus(T, K, 32, 3) if focus else None, fb=32)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["sdpa", "kernels"])
+def test_lod_attention_short_is_causal_sdpa(triton_backend, monkeypatch, dense):
+    """T <= W0 + K: every token sees its whole past, so the short-sequence path (causal SDPA over the tokens, masked
+    SDPA for the gists' rows) computes the same attention as the kernels; both against the float64 oracle, GQA and
+    focus lists (which then change nothing) included."""
+    monkeypatch.setattr(sys.modules["kernels.lod_attention"], "SHORT_DENSE", dense)
+    T, K = 61, 4
+    run_case(1, T, 3, 1, 32, K, 60, 2, torch.float32, focus=random_focus(T, K, 32, 3), fb=32)
+
+
+def test_lod_attention_glue(triton_backend, launches):
+    """A call costs its kernels and nothing else: with layout_tensors' metadata, forward and backward dispatch no
+    torch compute op (only allocations and views; the frequencies and a dummy pointer are cached by the first call)
+    and launch two kernels each (RoPE pre-pass + forward; dq + dk/dv). The call before issue 22 ran ~14."""
+    from kernels.pyramid import layout_tensors
+    T, K = 96, 4
+    start, end, lod = layout_tensors(T, K, "cpu")
+    N = len(start)
+    mu, sigma = positions(start, end, lod, 2)
+    q, k, v = (torch.randn(2, N, 2, 32, requires_grad=True) for _ in range(3))
+    do = torch.randn(2, N, 2, 32)
+    torch.autograd.grad(lod_attention(q, k, v, mu, sigma, start, end, lod, K=K, W0=8, W1=2), (q, k, v), do)  # caches
+    launches.clear()
+    with TorchOps() as fwd:
+        o = lod_attention(q, k, v, mu, sigma, start, end, lod, K=K, W0=8, W1=2)
+    assert launches == ["_gauss_rope_kernel", "_lod_attn_fwd_kernel"]
+    with TorchOps() as bwd:
+        torch.autograd.grad(o, (q, k, v), do)
+    assert fwd.ops == [] and bwd.ops == [], (fwd.ops, bwd.ops)
+    assert launches[2:] == ["_lod_attn_fwd_kernel", "_lod_attn_dkdv_kernel"]
 
 
 def test_lod_attention_far_positions(triton_backend):

@@ -236,3 +236,15 @@ def test_model_lod_attention_path_equals_sdpa(backend, positions):
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_model_adamw_fused_on_cuda():
+    """configure_optimizers asks for the fused AdamW on CUDA (one kernel for all parameters), the foreach one elsewhere;
+    decay only on matrices. The fused path also exists for CPU tensors, so the choice is checked here."""
+    m = tiny()
+    cuda = GPT.configure_optimizers(m, 0.1, 1e-3, (0.9, 0.95), "cuda")
+    cpu = GPT.configure_optimizers(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert cuda.defaults["fused"] is True and not cpu.defaults.get("fused")
+    assert [g["weight_decay"] for g in cuda.param_groups] == [0.1, 0.0]
+    assert all(p.dim() >= 2 for p in cuda.param_groups[0]["params"])
+    assert all(p.dim() < 2 for p in cuda.param_groups[1]["params"])

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import TorchOps, assert_close
 
 import kernels
 from kernels.rope import gauss_rope, gauss_rope_ref
@@ -12,13 +12,16 @@ from kernels.rope import gauss_rope, gauss_rope_ref
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rope_oracle(x, mu, sigma, base=10000.0):
-    """Band by band in float64 complex arithmetic: (x_j + i x_{j+D/2}) * a_j * exp(i w_j mu)."""
+def rope_oracle(x, mu, sigma, base=10000.0, bands=None, heads=None):
+    """Band by band in float64 complex arithmetic: (x_j + i x_{j+D/2}) * a_j * exp(i w_j mu); bands j >= `bands` at
+    frequency 0 (p-RoPE), heads >= `heads` unrotated."""
     D = x.shape[-1]
+    rot = torch.arange(x.shape[2]) < (heads if heads is not None else x.shape[2])  # (H,)
     x, mu, sigma = x.double(), mu.double()[:, :, None], sigma.double()[:, :, None]  # (B, T, 1) broadcast over heads
+    mu, sigma = mu * rot, sigma * rot  # (B, T, H): position 0 is the identity
     out = []
     for j in range(D // 2):
-        w = base ** (-2.0 * j / D)
+        w = base ** (-2.0 * j / D) if bands is None or j < bands else 0.0
         z = torch.complex(x[..., j], x[..., j + D // 2]) * torch.exp(-0.5 * (w * sigma) ** 2) * torch.exp(1j * w * mu)
         out.append(z)
     z = torch.stack(out, dim=-1)  # (B, T, H, D/2)
@@ -75,6 +78,40 @@ def test_gauss_rope_matches_refs(triton_backend, B, T, Hq, Hk, D, dtype):
         # 2.5e-5 at rms ratio 9e-7, so fp32 gets max-abs 1e-4 instead of 1e-5; the ratio stays as in the table.
         atol = 1e-4 if dtype == torch.float32 else None
         assert_close(f"{name} vs oracle", o, t, dtype, grad=name.startswith("d"), atol=atol)
+
+
+def test_gauss_rope_glue(triton_backend, launches):
+    """As the model calls it (q and k views of one qkv projection, mu, sigma of one row for the batch): one launch
+    each way and no torch compute op around it: no copies, no contiguity fixes, no frequency table per call."""
+    B, T, H, D = 2, 33, 3, 32
+    qkv = torch.randn(B, T, 3, H, D, requires_grad=True)
+    q, k, _ = qkv.unbind(2)
+    mu, sigma = torch.arange(T).float().expand(B, T), torch.zeros(1, T).expand(B, T)
+    gauss_rope(q, k, mu, sigma, bands=5, heads=2)  # caches the frequencies
+    launches.clear()
+    with TorchOps() as fwd:
+        qr, kr = gauss_rope(q, k, mu, sigma, bands=5, heads=2)
+    dqr, dkr = torch.randn_like(qr), torch.randn_like(kr)
+    with TorchOps() as bwd:
+        torch.autograd.grad((qr, kr), qkv, (dqr, dkr))
+    assert launches == ["_gauss_rope_kernel"] * 2
+    assert fwd.ops == [] and bwd.ops == ["zeros.default", "stack.default"], (fwd.ops, bwd.ops)  # unbind's backward
+
+
+def test_gauss_rope_bands_and_heads(triton_backend):
+    """p-RoPE (bands >= 5 at frequency 0) and position-free heads (q heads >= 2, and their kv head) inside the kernel
+    against the float64 oracle, forward and both gradients."""
+    B, T, H, Hk, D = 2, 45, 4, 2, 32
+    q, k = torch.randn(B, T, H, D), torch.randn(B, T, Hk, D)
+    mu, sigma = wc_positions(B, T)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    tri = run_fwd_bwd(lambda q, k: gauss_rope(q, k, mu, sigma, bands=5, heads=2), q, k, dq_out, dk_out)
+    ora = run_fwd_bwd(lambda q, k: (rope_oracle(q, mu, sigma, bands=5, heads=2), rope_oracle(k, mu, sigma, bands=5,
+                                                                                           heads=1)),
+                      q.double(), k.double(), dq_out.double(), dk_out.double())
+    for name, t, o in zip(["q_rot", "k_rot", "dq", "dk"], tri, ora):
+        assert_close(name, o, t, grad=name.startswith("d"), atol=1e-4)  # fp32 angles: see test_gauss_rope_matches_refs
+    assert torch.equal(tri[0][:, :, 2:], q[:, :, 2:]) and torch.equal(tri[1][:, :, 1:], k[:, :, 1:])
 
 
 def test_gauss_rope_strided_and_partial_use(triton_backend):
