@@ -8,9 +8,10 @@
 #     bash bench/mc_demo.sh --size gpu       # configs/mc_demo_gpu.py on one H100/H200, <= 9 minutes (see below)
 #     bash bench/mc_demo.sh --size smoke     # the same chain at toy sizes on a synthetic corpus, ~1 minute on a CPU
 #     bash bench/mc_demo.sh --device=cpu     # arguments after the size go to every train.py call
-# gpu: the machine has no rustbpe and no network, so its data are prepared here and carried (data/ is git-ignored):
-#     python prepare.py --vocab-size 1024 --out data/pg1k_gpu --max-docs 120   # 12 s, 51 MB: 13.6M train tokens
-# Environment: RUN_DIR (checkpoints, harness JSON; default out/mc_demo[_gpu|_smoke]), DATA_DIR, OUT (the report).
+# Missing data are prepared from the corpus alone with the committed 1,024-token BPE (tokenizers/pg1k.json: tiktoken,
+# no rustbpe; the gpu size's first 120 train books, 13.6M tokens, in ~5 s).
+# Environment: RUN_DIR (checkpoints, harness JSON; default out/mc_demo[_gpu|_smoke]), DATA_DIR, OUT (the report),
+# CORPUS (the books, default ../shared/data/pg).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=cpu
@@ -26,7 +27,7 @@ command="bash bench/mc_demo.sh --size $size${*:+ $*}"
 case "$size" in
   cpu)
     RUN=${RUN_DIR:-out/mc_demo} CFG=configs/mc_demo.py DATA=${DATA_DIR:-data/pg1k} base_iters=1600 gist_iters=80 lens_iters=100
-    prep=(--vocab-size 1024)
+    prep=(--tokenizer tokenizers/pg1k.json)
     base_args=()
     gate_args=(--gate 0.95 --trials 50)
     gist_args=(--block_size=4096 --batch_size=1 --lr=1e-3 --min_lr=1e-4 --warmup_iters=15 --eval_interval=40
@@ -38,7 +39,7 @@ case "$size" in
     select=() ;;
   gpu)  # sized by estimate for one H100/H200 (base ~4 min, gist + lens ~3, harness ~2); not yet run on one
     RUN=${RUN_DIR:-out/mc_demo_gpu} CFG=configs/mc_demo_gpu.py DATA=${DATA_DIR:-data/pg1k_gpu} base_iters=2400 gist_iters=150 lens_iters=150
-    prep=(--vocab-size 1024 --max-docs 120)
+    prep=(--tokenizer tokenizers/pg1k.json --max-docs 120)
     base_args=()
     gate_args=(--gate 0.98 --trials 100)
     gist_args=(--block_size=16384 --batch_size=2 --lr=1e-3 --min_lr=1e-4 --warmup_iters=20 --eval_interval=75
@@ -52,7 +53,7 @@ case "$size" in
   smoke)  # every step of the chain at toy sizes: checks the plumbing in seconds, measures nothing
     RUN=${RUN_DIR:-out/mc_demo_smoke} CFG=configs/mc_demo.py base_iters=4
     DATA=${DATA_DIR:-$RUN/data} gist_iters=2 lens_iters=2
-    prep=(--synthetic --vocab-size 512 --syn-docs 8 --syn-chars 40000)
+    prep=(--synthetic --tokenizer tokenizers/pg1k.json --syn-docs 8 --syn-chars 40000)
     base_args=(--n_layer=1 --n_head=2 --n_embd=32 --rope_heads=1 --block_size=256 --batch_size=2 --copy_steps=1
                --short_steps=0 --eval_interval=4 --eval_iters=1 --log_interval=2 --warmup_iters=1 --gist_layers=1)
     gate_args=(--gate 0.0 --trials 2)
@@ -83,12 +84,7 @@ run_stage() {
 
 step "prepare ($size)"
 if [ ! -f "$DATA/meta.json" ]; then
-    if [ "$size" = gpu ] && ! python -c "import rustbpe" 2>/dev/null; then
-        echo "error: $DATA is missing and this machine cannot train the tokenizer (no rustbpe): prepare it elsewhere" \
-             "with python prepare.py ${prep[*]} --out $DATA, and carry it" >&2
-        exit 1
-    fi
-    python prepare.py "${prep[@]}" --out "$DATA"
+    python prepare.py "${prep[@]}" ${CORPUS:+--data "$CORPUS"} --out "$DATA"
 fi
 step base
 run_stage base $base_iters "${base_args[@]}" "$@"

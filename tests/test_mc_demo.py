@@ -1,12 +1,14 @@
 """bench/mc_demo.sh: the demonstration's whole chain at its smoke size (what the GPU size runs, at toy sizes, so a
 device run fails on nothing the CPU could catch), its bad input, and the GPU size's configuration."""
 import json
+import lzma
 import os
 import subprocess
 import sys
 
 import pytest
 
+import prepare
 import train
 from configs import load_config
 from conftest import ROOT
@@ -14,6 +16,7 @@ from megacontext import MegaContextConfig
 from tiling import check_capacity
 
 SCRIPT = os.path.join(ROOT, "bench", "mc_demo.sh")
+PG1K = os.path.join(ROOT, "tokenizers", "pg1k.json")
 
 
 def demo(*args, env=None, timeout=900):
@@ -40,16 +43,31 @@ def test_mc_demo_smoke_runs_the_whole_chain(data_dir, tmp_path):
     assert p.stdout.strip().splitlines()[-1].startswith("=== done")
 
 
-def test_mc_demo_bad_size_and_missing_gpu_data(tmp_path):
+def test_mc_demo_bad_size():
     p = demo("--size", "huge")
     assert p.returncode == 2 and p.stderr.strip() == "error: --size must be cpu, gpu or smoke, got 'huge'"
-    hide = tmp_path / "hide"  # the device machine has no rustbpe: a module that fails to import stands in for that
+
+
+def test_mc_demo_prepares_missing_data_without_rustbpe(tmp_path):
+    """The GPU machine has no rustbpe: missing data are tokenized from the corpus (CORPUS) with the committed
+    tokenizer. A module that fails to import stands in for rustbpe; a tiny corpus for the books."""
+    hide, corpus, data = tmp_path / "hide", tmp_path / "corpus", tmp_path / "data"
     hide.mkdir()
+    corpus.mkdir()
     (hide / "rustbpe.py").write_text("raise ImportError('not on this machine')\n")
-    p = demo("--size", "gpu", env=dict(DATA_DIR=str(tmp_path / "none"), RUN_DIR=str(tmp_path / "run"),
-                                       PYTHONPATH=str(hide)), timeout=60)
-    assert p.returncode == 1 and "cannot train the tokenizer (no rustbpe)" in p.stderr, p.stderr[-2000:]
-    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    for split in ("train", "val", "test"):
+        books = [dict(id=f"{split}{i}", author="a", title="t", text=f"Book {i} of {split}. " * 200) for i in range(3)]
+        with lzma.open(corpus / f"{split}.jsonl.xz", "wt") as f:
+            f.write("".join(json.dumps(b) + "\n" for b in books))
+    # --n_layer=0 goes to the base stage, which refuses it in one line: the test is about what comes before
+    p = demo("--size", "gpu", "--n_layer=0", env=dict(DATA_DIR=str(data), RUN_DIR=str(tmp_path / "run"),
+                                                      CORPUS=str(corpus), PYTHONPATH=str(hide)), timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == "error: n_layer must be >= 1, got 0", p.stderr
+    assert "tokenizer: reusing tokenizers/pg1k.json (vocab 1024)" in p.stdout
+    meta = prepare.load_meta(str(data))
+    assert meta["tokenizer_sha256"] == prepare.read_tokenizer_json(PG1K)["sha256"] and meta["max_docs"] == 120
+    assert {s: meta["splits"][s]["n_docs"] for s in prepare.SPLITS} == {"train": 3, "val": 3, "test": 3}
+    assert open(data / "tokenizer.json", "rb").read() == open(PG1K, "rb").read()
 
 
 def test_mc_demo_gpu_size_fits_its_budget_and_histories():
