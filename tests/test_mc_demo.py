@@ -81,3 +81,20 @@ def test_mc_demo_gpu_size_fits_its_budget_and_histories():
     check_capacity(1 << 24, mc.block_k, mc.recent_tokens, mc.w_max - mc.block_k)  # 16M, with the harness's margin
     script = open(SCRIPT).read()
     assert "--retrieval-budget 1024" in script and "--retrieval-histories 8192,65536,1048576" in script
+
+
+def test_throughput_random_tokens_refuses_drills_in_one_line(tmp_path):
+    """Random ids have no tokenizer: the GPU demo's config with its retrieval mix left on is one line, not a traceback;
+    with the drills off the demo's config runs (here the CPU one at toy sizes)."""
+    script = os.path.join(ROOT, "bench", "train_throughput.py")
+    p = subprocess.run([sys.executable, script, os.path.join(ROOT, "configs", "mc_demo.py"), "--random-tokens",
+                        "--vocab=1024", "--retrieval_mix=0", "--copy_steps=0", "--short_steps=0", "--steps=2",
+                        "--log-every=1", "--batch_size=1", "--block_size=64", "--n_layer=1", "--device=cpu",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and len(list(tmp_path.glob("train_mc_demo_*.json"))) == 1, p.stderr[-2000:]
+    cmd = [sys.executable, script, os.path.join(ROOT, "configs", "mc_demo_gpu.py"), "--random-tokens", "--vocab=1024"]
+    for extra, mix, copy in (([], 1.0, 600), (["--retrieval_mix=0"], 0.0, 600), (["--copy_steps=0"], 1.0, 0)):
+        p = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 1 and p.stderr.strip() == (
+            f"error: --random-tokens has no tokenizer, and the retrieval drills need one (retrieval_mix={mix}, "
+            f"copy_steps={copy}); pass --retrieval_mix=0 --copy_steps=0"), p.stderr[-2000:]
