@@ -125,7 +125,8 @@ def main(argv):
     report = dict(size=a.size, command=a.command, **meta, gate=json.load(open(a.gate)) if a.gate else None,
                   base=base_throughput(a.base_log) if a.base_log else None,
                   summary=res["test"]["summary"], summary_val=res["val"]["summary"], lens_teacher=dict(
-        kept=a.kept, val_retrieval=teachers), seconds=a.seconds, targets={
+        kept=a.kept, val_retrieval=teachers), seconds=a.seconds, partial={
+        split: r.get("partial", []) for split, r in res.items() if r.get("partial")}, targets={
         split: [dict(target=t, met=bool(m), value=v) for t, m, v in targets(r)] for split, r in res.items()}, **res)
     with open(f"{a.out}.json", "w") as f:
         json.dump(report, f, indent=1)
@@ -134,6 +135,8 @@ def main(argv):
              f"torch {meta['torch']}, triton {meta['triton']}, kernels {meta['kernels']}, {meta['date']}, commit "
              f"{meta['commit']})." if a.seconds else "",
              "", gate_base_line(report), "",
+             *([f"**Partial**: the harness's time limit cut {', '.join(f'{len(v)} cells on {s}' for s, v in report['partial'].items())}"
+                " short (marked * in the tables; listed under each split).", ""] if report["partial"] else []),
              "LensNet teacher chosen on val retrieval (lens arm, question last, both kinds): " + ", ".join(
                  f"{t} {', '.join(f'{k} {v:.2f}' for k, v in acc.items())}" for t, acc in teachers.items() if acc), ""]
     for split in ("test", "val"):
