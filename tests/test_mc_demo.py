@@ -3,10 +3,12 @@ device run fails on nothing the CPU could catch), its bad input, and the GPU siz
 import json
 import lzma
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import prepare
 import train
@@ -14,6 +16,9 @@ from configs import load_config
 from conftest import ROOT
 from megacontext import MegaContextConfig
 from tiling import check_capacity
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import longctx  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "bench", "mc_demo.sh")
 PG1K = os.path.join(ROOT, "tokenizers", "pg1k.json")
@@ -41,6 +46,89 @@ def test_mc_demo_smoke_runs_the_whole_chain(data_dir, tmp_path):
     assert set(report["summary"]["retrieval"]) == {"truncation", "lens"}
     assert {"val", "test"} <= set(report["targets"]) and (out / "mc_demo_smoke.md").exists()
     assert p.stdout.strip().splitlines()[-1].startswith("=== done")
+    # resumed with a spent time budget: the stages are done, the harness runs get --time-limit 0 and still report
+    p = demo("--size", "smoke", env=dict(DATA_DIR=data_dir, RUN_DIR=str(run), OUT=str(out), BUDGET_S="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert all(f"{stage}: done" in p.stdout for stage in ("base", "gist", "lens_counterfactual", "lens_attention"))
+    report = json.loads((out / "mc_demo_smoke.json").read_text())
+    assert set(report["partial"]) == {"val", "test"} and report["test"]["retrieval"] == []
+    assert "retrieval passkey, question last, at 512 tokens: 0/2 prompts" in report["partial"]["test"]
+    assert "**Partial**: the harness's time limit cut" in (out / "mc_demo_smoke.md").read_text()
+
+
+def plan(size, env=None):
+    """`mc_demo.sh --size SIZE --plan`: ({stage: (seconds, command argv)}, total seconds, stdout)."""
+    p = demo("--size", size, "--plan", env=env, timeout=60)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    lines, stages = p.stdout.splitlines(), {}
+    for head, cmd in zip(lines, lines[1:]):
+        if cmd.startswith("    ") and not head.startswith(" "):
+            stages[head.split()[0]] = (int(head.split(" s  ")[0].split()[-1]), shlex.split(cmd))
+    return stages, int(lines[-1].split("~")[1].split()[0]), p.stdout
+
+
+def test_mc_demo_plan_fits_the_budget_and_runs_nothing(tmp_path):
+    """--plan prints every stage of the chain with its estimate and the exact command it would run, runs nothing;
+    the GPU size's total fits its 9-minute budget, the base's estimate is the table's measured H200 step, and the
+    harness runs' time limits share what the budget leaves."""
+    env = dict(RUN_DIR=str(tmp_path / "run"), DATA_DIR=str(tmp_path / "data"), OUT=str(tmp_path / "out"))
+    stages, total, out = plan("gpu", env)
+    assert list(stages) == ["prepare", "base", "gate", "gist", "lens_counterfactual", "lens_attention",
+                            "select_counterfactual", "select_attention", "harness_val", "harness_test", "report"]
+    assert total == sum(sec for sec, _ in stages.values()) <= 540 and "(budget 540 s)" in out
+    assert not os.listdir(tmp_path)  # nothing prepared, trained or written
+    rows = {r[1]: r for r in (line.split("\t") for line in open(os.path.join(ROOT, "bench", "mc_demo_times.tsv"))
+                              if line.startswith("gpu\t"))}
+    assert "measured" in rows["base"][4] and "H200" in rows["base"][4] and "estimate" in rows["gist"][4]
+    assert stages["base"][0] == round(float(rows["base"][3]) + 1600 * float(rows["base"][2]))
+    assert stages["base"][1][:2] == ["python", "train.py"] and "--max_iters=1600" in stages["base"][1]
+    limits = [float(cmd[cmd.index("--time-limit") + 1]) for stage, (_, cmd) in stages.items()
+              if stage.startswith(("select", "harness"))]
+    assert len(limits) == 4 and 0 < sum(limits) <= 540 - sum(sec for st, (sec, _) in stages.items()
+                                                            if not st.startswith(("select", "harness")))
+    smoke, _, _ = plan("smoke", env)
+    assert "--time-limit" not in sum((cmd for _, cmd in smoke.values()), [])  # no budget, no limit
+    p = demo("--size", "smoke", "--plan", env=dict(env, BUDGET_S="300"))
+    assert "--time-limit" in p.stdout and "(budget 300 s)" in p.stdout
+
+
+@pytest.mark.parametrize("size", ["cpu", "smoke", pytest.param("gpu", id="gpu_size")])  # (the id `gpu` = the marker)
+def test_mc_demo_stage_configs_are_valid(size, tmp_path):
+    """Every train.py command of every size resolves to a valid config (the GPU size's attention-teacher stage once
+    asked for a block whose history fit its budget: refused at once on the device). The checkpoints the stages read
+    are empty files here: the config only checks that they exist."""
+    for stage in ("base", "gist"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "ckpt.pt").touch()
+    stages, _, _ = plan(size, dict(RUN_DIR=str(tmp_path)))
+    trains = {stage: cmd[2:] for stage, (_, cmd) in stages.items() if cmd[1] == "train.py"}
+    assert list(trains) == ["base", "gist", "lens_counterfactual", "lens_attention"]
+    for stage, argv in trains.items():
+        cfg = load_config(train.TrainConfig, argv)
+        assert cfg.stage == stage.split("_")[0] and cfg.out_dir.endswith(stage), stage
+
+
+def test_mc_demo_smoke_chain_under_triton(data_dir, tmp_path, monkeypatch, capsys, triton_backend):
+    """The smoke size's stage commands (from --plan) with the Triton kernels forced, in the interpreter: the shapes
+    the GPU runs (head dim 32: the pyramidal kernel refuses 16). One step of each training stage on shorter blocks and
+    one retrieval prompt of the harness, in this process (the interpreter is on here), keep it to about a minute."""
+    run = tmp_path / "run"
+    stages, _, _ = plan("smoke", dict(RUN_DIR=str(run), DATA_DIR=data_dir, OUT=str(tmp_path / "out")))
+    short = dict(base=["--max_iters=1"], gist=["--max_iters=1", "--block_size=512"],
+                 lens_counterfactual=["--max_iters=1", "--block_size=256"], lens_attention=["--max_iters=1"],
+                 harness_test=["--histories", "", "--retrieval-methods", "lens", "--kinds", "passkey",
+                               "--controls", "", "--trials", "1", "--no-plot"])
+    monkeypatch.chdir(ROOT)
+    for stage, extra in short.items():
+        python, script, *argv = (a.replace("<kept>", "counterfactual") for a in stages[stage][1])
+        assert python == "python" and script in ("train.py", "bench/longctx.py"), stages[stage][1]
+        (train.main if script == "train.py" else longctx.main)(argv + extra)
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("kernels: backend=triton triton=") == 5 and "interpreter=off" not in out.out
+    for stage in ("base", "gist", "lens_counterfactual", "lens_attention"):
+        assert torch.load(run / stage / "ckpt.pt", map_location="cpu", weights_only=False)["step"] == 1, stage
+    res = json.loads((run / "harness_test.json").read_text())
+    assert res["kernels"] == "triton" and [r["trials"] for r in res["retrieval"]] == [1]
 
 
 def test_mc_demo_bad_size():
