@@ -135,8 +135,9 @@ def main(argv):
              f"torch {meta['torch']}, triton {meta['triton']}, kernels {meta['kernels']}, {meta['date']}, commit "
              f"{meta['commit']})." if a.seconds else "",
              "", gate_base_line(report), "",
-             *([f"**Partial**: the harness's time limit cut {', '.join(f'{len(v)} cells on {s}' for s, v in report['partial'].items())}"
-                " short (marked * in the tables; listed under each split).", ""] if report["partial"] else []),
+             *([f"**Partial**: the harness's time limit cut "
+                f"{', '.join(f'{len(v)} cells on {s}' for s, v in report['partial'].items())} short (marked * in the "
+                "tables; listed under each split).", ""] if report["partial"] else []),
              "LensNet teacher chosen on val retrieval (lens arm, question last, both kinds): " + ", ".join(
                  f"{t} {', '.join(f'{k} {v:.2f}' for k, v in acc.items())}" for t, acc in teachers.items() if acc), ""]
     for split in ("test", "val"):

@@ -6,8 +6,9 @@
 Runs train.py itself (same code path as training, no checkpoint written) and reads its JSONL log. --random-tokens
 trains on uniform random ids over a --vocab vocabulary written in prepare.py's shard format to a temporary directory:
 the cost per token is the real one (the vocabulary sets the head's size), and no tokenizer, corpus or rustbpe is
-needed, as on the GPU machine (so a config's retrieval drills must be off: --retrieval_mix=0 --copy_steps=0). Extra --key=value arguments are train.py config overrides. Writes
-<out>/train_<config>_<tag>.json (tag: <device>_<date>_<commit>; commit from git, else $MC_COMMIT).
+needed, as on the GPU machine (so a config's retrieval drills must be off: --retrieval_mix=0 --copy_steps=0). Extra
+--key=value arguments are train.py config overrides. Writes <out>/train_<config>_<tag>.json (tag:
+<device>_<date>_<commit>; commit from git, else $MC_COMMIT).
 """
 import argparse
 import datetime

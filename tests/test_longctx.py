@@ -260,7 +260,8 @@ def test_longctx_time_limit_marks_partial_cells(data_dir, tmp_path, monkeypatch)
     import types
     import mc_report
     ticks = iter(range(10**6))  # a clock that advances one second per reading: the limit falls at a known prompt
-    monkeypatch.setattr(longctx, "time", types.SimpleNamespace(time=lambda: next(ticks), perf_counter=time.perf_counter))
+    clock = types.SimpleNamespace(time=lambda: next(ticks), perf_counter=time.perf_counter)
+    monkeypatch.setattr(longctx, "time", clock)
     ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir)
     out = str(tmp_path / "res")
     res = longctx.main(["--ckpt", ckpt, "--data-dir", data_dir, "--out", out, *TINY, "--histories", "",
@@ -288,7 +289,8 @@ def test_longctx_time_limit_marks_partial_cells(data_dir, tmp_path, monkeypatch)
         "nll at 96 tokens: 0/2 documents", "nll at 320 tokens: 0/2 documents"]
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "longctx.py"), "--ckpt", ckpt, "--time-limit",
                         "-1"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == "error: --time-limit must be >= 0 seconds, got -1.0"
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == "error: --time-limit must be >= 0 seconds, got -1.0"
 
 
 def test_shared_gists_pools_each_block_once():

@@ -282,7 +282,7 @@ def test_damaged_data_file_errors_name_the_file(tmp_path, syn_dir, name, damage,
 
 
 PG1K = os.path.join(ROOT, "tokenizers", "pg1k.json")
-PG1K_SHA256 = "4f50cac0f8c868c6d1bbb900ba88d859ef554519328c975023be4db8611cfe54"  # data/pg1k's meta.json tokenizer_sha256
+PG1K_SHA256 = "4f50cac0f8c868c6d1bbb900ba88d859ef554519328c975023be4db8611cfe54"  # data/pg1k meta's tokenizer_sha256
 
 
 def test_committed_tokenizer_loads_and_is_pinned():
