@@ -4,6 +4,7 @@
     python prepare.py --splits val,test                # re-tokenize splits, reusing data/pg/tokenizer.json
     python prepare.py --max-docs 2 --vocab-size 1024 --out data/pg_tiny   # a tiny real subset, seconds
     python prepare.py --synthetic                      # no corpus: pseudo-English with planted facts -> data/synthetic
+    python prepare.py --tokenizer tokenizers/pg1k.json --out data/pg1k   # a committed tokenizer: tiktoken only
 
 Input: <data>/{train,val,test}.jsonl.xz, one book per line {"id", "author", "title", "text"}. Output in <out>:
     tokenizer.json     {"name", "pattern", "vocab_size", "special_tokens": {tok: id}, "ranks": {base64(bytes): rank},
@@ -11,9 +12,11 @@ Input: <data>/{train,val,test}.jsonl.xz, one book per line {"id", "author", "tit
     <split>.bin        uint16 tokens; every document is <|bos|> + encode_ordinary(text), documents concatenated
     <split>.idx.npy    int64 offsets, length n_docs + 1; offsets[i] is where doc i's <|bos|> sits, offsets[-1] = len
     meta.json          vocab_size, tokenizer_sha256, per split n_docs/n_tokens/n_chars/docs, synthetic facts, timings
-Special tokens sit at the top of the vocab (ids vocab_size - len(SPECIAL_TOKENS) ...). An existing tokenizer.json is
-reused, so a machine with only tiktoken can tokenize; rustbpe is imported only to train one. Every output is staged
-as a temp file in <out> and os.replace'd only once the whole run has succeeded: a failing run overwrites nothing.
+Special tokens sit at the top of the vocab (ids vocab_size - len(SPECIAL_TOKENS) ...). An existing tokenizer.json (or
+--tokenizer FILE, copied to <out>) is reused, so a machine with only tiktoken can tokenize; rustbpe is imported only
+to train one (tokenizers/pg1k.json is the demo's, what `--vocab-size 1024` trains on the whole corpus, byte for byte).
+Every output is staged as a temp file in <out> and os.replace'd only once the whole run has succeeded: a failing run
+overwrites nothing.
 """
 import argparse
 import base64
@@ -298,9 +301,20 @@ def _locate_facts(tok_json, tokens, offsets, docs, facts):
         fact["token"], fact["n_tokens"] = first, end - first
 
 
+def reusable_tokenizer(path, fix):
+    """A tokenizer.json to tokenize with (checksum-verified, tiktoken-loadable); one-line ValueError ending in fix."""
+    try:
+        t = read_tokenizer_json(path)
+        encoding_from_json(t)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable tokenizer ({str(e) or repr(e)}); {fix}") from None
+    return t
+
+
 def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, synthetic=False, max_docs=None,
-            seed=0, syn_docs=64, syn_chars=100_000, syn_kv=4):
-    """Run the whole pipeline; returns meta. Raises ValueError / FileNotFoundError / OSError with a clear message."""
+            seed=0, syn_docs=64, syn_chars=100_000, syn_kv=4, tokenizer=None):
+    """Run the whole pipeline; returns meta. Raises ValueError / FileNotFoundError / OSError with a clear message.
+    tokenizer: a tokenizer.json to use (copied to out) instead of training one."""
     t_start, log = time.time(), lambda s: print(s, flush=True)
     if vocab_size is not None and not 256 + len(SPECIAL_TOKENS) <= vocab_size <= 2 ** 16:
         raise ValueError(f"--vocab-size {vocab_size}: must be in [{256 + len(SPECIAL_TOKENS)}, 65536] "
@@ -313,18 +327,23 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: directory is not writable")
     tok_path, threads = os.path.join(out, "tokenizer.json"), os.cpu_count() or 1
-    tok_json = None
+    tok_json = given = None
+    if tokenizer is not None:
+        if not os.path.isfile(tokenizer):
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: file not found")
+        given = reusable_tokenizer(tokenizer, "restore it (git checkout) or pass another --tokenizer")
     if os.path.exists(tok_path):
-        try:
-            tok_json = read_tokenizer_json(tok_path)
-            encoding_from_json(tok_json)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{tok_path}: unreadable tokenizer ({str(e) or repr(e)}); delete it to train a new "
-                             "one") from None
+        tok_json = reusable_tokenizer(tok_path, "delete it to train a new one")
+        if given is not None and tokenizer_sha256(given) != tokenizer_sha256(tok_json):
+            raise ValueError(f"--tokenizer {tokenizer}: {tok_path} holds another tokenizer; delete it (or pick another "
+                             "--out) to use this one")
+    tok_json = tok_json or given
+    if tok_json is not None:
+        where = tok_path if os.path.exists(tok_path) else tokenizer
         if vocab_size not in (None, tok_json["vocab_size"]):
-            raise ValueError(f"--vocab-size {vocab_size}: {tok_path} has vocab {tok_json['vocab_size']}; "
+            raise ValueError(f"--vocab-size {vocab_size}: {where} has vocab {tok_json['vocab_size']}; "
                              "delete it (or pick another --out) to train a new tokenizer")
-        log(f"tokenizer: reusing {tok_path} (vocab {tok_json['vocab_size']})")
+        log(f"tokenizer: reusing {where} (vocab {tok_json['vocab_size']})")
     # The BPE sees the train split only. Everything is read before anything is staged, so bad input fails fast.
     need = list(splits) if tok_json else sorted(set(splits) | {"train"}, key=SPLITS.index)
     t0 = time.time()
@@ -350,6 +369,8 @@ def prepare(data, out, vocab_size=None, bpe_chars=200_000_000, splits=SPLITS, sy
                 f"trained on {timing['bpe_chars']:,} chars in {timing['bpe_s']:.1f}s")
             tok_json["sha256"] = tokenizer_sha256(tok_json)  # every load checks it
             _stage(tok_path, staged, lambda f: f.write(json.dumps(tok_json).encode()))
+        elif not os.path.exists(tok_path):  # --tokenizer: its bytes, so the copy is the committed file exactly
+            _stage(tok_path, staged, lambda f: f.write(open(tokenizer, "rb").read()))
         sha = tokenizer_sha256(tok_json)  # the tokenizer's identity, for consumers
         enc = encoding_from_json(tok_json)
         meta = dict(vocab_size=tok_json["vocab_size"], tokenizer_sha256=sha, special_tokens=tok_json["special_tokens"],
@@ -393,6 +414,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help=f"corpus dir with <split>.jsonl.xz (default {DEFAULT_DATA})")
     p.add_argument("--out", default=None, help="output dir (default data/pg, or data/synthetic)")
     p.add_argument("--vocab-size", type=int, default=None, help="total vocab incl. specials (default 16384, or reuse)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one (no rustbpe "
+                   "needed), e.g. tokenizers/pg1k.json")
     p.add_argument("--bpe-chars", type=int, default=200_000_000, help="BPE training budget in chars of train")
     p.add_argument("--splits", default=",".join(SPLITS), help="splits to tokenize")
     p.add_argument("--synthetic", action="store_true", help="generate pseudo-English with planted facts instead")
@@ -411,7 +434,7 @@ def main(argv=None):
     out = a.out or os.path.join(REPO, "data", "synthetic" if a.synthetic else "pg")
     try:
         prepare(a.data or DEFAULT_DATA, out, a.vocab_size, a.bpe_chars, [s for s in a.splits.split(",") if s],
-                a.synthetic, a.max_docs, a.seed, a.syn_docs, a.syn_chars, a.syn_kv)
+                a.synthetic, a.max_docs, a.seed, a.syn_docs, a.syn_chars, a.syn_kv, a.tokenizer)
     except OSError as e:  # FileNotFoundError and PermissionError are OSErrors; a full disk too
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SystemExit(f"prepare.py: error: {durable.reason(e)}; nothing in {out} was replaced (the temp files "

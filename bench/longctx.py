@@ -111,6 +111,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output path prefix (default bench/results/longctx_<tag>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds: after them no new document or prompt "
+                   "starts; the cells cut short are kept and marked partial (mc_demo.sh's time budget)")
     a = p.parse_args(argv)
     try:
         ints = lambda s: sorted({int(x) for x in s.split(",") if x.strip()})  # noqa: E731
@@ -136,7 +138,23 @@ def parse_args(argv):
         fail("--depths must be one or more values in [0, 1]")
     if a.gate is not None and not 0 <= a.gate <= 1:  # a share of the needles: 2 could never pass, nan always fails
         fail(f"--gate must be in [0, 1] (the share of in-block needles retrieved), got {a.gate}")
+    if a.time_limit is not None and not a.time_limit >= 0:
+        fail(f"--time-limit must be >= 0 seconds, got {a.time_limit}")
     return a
+
+
+class Deadline:
+    """--time-limit: once it has passed no new document or prompt starts; `cut` lists each cell cut short."""
+
+    def __init__(self, seconds):
+        self.at, self.cut = None if seconds is None else time.time() + seconds, []
+
+    def passed(self, cell: str) -> bool:
+        """True (and `cell`, e.g. 'retrieval passkey at 65,536 tokens: 3/30 prompts', is recorded) once past it."""
+        if self.at is None or time.time() < self.at:
+            return False
+        self.cut.append(cell)
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,15 +258,19 @@ def long_range(win, H: int, W: int) -> np.ndarray:
     return out
 
 
-def run_nll(gpt, ckpt, args, telemetry):
+def run_nll(gpt, ckpt, args, telemetry, deadline=None):
     """Per-document mean NLL for every (history, budget, method), over all scored tokens and over the long-range
-    ones (`long_range`; documents without any are left out there): ({(L, W, method): [nll per doc]}, same, models)."""
+    ones (`long_range`; documents without any are left out there): ({(L, W, method): [nll per doc]}, same, models).
+    Past the deadline the remaining documents are skipped."""
     H, K, T = args.horizon, args.block, gpt.config.block_size
     out, far, models = {}, {}, {(W, m): session_model(ckpt, gpt, m, W - H + K, K, args.recent)  # target = W - H
                                 for W in args.budgets for m in args.methods if m in SESSION_METHODS}
     for L in args.histories:
         t0 = time.perf_counter()
-        for doc, windows in book_windows(args.data_dir, args.split, L, args.docs, args.windows):
+        docs = book_windows(args.data_dir, args.split, L, args.docs, args.windows)
+        for i, (doc, windows) in enumerate(docs):
+            if deadline and deadline.passed(f"nll at {L:,} tokens: {i}/{len(docs)} documents"):
+                break
             acc = {}  # (L, W, method) -> [(per-token NLL (H,), long-range mask (H,))] over the document's windows
             for win in windows:
                 prefix, tail = win[:L - H], win[L - H:]
@@ -406,10 +428,12 @@ class SharedGists:
         return self.memo[key]
 
 
-def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials, beyond_window=True, tasks=None):
+def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials, beyond_window=True, tasks=None,
+                  deadline=None):
     """Rows {task, control, history, method, trials, hits, accuracy, ci, per_depth, telemetry} over `trials` prompts
     per (task, control, history), depths in rotation: only those beyond the truncation window unless not
-    `beyond_window` (the in-block check, where the needle is inside the base's block by construction)."""
+    `beyond_window` (the in-block check, where the needle is inside the base's block by construction). Past the
+    deadline no prompt starts: a cell cut short has `partial` set and the prompts it asked; one not reached no row."""
     if not histories:
         return []
     tasks = tasks or args.tasks
@@ -436,9 +460,12 @@ def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials
                 here = fits if control is None else [m for m in fits if m in args.control_methods]
                 hits = {m: {} for m in here}
                 tel = {m: [] for m in here}
-                n_trials = trials if control is None else args.control_trials or trials
+                n_trials, asked = (trials if control is None else args.control_trials or trials), 0
                 for t in range(n_trials):
-                    depth = depths[t % len(depths)]
+                    if deadline and deadline.passed(f"retrieval {task}, {CONTROL_NAMES[control]}, at {L:,} tokens: "
+                                                    f"{t}/{n_trials} prompts"):
+                        break
+                    asked, depth = t + 1, depths[t % len(depths)]
                     p = retrieval.make_prompt(hay, needles, task, L, depth, rng, control, args.distractors)
                     if shared is not None:
                         shared.memo.clear()
@@ -447,11 +474,13 @@ def run_retrieval(gpt, ckpt, args, needles, histories, methods, controls, trials
                         hits[m].setdefault(depth, []).append(got == p["answer"])
                         if tm:
                             tel[m].append(tm)
-                for m in here:
+                for m in here if asked else []:
                     k = sum(map(sum, hits[m].values()))
-                    acc, lo, hi = retrieval.wilson(k, n_trials)
-                    row = dict(task=task, control=control, history=L, method=m, trials=n_trials, hits=k, accuracy=acc,
+                    acc, lo, hi = retrieval.wilson(k, asked)
+                    row = dict(task=task, control=control, history=L, method=m, trials=asked, hits=k, accuracy=acc,
                                ci=[lo, hi], per_depth={str(d): float(np.mean(v)) for d, v in hits[m].items()})
+                    if asked < n_trials:
+                        row["partial"] = True
                     if tel[m]:
                         row["telemetry"] = {key: float(np.mean([x[key] for x in tel[m]])) for key in tel[m][0]}
                     rows.append(row)
@@ -588,6 +617,9 @@ def markdown(result) -> str:
              f"`{result['command']}`", "", f"{result['device']}, torch {result['torch']}, commit {result['commit']}"
              f"{' (dirty)' if result['dirty'] else ''}, {result['date']}", ""]
     lines += [f"- {n}" for n in result["notes"]] + [""]
+    if result.get("partial"):
+        lines += [f"**Partial: --time-limit {result['args']['time_limit']:g} s cut these cells short** (* below; "
+                  "their figures cover the prompts and documents asked): " + "; ".join(result["partial"]) + ".", ""]
     if result.get("in_block"):
         ib = result["in_block"]
         lines += [f"In-block retrieval (full attention, history {ib['history']} = the base's block, needle inside): "
@@ -600,14 +632,15 @@ def markdown(result) -> str:
     if ret:
         shown = [m for m in METHODS if any(r["method"] == m for r in ret)]
         lines += ["", f"## Retrieval, budget {result['args']['retrieval_budget']} entries (accuracy, Wilson 95% CI; "
-                  f"{ret[0]['trials']} prompts per cell, depths {result['args']['depths']} in rotation)", "",
+                  f"{result['args']['trials']} prompts per cell, depths {result['args']['depths']} in rotation)", "",
                   "| task | prompt | history | " + " | ".join(shown) + " |", "|---" * (3 + len(shown)) + "|"]
         for task, control, L in sorted({(r["task"], r["control"] or "", r["history"]) for r in ret},
                                        key=lambda c: (retrieval.TASKS.index(c[0]), c[1], c[2])):
             cell = {r["method"]: r for r in ret if (r["task"], r["control"] or "", r["history"]) == (task, control, L)}
             row = [task, CONTROL_NAMES[control or None], f"{L:,}"]
-            row += ["–" if m not in cell else
-                    f"{cell[m]['accuracy']:.2f} [{cell[m]['ci'][0]:.2f}, {cell[m]['ci'][1]:.2f}]" for m in shown]
+            row += ["–" if m not in cell else f"{cell[m]['accuracy']:.2f} [{cell[m]['ci'][0]:.2f}, "
+                    f"{cell[m]['ci'][1]:.2f}]" + (f"* ({cell[m]['trials']})" if cell[m].get("partial") else "")
+                    for m in shown]
             lines.append("| " + " | ".join(row) + " |")
         sess = [r for r in ret if "telemetry" in r and r["control"] is None]
         if sess:
@@ -682,6 +715,7 @@ def plot(result, path) -> list[str]:
 
 def main(argv):
     args = parse_args(argv)
+    deadline = Deadline(args.time_limit)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -759,10 +793,12 @@ def main(argv):
     for note in notes:
         print(f"[note] {note}", file=sys.stderr)
     telemetry = {}
-    per_doc, per_doc_far, models = run_nll(gpt, ckpt, args, telemetry) if args.histories else ({}, {}, {})
-    overhead = decode_overhead(gpt, models, args, device) if args.histories else {}
+    per_doc, per_doc_far, models = run_nll(gpt, ckpt, args, telemetry, deadline) if args.histories else ({}, {}, {})
+    timed_decode = args.histories and args.decode and not deadline.passed("decode overhead: not measured")
+    overhead = decode_overhead(gpt, models, args, device) if timed_decode else {}
     t_nll = time.perf_counter() - t0
-    ret = run_retrieval(gpt, ckpt, args, needles, histories, args.retrieval_methods, args.controls, args.trials)
+    ret = run_retrieval(gpt, ckpt, args, needles, histories, args.retrieval_methods, args.controls, args.trials,
+                        deadline=deadline)
     t_ret = time.perf_counter() - t0 - t_nll
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -775,7 +811,7 @@ def main(argv):
                   mc_config=mc_saved or None, notes=notes, args=vars(args), in_block=in_block,
                   seconds=dict(nll=round(t_nll, 1), retrieval=round(t_ret, 1)), nll=summarise_nll(per_doc),
                   nll_long_range=summarise_nll(per_doc_far),
-                  retrieval=ret, telemetry=summarise_telemetry(telemetry, overhead))
+                  retrieval=ret, telemetry=summarise_telemetry(telemetry, overhead), partial=deadline.cut)
     result["summary"] = summary(result)
     if args.out is None:
         ck = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))

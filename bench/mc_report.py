@@ -155,6 +155,8 @@ def main(argv):
     found = targets(test, in_block)
     report = dict(size=a.size, command=a.command, **meta, gate=gate,
                   base=base_throughput(a.base_log) if a.base_log else None, summary=summary, seconds=a.seconds,
+                  partial={name: r["partial"] for name, r in {"test": test, **teachers}.items()
+                           if r.get("partial")},
                   targets=[dict(target=t, met=bool(m), value=v) for t, m, v in found], test=test,
                   test_teachers={t: r["retrieval"] for t, r in teachers.items() if t != a.kept})
     with open(f"{a.out}.json", "w") as f:
@@ -165,6 +167,9 @@ def main(argv):
              f"Wall time {a.seconds / 60:.1f} min for the whole chain (`{a.command or 'bash bench/mc_demo.sh'}`; "
              f"torch {meta['torch']}, triton {meta['triton']}, kernels {meta['kernels']}, {meta['date']}, commit "
              f"{meta['commit']})." if a.seconds else "", "", gate_base_line(report), "",
+             *([f"**Partial**: the harness's time limit cut "
+                f"{', '.join(f'{len(v)} cells of {s}' for s, v in report['partial'].items())} short (marked * in the "
+                "tables below; listed in each run's section).", ""] if report["partial"] else []),
              f"## Retrieval per task, test split, budget {test['args']['retrieval_budget']} (accuracy, Wilson 95% "
              f"CI, {test['args']['trials']} prompts per cell)", ""]
     lines += task_table(test, teachers, a.kept, in_block)

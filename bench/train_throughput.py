@@ -6,9 +6,10 @@
 Runs train.py itself (same code path as training, no checkpoint written) and reads its JSONL log. --random-tokens
 trains on uniform random ids over a --vocab vocabulary written in prepare.py's shard format to a temporary directory:
 the cost per token is the real one (the vocabulary sets the head's size), and no tokenizer, corpus or rustbpe is
-needed, as on the GPU machine. Extra --key=value arguments are train.py config overrides. Writes
-<out>/train_<config>_<tag>.json (tag: <device>_<date>_<commit>; commit from git, else $MC_COMMIT), or appends one line
-to --jsonl. Interrupted (SIGINT: bench/run_gpu.sh's time slice), it still reports the intervals logged so far.
+needed, as on the GPU machine (so a config's retrieval drills must be off: --retrieval_mix=0 --copy_steps=0).
+Extra --key=value arguments are train.py config overrides. Writes <out>/train_<config>_<tag>.json (tag:
+<device>_<date>_<commit>; commit from git, else $MC_COMMIT), or appends one line to --jsonl. Interrupted (SIGINT:
+bench/run_gpu.sh's time slice), it still reports the intervals logged so far.
 """
 import argparse
 import datetime
@@ -26,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import train  # noqa: E402
+from configs import ConfigError, load_config  # noqa: E402
 
 
 def random_corpus(path, vocab, n_train=1 << 22, n_val=1 << 16, seed=0):
@@ -60,6 +62,14 @@ def main(argv):
     p.add_argument("--tag", default=None, help="<device>_<date>_<commit> (default: computed)")
     p.add_argument("--jsonl", default=None, help="append the result as one line to this file instead")
     args, overrides = p.parse_known_args(argv)
+    if args.random_tokens:  # random ids have no tokenizer, so no needle markers: the drills cannot be planted
+        try:
+            cfg = load_config(train.TrainConfig, args.configs + overrides)
+        except ConfigError:
+            cfg = None  # train.main reports it in one line
+        if cfg and (cfg.retrieval_mix > 0 or cfg.copy_steps > 0):
+            sys.exit(f"error: --random-tokens has no tokenizer, and the retrieval drills need one (retrieval_mix="
+                     f"{cfg.retrieval_mix}, copy_steps={cfg.copy_steps}); pass --retrieval_mix=0 --copy_steps=0")
     interrupted = False
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as data:
         if args.random_tokens:

@@ -3,8 +3,10 @@
 The CPU demonstration's recipe (configs/mc_demo.py: retrieval mix, copy warm-up, short windows first, half the
 drills across a position gap, p-RoPE with the slow half of each head's bands at frequency 0, LensNet type previews) on
 a 10 x 512 base (31.5M non-embedding parameters, 1,024-token BPE on a slice of the books) with a 1,024-token block, so
-that the working context of 1,024 entries is inside the trained span; K = 8. Step counts are estimates for a <= 9 minute run (base ~4 min): the first device run
-calibrates them. mc_demo.sh sets the per-stage overrides (stage, out_dir, block_size, steps).
+that the working context of 1,024 entries is inside the trained span; K = 8. Step counts are sized for a <= 9 minute
+run by `bash bench/mc_demo.sh --size gpu --plan` (base ~3 min: 1,600 steps of 32,768 tokens, the CPU demo's schedule;
+the step measured on an H200, the other stages estimated): the first device run calibrates them. mc_demo.sh sets the
+per-stage overrides (stage, out_dir, block_size, steps).
 """
 out_dir = "out/mc_demo_gpu/base"
 data_dir = "data/pg1k_gpu"  # python prepare.py --vocab-size 1024 --out data/pg1k_gpu --max-docs 120 (here; carried)
@@ -15,7 +17,7 @@ n_embd = 512
 rope_bands = 16  # p-RoPE as on the CPU: the 16 fastest of 32 bands rotate (head dim 64), the rest are position-free
 max_position = 16777216  # 2**24: PoSE gaps up to 16M
 batch_size = 32
-max_iters = 2400
+max_iters = 1600
 lr = 1.5e-3
 min_lr = 1.5e-4
 warmup_iters = 100

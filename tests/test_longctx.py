@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -260,6 +261,45 @@ def test_mc_report_writes_summary_and_targets(result, tmp_path):
     assert md.index("## Retrieval per task") < md.index("## Targets (issue 17)")
     assert "| passkey | 6x |" in md and "LensNet (oracle)" in md
     assert report["summary"]["kept"] == "counterfactual"
+
+
+def test_longctx_time_limit_marks_partial_cells(data_dir, tmp_path, monkeypatch):
+    """--time-limit: past it no prompt or document starts; the cell cut short keeps the prompts it asked (partial),
+    the cells not reached have no row, each is listed in `partial`, and the JSON, markdown and mc_report still come."""
+    import types
+    import mc_report
+    ticks = iter(range(10**6))  # a clock that advances one second per reading: the limit falls at a known prompt
+    clock = types.SimpleNamespace(time=lambda: next(ticks), perf_counter=time.perf_counter)
+    monkeypatch.setattr(longctx, "time", clock)
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir)
+    out = str(tmp_path / "res")
+    res = longctx.main(["--ckpt", ckpt, "--data-dir", data_dir, "--out", out, *TINY, "--histories", "",
+                        "--retrieval-methods", "truncation,lens", "--time-limit", "2.5"])  # 2 prompts, then cut
+    assert [(r["kind"], r["control"], r["method"], r["trials"], r.get("partial")) for r in res["retrieval"]] == [
+        ("passkey", None, "truncation", 2, True), ("passkey", None, "lens", 2, True)]
+    assert res["partial"][0] == "retrieval passkey, question last, at 384 tokens: 2/3 prompts"
+    assert len(res["partial"]) == 6 and all(c.endswith(": 0/3 prompts") for c in res["partial"][1:])
+    assert res["summary"]["retrieval"]["lens"]["6x"] == res["retrieval"][1]["accuracy"]
+    assert json.loads(open(out + ".json").read())["partial"] == res["partial"]
+    md = open(out + ".md").read()
+    assert "**Partial: --time-limit 2.5 s cut these cells short**" in md and "* (2)" in md
+    report = mc_report.main(["--out", str(tmp_path / "demo"), "--val", out + ".json", "--test", out + ".json",
+                             "--kept", "counterfactual"])
+    assert report["partial"] == {"val": res["partial"], "test": res["partial"]}
+    assert "**Partial**: the harness's time limit cut 6 cells on val, 6 cells on test" in open(
+        tmp_path / "demo.md").read()
+    monkeypatch.undo()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "longctx.py"), "--ckpt", ckpt, "--data-dir",
+                        data_dir, "--out", out, *TINY, "--time-limit", "0"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    saved = json.loads(open(out + ".json").read())
+    assert saved["nll"] == saved["retrieval"] == [] and saved["partial"][:2] == [
+        "nll at 96 tokens: 0/2 documents", "nll at 320 tokens: 0/2 documents"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "longctx.py"), "--ckpt", ckpt, "--time-limit",
+                        "-1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == "error: --time-limit must be >= 0 seconds, got -1.0"
 
 
 def test_shared_gists_pools_each_block_once():

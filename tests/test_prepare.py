@@ -296,3 +296,81 @@ def test_vocab_the_corpus_cannot_fill_is_capped_without_holes(tmp_path, capsys):
     for i in range(enc.n_vocab):  # every id decodes
         enc.decode_single_token_bytes(i)
     assert f"vocab capped at {enc.n_vocab:,} (asked 65,536)" in capsys.readouterr().out
+
+
+PG1K = os.path.join(ROOT, "tokenizers", "pg1k.json")
+PG1K_SHA256 = "4f50cac0f8c868c6d1bbb900ba88d859ef554519328c975023be4db8611cfe54"  # data/pg1k meta's tokenizer_sha256
+
+
+def test_committed_tokenizer_loads_and_is_pinned():
+    t = prepare.read_tokenizer_json(PG1K)  # its own checksum verified
+    assert t["sha256"] == prepare.tokenizer_sha256(t) == PG1K_SHA256
+    enc = prepare.load_tokenizer(PG1K)
+    assert enc.n_vocab == t["vocab_size"] == 1024
+    assert t["special_tokens"] == {s: 1016 + j for j, s in enumerate(prepare.SPECIAL_TOKENS)}
+    text = "The pass key is 68231. Remember it."
+    assert enc.decode(enc.encode_ordinary(text)) == text and len(enc.encode_ordinary(text)) < len(text)
+
+
+@needs_corpus
+def test_committed_tokenizer_is_the_corpus_bpe():
+    """tokenizers/pg1k.json is what `prepare.py --vocab-size 1024` trains on the whole train split, byte for byte (so
+    `--tokenizer tokenizers/pg1k.json` writes the shards a BPE run would: the CPU demo's data/pg1k)."""
+    books = prepare.read_books(os.path.join(CORPUS, "train.jsonl.xz"))
+    t = prepare.train_tokenizer([b["text"] for b in books], 1024, 200_000_000)
+    t["sha256"] = prepare.tokenizer_sha256(t)
+    assert json.dumps(t).encode() == open(PG1K, "rb").read()
+
+
+def test_tokenizer_flag_without_rustbpe(tmp_path, monkeypatch):
+    """--tokenizer FILE: no rustbpe needed; FILE is copied to <out> byte for byte and the shards use it. A separate
+    process with `import rustbpe` failing, as on the GPU machine."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "rustbpe.py").write_text("raise ImportError('not on this machine')\n")
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(hide)}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--synthetic", "--syn-docs", "3",
+                        "--syn-chars", "5000", "--tokenizer", PG1K, "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer.json").read_bytes() == open(PG1K, "rb").read()
+    meta, enc = prepare.load_meta(str(out)), prepare.load_tokenizer(str(out))
+    assert meta["tokenizer_sha256"] == PG1K_SHA256 and "timing" in meta and "bpe_s" not in meta["timing"]
+    docs, _ = prepare.make_synthetic(3, 5000, 4, seed=0)
+    for i, d in enumerate(docs["val"]):
+        assert enc.decode(prepare.doc_tokens(str(out), "val", i)[1:].tolist()) == d["text"]
+    monkeypatch.setitem(sys.modules, "rustbpe", None)  # in process too: a rerun reuses the copy
+    prepare.prepare(None, str(out), synthetic=True, syn_docs=3, syn_chars=5000, splits=["test"], tokenizer=PG1K)
+
+
+@needs_corpus
+def test_tokenizer_flag_on_the_corpus(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rustbpe", None)
+    out = str(tmp_path / "pg")
+    meta = prepare.prepare(CORPUS, out, max_docs=2, splits=["val"], tokenizer=PG1K)
+    enc, (tokens, offsets) = prepare.load_tokenizer(PG1K), prepare.load_split(out, "val")
+    books = prepare.read_books(os.path.join(CORPUS, "val.jsonl.xz"), max_docs=2)
+    assert meta["splits"]["val"]["n_docs"] == 2 and list(meta["splits"]) == ["val"]
+    for i, b in enumerate(books):
+        assert tokens[offsets[i] + 1:offsets[i + 1]].tolist() == enc.encode_ordinary(b["text"])
+
+
+def test_tokenizer_flag_bad_input(tmp_path, syn_dir):
+    small = ["--synthetic", "--syn-docs", 2, "--syn-chars", 2000]
+    other = tmp_path / "other"
+    shutil.copytree(syn_dir, other)  # holds a 512-id tokenizer
+    for args, expect in [(["--tokenizer", tmp_path / "none.json", "--out", tmp_path / "o"],
+                          "--tokenizer " + str(tmp_path / "none.json") + ": file not found"),
+                         (["--tokenizer", PG1K, "--vocab-size", 512, "--out", tmp_path / "o"],
+                          "--vocab-size 512: " + PG1K + " has vocab 1024"),
+                         (["--tokenizer", PG1K, "--out", other], "holds another tokenizer; delete it (or pick")]:
+        r = run_cli(*args, *small)
+        assert r.returncode != 0 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+    damaged = tmp_path / "damaged.json"
+    t = json.loads(open(PG1K).read())
+    a, b = list(t["ranks"])[300:302]
+    damaged.write_text(json.dumps({**t, "ranks": {**t["ranks"], a: t["ranks"][b], b: t["ranks"][a]}}))
+    r = run_cli("--tokenizer", damaged, "--out", tmp_path / "o", *small)
+    assert r.returncode != 0 and "damaged.json: unreadable tokenizer (" in r.stderr and "checksum" in r.stderr
