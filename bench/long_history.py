@@ -90,6 +90,8 @@ def parse_args(argv):
     r.add_argument("--trials", type=int, default=30, help="prompts per (task, length)")
     r.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths in [0, 1), in rotation")
     r.add_argument("--tasks", default="passkey,multikey", help="retrieval tasks, of " + ",".join(retrieval.TASKS))
+    r.add_argument("--tasks-at", action="append", default=[], metavar="LENGTH=TASKS", help="other tasks at one "
+                   "stop length (e.g. 67108864=passkey: only the pass key at 64M tokens); repeatable")
     r.add_argument("--retrieval-methods", default="lens,recency,oracle,truncation", help="arms, of "
                    + ",".join(RETRIEVAL_METHODS))
     r.add_argument("--distractors", type=int, default=None, help="look-alike kv needles (vartrack: chains) per "
@@ -115,14 +117,22 @@ def parse_args(argv):
     if args.lengths[0] < 1 or min(args.decode, args.warmup) < 0 or args.save_every < 1:
         fail("need lengths >= 1, decode and warmup >= 0 and save-every >= 1")
     args.tasks = [k for k in args.tasks.split(",") if k]
+    try:
+        args.tasks_at = {int(k): [t for t in v.split(",") if t]
+                         for k, _, v in (x.partition("=") for x in args.tasks_at)}
+    except ValueError:
+        fail(f"--tasks-at takes LENGTH=TASKS (e.g. 67108864=passkey), got {args.tasks_at}")
     args.retrieval_methods = [m for m in args.retrieval_methods.split(",") if m]
     if args.retrieval:
         if not (args.ckpt and args.data_dir):
             fail("--retrieval needs --ckpt (a checkpoint with GistNet and LensNet) and --data-dir (book text)")
         if set(args.retrieval) - set(args.lengths):
             fail(f"--retrieval lengths must be among --lengths {args.lengths}, got {args.retrieval}")
-        if set(args.tasks) - set(retrieval.TASKS) or set(args.retrieval_methods) - set(RETRIEVAL_METHODS) or \
-                not args.tasks or not args.retrieval_methods:
+        if set(args.tasks_at) - set(args.retrieval):
+            fail(f"--tasks-at lengths must be among --retrieval {args.retrieval}, got {sorted(args.tasks_at)}")
+        every = set(args.tasks).union(*args.tasks_at.values())
+        if every - set(retrieval.TASKS) or set(args.retrieval_methods) - set(RETRIEVAL_METHODS) or \
+                not args.tasks or not all(args.tasks_at.values()) or not args.retrieval_methods:
             fail(f"--tasks must be from {','.join(retrieval.TASKS)} and --retrieval-methods from "
                  f"{','.join(RETRIEVAL_METHODS)}")
         if not args.depths or any(not 0 <= d < 1 for d in args.depths) or args.trials < 1 or \
@@ -382,7 +392,7 @@ def main(argv):
         session.save(tree_dir)
         if L in args.retrieval:  # the needles are planted in memory: the saved tree is not touched
             run = []
-            for task in args.tasks:
+            for task in args.tasks_at.get(L, args.tasks):
                 shape = retrieval.needles_for(args.data_dir).task(task, np.random.default_rng(0))
                 need = zoom_entries(L + len(shape.question), cfg.K, cfg.recent_tokens, sum(shape.needed))
                 gates.append(dict(history=L, task=task, zoom_entries=need,

@@ -155,8 +155,8 @@ def main(argv):
     found = targets(test, in_block)
     report = dict(size=a.size, command=a.command, **meta, gate=gate,
                   base=base_throughput(a.base_log) if a.base_log else None, summary=summary, seconds=a.seconds,
-                  partial={name: r["partial"] for name, r in {"test": test, **teachers}.items()
-                           if r.get("partial")},
+                  partial={name: r["partial"] for name, r in [("test", test), *teachers.items()]
+                           if r.get("partial") and name != a.kept},
                   targets=[dict(target=t, met=bool(m), value=v) for t, m, v in found], test=test,
                   test_teachers={t: r["retrieval"] for t, r in teachers.items() if t != a.kept})
     with open(f"{a.out}.json", "w") as f:

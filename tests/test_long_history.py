@@ -75,7 +75,8 @@ def test_long_history_retrieval_cells_on_book_text(data_dir, tmp_path):
     out = str(tmp_path / "lh")
     r = long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "2000,5000", "--retrieval", "5000",
                            "--trials", "4", "--decode", "2", "--warmup", "0", "--threads", "1", "--out", out,
-                           "--tasks", "passkey,multikey,vartrack", "--distractors", "1",  # (a 146-word corpus)
+                           "--tasks", "passkey", "--tasks-at", "5000=passkey,multikey,vartrack",  # (at 5,000 tokens)
+                           "--distractors", "1",  # (a 146-word corpus)
                            "--tree", str(tmp_path / "tree")])
     rows = r["retrieval"]
     ran = [g["task"] for g in r["retrieval_gate"] if g["zoom_entries"] <= g["target"]]
@@ -109,6 +110,10 @@ def test_long_history_retrieval_gate_skips_a_budget_too_small_for_the_zoom_path(
     with pytest.raises(SystemExit):
         long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "5000", "--retrieval", "5000",
                            "--retrieval-budget", "256", "--out", str(tmp_path / "lh2")])
+    for bad in ("2000=passkey", "5000=", "x=passkey", "5000=needle"):  # not a retrieval stop; no task; not a length
+        with pytest.raises(SystemExit):
+            long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "5000", "--retrieval", "5000",
+                               "--tasks-at", bad, "--out", str(tmp_path / "lh3")])
 
 
 def test_plan_prompt_plants_the_needles_where_it_says(data_dir):

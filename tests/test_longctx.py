@@ -275,7 +275,7 @@ def test_longctx_time_limit_marks_partial_cells(data_dir, tmp_path, monkeypatch)
     out = str(tmp_path / "res")
     res = longctx.main(["--ckpt", ckpt, "--data-dir", data_dir, "--out", out, *TINY, "--histories", "",
                         "--retrieval-methods", "truncation,lens", "--time-limit", "2.5"])  # 2 prompts, then cut
-    assert [(r["kind"], r["control"], r["method"], r["trials"], r.get("partial")) for r in res["retrieval"]] == [
+    assert [(r["task"], r["control"], r["method"], r["trials"], r.get("partial")) for r in res["retrieval"]] == [
         ("passkey", None, "truncation", 2, True), ("passkey", None, "lens", 2, True)]
     assert res["partial"][0] == "retrieval passkey, question last, at 384 tokens: 2/3 prompts"
     assert len(res["partial"]) == 6 and all(c.endswith(": 0/3 prompts") for c in res["partial"][1:])
@@ -283,10 +283,10 @@ def test_longctx_time_limit_marks_partial_cells(data_dir, tmp_path, monkeypatch)
     assert json.loads(open(out + ".json").read())["partial"] == res["partial"]
     md = open(out + ".md").read()
     assert "**Partial: --time-limit 2.5 s cut these cells short**" in md and "* (2)" in md
-    report = mc_report.main(["--out", str(tmp_path / "demo"), "--val", out + ".json", "--test", out + ".json",
-                             "--kept", "counterfactual"])
-    assert report["partial"] == {"val": res["partial"], "test": res["partial"]}
-    assert "**Partial**: the harness's time limit cut 6 cells on val, 6 cells on test" in open(
+    report = mc_report.main(["--out", str(tmp_path / "demo"), "--test", out + ".json", "--kept", "counterfactual",
+                             "--test-teachers", f"attention={out}.json"])
+    assert report["partial"] == {"test": res["partial"], "attention": res["partial"]}
+    assert "**Partial**: the harness's time limit cut 6 cells of test, 6 cells of attention short" in open(
         tmp_path / "demo.md").read()
     monkeypatch.undo()
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "longctx.py"), "--ckpt", ckpt, "--data-dir",
