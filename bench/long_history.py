@@ -374,6 +374,27 @@ def main(argv):
     print(f"[long_history] {session.describe()}", file=sys.stderr)
     rng, rows, ingest_s, ingested, found, gates = np.random.default_rng(args.seed), [], 0.0, 0, [], []
     load_start = os.getloadavg()[0]
+
+    def results() -> dict:
+        """The results so far (written after every stop, so a run cut short keeps the stops it finished)."""
+        git = lambda *c: subprocess.run(["git", *c], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa
+        result = dict(
+            summary=dict(ingest_tokens_per_s=ingested / max(ingest_s, 1e-9),
+                         peak_rss_mb={r["history"]: round(r["peak_rss_mb"], 1) for r in rows},
+                         tasks={task: accuracies(found, task) for task in dict.fromkeys(r["task"] for r in found)},
+                         retrieval=accuracies(found, "passkey")),
+            retrieval=found, retrieval_budget=args.retrieval_budget, retrieval_gate=gates, device="cpu",
+            threads=torch.get_num_threads(), torch=torch.__version__,
+            date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
+            dirty=bool(git("status", "--porcelain")), command="python bench/long_history.py " + " ".join(argv),
+            load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),
+            text=f"book text of {args.data_dir} (test, val, then train splits)" if args.data_dir else
+            "random token ids", model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode "
+            "cost do not depend on the weights)", gpt=dataclasses.asdict(model.gpt.config), mc=dataclasses.asdict(cfg),
+            gistnet=model.gistnet.describe(), ingested=ingested, ingest_s=ingest_s, decode_steps=args.decode,
+            rows=rows)
+        return result
+
     for L in args.lengths:
         n = L - len(session.tree)
         if n > 0:
@@ -418,26 +439,10 @@ def main(argv):
         print(f"[long_history] {L:>11,} tokens: depth {session.tree.depth}, peak RSS {peak:.0f} MB, tree "
               f"{sum(sizes.values()) / 2**20:.1f} MB (predicted {sum(want.values()) / 2**20:.1f}), decode "
               f"{dec['ms_mean']:.2f} ms/token (p50 {dec['ms_p50']:.2f})", file=sys.stderr)
+        write_results(args.out, (r := results()), markdown(r))
     if tmp is not None:
         tmp.cleanup()
-
-    git = lambda *c: subprocess.run(["git", *c], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa
-    result = dict(
-        summary=dict(ingest_tokens_per_s=ingested / max(ingest_s, 1e-9),
-                     peak_rss_mb={r["history"]: round(r["peak_rss_mb"], 1) for r in rows},
-                     tasks={task: accuracies(found, task) for task in dict.fromkeys(r["task"] for r in found)},
-                     retrieval=accuracies(found, "passkey")),
-        retrieval=found, retrieval_budget=args.retrieval_budget, retrieval_gate=gates, device="cpu",
-        threads=torch.get_num_threads(), torch=torch.__version__,
-        date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
-        dirty=bool(git("status", "--porcelain")), command="python bench/long_history.py " + " ".join(argv),
-        load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),
-        text=f"book text of {args.data_dir} (test, val, then train splits)" if args.data_dir else "random token ids",
-        model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode cost do not depend on "
-        "the weights)", gpt=dataclasses.asdict(model.gpt.config), mc=dataclasses.asdict(cfg),
-        gistnet=model.gistnet.describe(), ingested=ingested, ingest_s=ingest_s, decode_steps=args.decode, rows=rows)
-    write_results(args.out, result, markdown(result))
-    return result
+    return r
 
 
 def write_results(prefix: str, result: dict, md: str):
