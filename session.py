@@ -69,7 +69,25 @@ class Session:
                 raise ValueError(f"the saved working context does not fit its tree ({e})") from None
         elif len(self.tree):  # none saved, or for another budget: cold start
             self.wc = WorkingContext.pyramid(cfg.K, cfg.recent_tokens, cfg.w_max, len(self.tree), cfg.target)
+        self._fit_curation()
         self.wc.dirty = 0
+
+    def _fit_curation(self):
+        """Tie the working context to the tree's curated spans: a gist over dropped tokens is not expandable, and K
+        token entries over a dropped block (a working context saved before curation, the pyramid's raw region)
+        become the block's LOD1 gist."""
+        wc, tree = self.wc, self.tree
+        wc.expandable = tree.expandable
+        if tree.levels[0].holes is None or not len(wc):
+            return
+        tok = (wc.lod == 0).nonzero().flatten()
+        gone = tok[torch.from_numpy(tree.levels[0].physical(wc.index[tok].numpy())[1])]
+        for i in gone[wc.index[gone] % wc.K == 0].flip(0).tolist():  # back to front: earlier indices stay valid
+            wc._splice(i, i + wc.K, [1], [int(wc.index[i]) // wc.K], [self.alloc.steps], [-1])
+        try:
+            wc.check_invariants()
+        except InvariantError as e:
+            raise ValueError(f"the working context cannot avoid the tree's curated spans ({e})") from None
 
     @torch.no_grad()
     def ingest(self, tokens):
@@ -82,6 +100,7 @@ class Session:
         if len(ids) >= cfg.w_max:  # everything older would be collapsed anyway: rebuild as the pyramid
             self.wc = WorkingContext.pyramid(cfg.K, cfg.recent_tokens, cfg.w_max, len(self.tree), cfg.target,
                                              self.alloc.steps)
+            self._fit_curation()
         else:
             left = len(ids)
             while left:
@@ -129,17 +148,24 @@ class Session:
         first = self.alloc.steps  # (until_stable: no edit of this loop is undone within it)
         edits_per_step = self.cfg.settle_edits if until_stable else None
         self._read_question()
-        t = self.telemetry = self.alloc.step(self.wc, score(), max_edits=edits_per_step)
+        t = self.telemetry = self._step(score(), max_edits=edits_per_step)
         steps, edits = 1, dict(expands=t["expands"], collapses=t["collapses"], edits=t["edits"])
         while until_stable and t["edits"] and steps < self.tree.depth + 1:
             self._read_question()  # the question re-read over what the last step zoomed: a hop to the next needle
-            t = self.telemetry = self.alloc.step(self.wc, score(), keep_since=first, max_edits=edits_per_step)
+            t = self.telemetry = self._step(score(), keep_since=first, max_edits=edits_per_step)
             steps += 1
             edits = {k: v + t[k] for k, v in edits.items()}
         self.pending = 0
         if until_stable:
             self.telemetry = {**t, **edits, "steps": steps}
         return self.telemetry
+
+    def _step(self, scores, **kwargs) -> dict:
+        """One allocator step; every node it zooms is recorded in the tree's access telemetry."""
+        t = self.alloc.step(self.wc, scores, **kwargs)
+        for lod, index in self.alloc.expanded:
+            self.tree.record_expansion(lod, index)
+        return t
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
