@@ -24,6 +24,7 @@ Decisions where DESIGN and the issue are silent:
   first token the tree does not hold (stream_offset).
 """
 import hashlib
+import math
 import sys
 import time
 
@@ -59,6 +60,7 @@ class Session:
         # the tokens' positions (Tq,): LensNet's queries (the question as the base reads it)
         self.states, self.state_pos = None, torch.zeros(0, dtype=torch.long)
         self.stream = (state or {}).get("stream")  # the file being streamed in, and how far (ingest_stream)
+        self.prefetch, self.last_scores = True, {}  # page-cache prefetch of rising entries' children (_step)
         if state and state.get("shape") == self._shape():  # the saved working context fits this budget
             self.wc._splice(0, 0, *(torch.tensor(state["wc"][k]) for k in ("lod", "index", "born", "born_by")))
             self.wc.cursor, self.pending, self.alloc.steps = len(self.tree), state["pending"], state["steps"]
@@ -161,10 +163,21 @@ class Session:
         return self.telemetry
 
     def _step(self, scores, **kwargs) -> dict:
-        """One allocator step; every node it zooms is recorded in the tree's access telemetry."""
+        """One allocator step; every node it zooms is recorded in the tree's access telemetry. Before it, the children
+        of expandable entries whose score rose since the last step are prefetched into the tree's page cache (the
+        zooms a rising score foretells); the step's telemetry carries the cache's hit rate so far."""
+        wc = self.wc
+        keys = (wc.lod * 2**48 + wc.index).tolist()  # (lod, index) as one int: < 2**48 nodes per level
+        rose = [i for i, (key, s) in enumerate(zip(keys, scores.tolist())) if s > self.last_scores.get(key, math.inf)]
+        if rose and self.prefetch:
+            rose = torch.tensor(rose)
+            rose = rose[wc.can_expand()[rose]]
+            self.tree.prefetch_children(wc.lod[rose].numpy(), wc.index[rose].numpy())
+        self.last_scores = dict(zip(keys, scores.tolist()))
         t = self.alloc.step(self.wc, scores, **kwargs)
         for lod, index in self.alloc.expanded:
             self.tree.record_expansion(lod, index)
+        t["cache_hit_rate"] = self.tree.cache.summary()["hit_rate"]
         return t
 
     @torch.no_grad()

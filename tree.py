@@ -36,6 +36,7 @@ duration when the caller holds none). The kernel drops it when its process dies,
 taken over; the file names the holder (pid, host, since) for the message a second writer gets. Readers take no lock:
 they map only the committed rows of the meta.json they read, and a writer never rewrites those.
 """
+import collections
 import contextlib
 import datetime
 import fcntl
@@ -172,8 +173,9 @@ def children(lod: int, index: int, K: int):
 class _Rows:
     """Append-only rows (n, *shape): a committed prefix memory-mapped from a file, then a growable RAM tail."""
 
-    def __init__(self, shape, dtype):
+    def __init__(self, shape, dtype, cache: "PageCache | None" = None, lod: int = 0):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.cache, self.lod = cache, lod  # committed rows are read through the tree's page cache
         self.disk, self.n_disk = None, 0  # np.memmap of the committed rows (read-only)
         self.ram, self.n_ram = np.zeros((16, *self.shape), self.dtype), 0
         self.holes = None  # (starts, ends, dropped before each) of logical rows not stored (set_holes), or None
@@ -237,7 +239,8 @@ class _Rows:
         out = np.empty((len(idx), *self.shape), self.dtype)
         on_disk = idx < self.n_disk
         if on_disk.any():
-            out[on_disk] = self.disk[idx[on_disk]]
+            small = self.cache is not None and len(idx) <= PageCache.MAX_READ
+            out[on_disk] = self.cache.read(self, self.lod, idx[on_disk]) if small else self.disk[idx[on_disk]]
         out[~on_disk] = self.ram[idx[~on_disk] - self.n_disk]
         return out
 
@@ -256,6 +259,8 @@ class _Rows:
             raise ValueError(f"rows from {a} lie in a span whose rows curation dropped; they cannot be rewritten")
         on_disk = idx < self.n_disk
         if on_disk.any():
+            if self.cache is not None:
+                self.cache.drop(self.lod)
             if self.disk.mode != "c":
                 self.disk = np.memmap(self.disk.filename, self.dtype, "c", shape=self.disk.shape)
             self.disk[idx[on_disk]] = rows[on_disk]
@@ -276,6 +281,80 @@ class _Rows:
         self.disk = np.memmap(path, self.dtype, "r", shape=(n, *self.shape)) if n else None
         self.n_disk, self.n_ram = n, 0
         self.ram = np.zeros((16, *self.shape), self.dtype)
+
+
+class PageCache:
+    """One LRU cache of tree pages (`page_rows` consecutive committed rows of one level) between the memory-mapped
+    files and the refocus path, bounded by `max_bytes`, with telemetry: page hits and misses, the read latency of a
+    miss, and prefetches (pages loaded ahead, and how many a later read used). Only small reads (at most MAX_READ
+    rows) go through it, so a scan (a save, a curation, type bitsets)
+    cannot flush it; only pages wholly on disk are cached (committed rows never change; a rewrite drops its level's
+    pages), so appends never make a page stale. Pages live in RAM (a GPU copy is future work)."""
+    MAX_READ = 1 << 15  # rows: a working context's entries and their previews, not a scan
+
+    def __init__(self, max_bytes: int = 64 << 20, page_rows: int = 64):
+        self.max_bytes, self.page_rows = max_bytes, page_rows
+        self.pages, self.bytes, self.ahead = collections.OrderedDict(), 0, set()  # ahead: prefetched, not yet read
+        self.stats = dict(hits=0, misses=0, read_s=0.0, prefetched=0, prefetch_hits=0)
+
+    def _load(self, level, lod: int, p: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        rows = np.array(level.disk[p * self.page_rows:(p + 1) * self.page_rows])  # a copy: the read happens here
+        self.stats["read_s"] += time.perf_counter() - t0
+        self.pages[lod, p] = rows
+        self.bytes += rows.nbytes
+        while self.bytes > self.max_bytes and self.pages:
+            key, old = self.pages.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.ahead.discard(key)
+        return rows
+
+    def _page(self, level, lod: int, p: int) -> np.ndarray:
+        rows = self.pages.get((lod, p))
+        if rows is None:
+            self.stats["misses"] += 1
+            return self._load(level, lod, p)
+        self.stats["hits"] += 1
+        if (lod, p) in self.ahead:
+            self.stats["prefetch_hits"] += 1
+            self.ahead.discard((lod, p))
+        self.pages.move_to_end((lod, p))
+        return rows
+
+    def read(self, level, lod: int, idx: np.ndarray) -> np.ndarray:
+        """Committed rows idx (physical, all < level.n_disk) of level `lod`."""
+        P = self.page_rows
+        page = idx // P
+        full = (page + 1) * P <= level.n_disk  # rows of the last, partial page are read directly
+        out = np.empty((len(idx), *level.shape), level.dtype)
+        if (~full).any():
+            out[~full] = level.disk[idx[~full]]
+        if full.any():
+            u, inv = np.unique(page[full], return_inverse=True)
+            block = np.stack([self._page(level, lod, p) for p in u.tolist()])  # (pages, P, *shape)
+            out[full] = block[inv, idx[full] - u[inv] * P]
+        return out
+
+    def prefetch(self, level, lod: int, idx: np.ndarray):
+        """Load the pages of committed rows idx that are not cached yet (no hit or miss is counted)."""
+        idx = idx[idx < level.n_disk]
+        for p in np.unique(idx // self.page_rows).tolist():
+            if (p + 1) * self.page_rows <= level.n_disk and (lod, p) not in self.pages:
+                self._load(level, lod, p)
+                self.ahead.add((lod, p))
+                self.stats["prefetched"] += 1
+
+    def drop(self, lod: int):
+        for key in [k for k in self.pages if k[0] == lod]:
+            self.bytes -= self.pages.pop(key).nbytes
+            self.ahead.discard(key)
+
+    def summary(self) -> dict:
+        s = self.stats
+        looked = s["hits"] + s["misses"]
+        return dict(hits=s["hits"], misses=s["misses"], hit_rate=s["hits"] / looked if looked else None,
+                    read_ms=1e3 * s["read_s"] / max(s["misses"] + s["prefetched"], 1), prefetched=s["prefetched"],
+                    prefetch_hits=s["prefetch_hits"], pages=len(self.pages), mib=self.bytes / 2**20)
 
 
 def _crc(rows: np.ndarray, prev: int = 0) -> int:
@@ -460,7 +539,8 @@ class MegaContextTree:
             raise ValueError(f"gist dtype must be one of {', '.join(GIST_DTYPES)}, got {dtype!r}")
         self.K, self.d, self.vocab_size, self.identity, self.dtype = K, d, vocab_size, identity, dtype
         self.embed, self.gist = embed, gist
-        self.levels = [_Rows((), np.int32)]  # LOD0 ids; gist levels are added as they are born
+        self.cache = PageCache()  # reads of committed rows on the refocus path (set max_bytes = 0 to turn it off)
+        self.levels = [_Rows((), np.int32, self.cache, 0)]  # LOD0 ids; gist levels are added as they are born
         self.path, self.crcs = None, [0]  # backing directory and the crc32 of each level's committed prefix
         self.rewritten = False  # rewrite() changed rows in memory only: saving would lose them
         self._types = {}  # (lod, markers) -> packed bitsets of its first nodes (types(); RAM only, derived)
@@ -551,6 +631,14 @@ class MegaContextTree:
             out[one] = ~self.levels[0].physical(index[one] * self.K)[1]
         return out
 
+    def prefetch_children(self, lod, index):
+        """Load the pages of the children of gists (lod[i], index[i]) into the page cache (a zoom is coming)."""
+        lod, index = np.asarray(lod, np.int64).reshape(-1), np.asarray(index, np.int64).reshape(-1)
+        for l in np.unique(lod[lod > 0]).tolist():
+            kids = (index[lod == l][:, None] * self.K + np.arange(self.K)).reshape(-1)
+            phys, dropped = self.levels[l - 1].physical(kids)
+            self.cache.prefetch(self.levels[l - 1], l - 1, phys[~dropped])
+
     @property
     def holes(self) -> list:
         """Token ranges [a, b) whose tokens curation dropped (their gists are kept)."""
@@ -590,7 +678,7 @@ class MegaContextTree:
             lod += 1
         for l, rows in enumerate(new):  # commit only once everything is computed
             if l == len(self.levels):  # a level is born
-                self.levels.append(_Rows((self.d,), self.dtype))
+                self.levels.append(_Rows((self.d,), self.dtype, self.cache, l))
                 self.crcs.append(0)
             self.levels[l].append(rows)
 
@@ -809,7 +897,7 @@ class MegaContextTree:
             if lod and not counts[lod]:  # v1 kept empty LOD1/LOD2 files; v2 has a level once it has a node
                 break
             if lod:
-                tree.levels.append(_Rows((d,), dtype))
+                tree.levels.append(_Rows((d,), dtype, tree.cache, lod))
             level, file = tree.levels[lod], os.path.join(path, tree.file(lod))
             n = counts[lod] - level.dropped  # rows stored in the file
             size = os.path.getsize(file) if os.path.isfile(file) else -1
