@@ -12,15 +12,24 @@ into). The depth is unbounded: any history the disk holds.
 This file is split from megacontext.py by concept: it is the storage layer (arrays, files, checksums) and knows
 nothing of the networks; `embed` (token ids -> embeddings) and `gist` (level, children -> gists) are callables.
 
-On disk a tree is a directory (format v2):
-    tokens.bin   int32 token ids                 lod1.bin .. lod<depth>.bin   gist rows, `dtype` (float32 or float16)
+On disk a tree is a directory (format v3):
+    tokens.bin   int32 token ids (tokens.g<G>.bin in curation generation G: curate.py)
+    lod1.bin .. lod<depth>.bin   gist rows, `dtype` (float32 or float16)
+    access.<n>.bin   access telemetry: int64 rows (lod, index, expansions, last access) of every gist a session
+                 zoomed, the access time being the history's length in tokens then; absent until a first zoom
     meta.json    format version, K, d, dtype, vocab size, model identity, `levels` (files: LOD0 .. depth), committed
-                 row counts and crc32 per file, and `extra` (the caller's state, e.g. the working context of a session)
+                 row counts (logical: a curated LOD0 stores fewer) and crc32 per file, `token_file`, `holes` (token
+                 ranges curation dropped, gists kept: reads there return FILL), `generation`, `tags` (named token
+                 ranges), `curation` (the audit record of the apply that made this generation), `access` (file,
+                 rows, crc32), and `extra` (the caller's state, e.g. the working context of a session)
 Format v1 (tokens.bin, lod1.bin, lod2.bin, three counts, no `levels`) opens read-and-extend: its missing levels above
-LOD2 are made on open from its LOD2 gists (in RAM until the next save, which writes v2), nothing is lost.
+LOD2 are made on open from its LOD2 gists (in RAM until the next save, which writes v3), nothing is lost. A v2 tree
+(no telemetry, tags or curation) opens as is and is written as v3 by its next save.
 The .bin files are append-only logs and meta.json is the commit record: a save appends the new rows in place after
 the committed ones (a level born since the last save gets a new file), fsyncs them and the directory (so a new file's
-name is durable before anything names it), then replaces meta.json atomically (temp file, flush, fsync, os.replace).
+name is durable before anything names it), writes changed access telemetry to a new access.<n+1>.bin (temp file,
+fsync, rename: the committed one is untouched), then replaces meta.json atomically (temp file, flush, fsync,
+os.replace); the access file the old meta.json named is removed after the commit.
 A crash at any point leaves the previous meta.json, whose counts and checksums describe a consistent prefix; bytes
 and files past it are ignored and overwritten by the next save. (Rewriting a whole .bin through a temp file on every
 save would be atomic too, but costs O(history) per save.) `open` memory-maps the committed rows and checks checksums
