@@ -119,7 +119,8 @@ def plan(tree: MegaContextTree, policy: CurationPolicy) -> dict:
     compact = old & ~used & ~protect & ~gone
     stored = tree.levels[0].stored
     return dict(compact=compact, tokens=n, blocks=nb, K=K, old_blocks=int((old & ~gone).sum()),
-                kept_accessed=int((old & used & ~gone).sum()), kept_protected=int((old & ~used & protect & ~gone).sum()),
+                kept_accessed=int((old & used & ~gone).sum()),
+                kept_protected=int((old & ~used & protect & ~gone).sum()),
                 already=int(gone.sum()), compact_blocks=int(compact.sum()), bytes_before=4 * stored,
                 bytes_after=4 * (stored - K * int(compact.sum())))
 

@@ -280,7 +280,8 @@ class _Rows:
         return self.ram[:self.n_ram]
 
     def chunks(self):
-        """All stored rows, oldest first, as contiguous arrays of at most ~CHUNK_BYTES (a whole-file copy in bounded RAM)."""
+        """All stored rows, oldest first, as contiguous arrays of at most ~CHUNK_BYTES (a whole-file copy in bounded
+        RAM)."""
         step = max(1, CHUNK_BYTES // max(self.row_bytes, 1))
         for a in range(0, self.stored, step):  # stored rows: holes are not written
             yield np.ascontiguousarray(self._take(np.arange(a, min(self.stored, a + step), dtype=np.int64)))

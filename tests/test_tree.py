@@ -159,7 +159,8 @@ def test_tree_save_open_append_round_trip(tmp_path):
         every = np.arange(ref.n_nodes(lod))
         assert np.array_equal(again.gists(lod, every), ref.gists(lod, every))
     meta = json.load(open(os.path.join(path, "meta.json")))
-    assert meta["counts"] == [200, 50, 12, 3] and meta["levels"] == 4 and meta["format_version"] == tree_module.FORMAT_VERSION
+    assert meta["counts"] == [200, 50, 12, 3] and meta["levels"] == 4
+    assert meta["format_version"] == tree_module.FORMAT_VERSION
     assert meta["K"] == K and meta["d"] == D and meta["identity"] == "model-a"
     assert os.path.getsize(os.path.join(path, "lod1.bin")) == 50 * D * 4
 
@@ -350,7 +351,8 @@ def test_tree_v1_opens_and_extends_without_loss(tmp_path, n):
     ref.append(ids[n:])
     tree.save(path)  # extended and written back as v2, the v1 rows kept in place
     meta = json.load(open(os.path.join(path, "meta.json")))
-    assert meta["format_version"] == tree_module.FORMAT_VERSION and meta["levels"] == ref.depth + 1 and meta["counts"][0] == n + 90
+    assert meta["format_version"] == tree_module.FORMAT_VERSION
+    assert meta["levels"] == ref.depth + 1 and meta["counts"][0] == n + 90
     with open(os.path.join(path, "tokens.bin"), "rb") as f:
         assert f.read(4 * n) == ids[:n].astype(np.int32).tobytes()
     again, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
