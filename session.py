@@ -25,7 +25,6 @@ Decisions where DESIGN and the issue are silent:
 """
 import dataclasses
 import hashlib
-import math
 import sys
 import time
 
@@ -241,13 +240,15 @@ class Session:
     def _step(self, scores, part=None, **kwargs) -> dict:
         """One allocator step of the own working context (or a mount's); every node it zooms is recorded in the tree's
         access telemetry (a mount's only in memory: mounts are never written). Before it, the children of expandable
-        entries whose score rose since the last step are prefetched into the tree's page cache (the zooms a rising
-        score foretells); the step's telemetry carries the cache's hit rate so far."""
+        entries whose score rose since the last step (or, new since then, exceeds tau_expand) are prefetched into the
+        tree's page cache (the zooms a rising score foretells); the step's telemetry carries the cache's hit rate so
+        far. (The prefetch is synchronous: it takes the reads off the edit-and-read path, not off the clock.)"""
         wc, alloc = self._wc(part), self._alloc(part)
         tree = self.tree if part is None else part.tree
         p = 0 if part is None else 1 + self.mounts.index(part)
         keys = [(p, key) for key in (wc.lod * 2**48 + wc.index).tolist()]  # < 2**48 nodes per level
-        rose = [i for i, (key, s) in enumerate(zip(keys, scores.tolist())) if s > self.last_scores.get(key, math.inf)]
+        tau = self._cfg(part).tau_expand  # an entry new since the last step "rose" from nothing if it is worth a zoom
+        rose = [i for i, (key, s) in enumerate(zip(keys, scores.tolist())) if s > self.last_scores.get(key, tau)]
         if rose and self.prefetch:
             rose = torch.tensor(rose)
             rose = rose[wc.can_expand()[rose]]
