@@ -6,6 +6,7 @@
     python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/book --interactive  # chat over a saved MegaContext
     python sample.py --ckpt out/tiny/ckpt.pt --mc --prompt-file book.txt --budget 512 --tree out/book  # MegaContext
     python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/book --read-only --interactive  # beside its writer
+    python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/chat --mount out/library --interactive  # + a library
 
 The tokenizer is read from the checkpoint's data_dir (override with --data-dir) and must be the one the checkpoint
 was trained with. When the KV cache fills up, the newest half of the conversation is re-encoded into a fresh cache
@@ -18,7 +19,9 @@ one another process holds and saves nothing. After each refocus one line goes to
 text): a map of the history by level of detail (oldest left), entries used / budget, edits and swap rate; on a
 terminal it is one status line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet
 weights gets untrained ones from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop
-usable before the MegaContext training stages.
+usable before the MegaContext training stages. --mount DIR (repeatable) mounts saved trees read-only (never written,
+no lock): the base reads their working contexts first, each under an equal part of --mount-share of the budget (the
+session's own tree keeps the rest, at least half), and the status line adds each mount's entries / share.
 
 --interactive reads one prompt per `> ` line until Ctrl-D, an empty line or a quit word (quit, exit). Ctrl-C stops
 the reply being generated (the session keeps it) and, at the prompt, ends the session; SIGTERM and SIGHUP end it
