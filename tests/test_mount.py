@@ -11,7 +11,7 @@ import torch
 from conftest import assert_close
 from megacontext import recency_scores
 from session import Session, open_mounts
-from test_megacontext import mc_model
+from test_megacontext import checkpoint, mc_model  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,3 +97,28 @@ def test_mount_kv_reuse_equals_from_scratch(library):
         s.ingest([s.step()])
     with pytest.raises(ValueError, match="share of the budget must be in"):
         Session(m, mounts=open_mounts(m, [lib_path]), mount_share=0.75)
+
+
+def test_sample_mc_mount_end_to_end(checkpoint):
+    """sample.py --mount: a library streamed into its own tree, then mounted read-only into another session: the
+    status line names it, the library's files are unchanged, the session's own tree is saved; bad --mount flags are
+    one line."""
+    from test_megacontext import run
+    ckpt, book, root = checkpoint
+    lib, own = str(root / "mlib"), str(root / "mown")
+    common = ["sample.py", "--ckpt", ckpt, "--mc", "--budget", "128", "--block", "8", "--recent", "16"]
+    r = run(common + ["--prompt-file", book, "--max-new-tokens", "0", "--tree", lib])
+    assert r.returncode == 0, r.stderr
+    before = digest(lib)
+    r = run(common + ["--tree", own, "--mount", lib, "--mount-share", "0.5", "--prompt", "The end",
+                      "--max-new-tokens", "12", "--temperature", "0"])
+    assert r.returncode == 0, r.stderr
+    status = [line for line in r.stderr.splitlines() if line.startswith("[mc] ") and "entries" in line]
+    assert status and all(" | mlib " in line and "/64 LOD" in line for line in status), r.stderr
+    assert digest(lib) == before and os.path.isfile(os.path.join(own, "meta.json"))
+    for extra, message in [(["--mount", lib, "--mount-share", "0.8"], "--mount-share must be in (0, 0.5]"),
+                           (["--mount", own], "is the session's own --tree"),
+                           (["--mount", str(root / "nothing")], "no MegaContext tree")]:
+        r = run(common + ["--tree", own, "--prompt", "x", "--max-new-tokens", "1"] + extra)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert digest(lib) == before
