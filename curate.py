@@ -70,11 +70,17 @@ def _crash_point(what: str):
     """Called before every durable step of apply (a no-op): tests replace it to crash an apply at each point."""
 
 
-def open_tree(path: str) -> tuple[MegaContextTree, dict]:
-    """Open the tree in `path` under its own model identity (curation reads stored rows; it runs no model)."""
+def _need_tree(path: str) -> str:
+    """The absolute path of a folder holding a committed tree, checked before a lock would create the folder."""
     path = os.path.abspath(path)
     if not os.path.isdir(path) or not check_folder(path, write=False):
         raise TreeError(f"no MegaContext tree in {path} (meta.json missing)")
+    return path
+
+
+def open_tree(path: str) -> tuple[MegaContextTree, dict]:
+    """Open the tree in `path` under its own model identity (curation reads stored rows; it runs no model)."""
+    path = _need_tree(path)
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
@@ -193,7 +199,7 @@ def _sync_audit(path: str, meta: dict, extra: dict | None = None):
 
 def apply(path: str, policy: CurationPolicy, policy_file: str = "") -> dict:
     """Compact what `plan` says into a new generation (module docstring); returns the audit record."""
-    path = os.path.abspath(path)
+    path = _need_tree(path)
     with TreeLock(path):
         tree, meta = open_tree(path)
         p = plan(tree, policy)
@@ -258,7 +264,7 @@ def apply(path: str, policy: CurationPolicy, policy_file: str = "") -> dict:
 
 def restore(path: str) -> dict:
     """Bring back the generation before the last apply, byte for byte (module docstring)."""
-    path = os.path.abspath(path)
+    path = _need_tree(path)
     with TreeLock(path):
         tree, meta = open_tree(path)
         G = tree.generation
@@ -294,7 +300,7 @@ def restore(path: str) -> dict:
 
 def tag(path: str, name: str, span: str) -> dict:
     """Tag tokens [a, b) of the tree in `path` (saved with it: a new commit record, rows unchanged)."""
-    path = os.path.abspath(path)
+    path = _need_tree(path)
     try:
         a, b = (int(v.replace(",", "").replace("_", "")) for v in span.split(":"))
     except ValueError:

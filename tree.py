@@ -927,6 +927,8 @@ class MegaContextTree:
         if not access:
             return
         file = os.path.join(path, str(access.get("file")))
+        if not re.fullmatch(r"access\.\d+\.bin", str(access.get("file"))):
+            raise TreeError(f"{path}/meta.json is corrupt (access file {access.get('file')!r})")
         try:
             rows = np.fromfile(file, np.int64).reshape(-1, 4)[:access["rows"]]
         except (OSError, ValueError, KeyError, TypeError):

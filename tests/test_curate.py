@@ -155,10 +155,13 @@ def test_curate_cli_bad_input_is_one_line(tmp_path, capsys):
     cases.append((["apply", "--tree", path, "--policy", str(tmp_path / "q.py")], "which this tree does not have"))
     cases.append((["restore", "--tree", path], "no previous generation"))
     cases.append((["report", "--tree", path], "needs --policy"))
+    cases.append((["apply", "--tree", str(tmp_path / "none"), "--policy", "configs/curate/default.py"],
+                  "no MegaContext tree"))
     for argv, message in cases:
         assert curate.main(argv) == 1, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (argv, err)
+    assert not os.path.exists(tmp_path / "none")  # (the lock never made the folder)
     before = tree_digest(path)
     with TreeLock(path):  # a writer holds the tree
         assert curate.main(["apply", "--tree", path, "--policy", "configs/curate/default.py"]) == 1
