@@ -728,10 +728,16 @@ class MegaContextTree:
         return torch.from_numpy(np.asarray(rows, np.float32))  # `gist` moves it to the model's device
 
     def node_embeddings(self, lod: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Input embeddings (n, d) of nodes (lod[i], index[i]): token embeddings for LOD0, stored gists above."""
+        """Input embeddings (n, d) of nodes (lod[i], index[i]): token embeddings for LOD0, stored gists above. A token
+        curation dropped reads as a zero vector (only LensNet's previews of a compacted gist's children ask for one:
+        they see nothing below the gist)."""
         lod_np, idx_np = lod.cpu().numpy(), index.cpu().numpy()
         tok = lod_np == 0
-        x = self.embed(torch.from_numpy(self.levels[0].take(idx_np[tok]).astype(np.int64)))  # (n0, d)
+        ids = self.levels[0].take(idx_np[tok]).astype(np.int64)
+        gone = torch.from_numpy(ids == FILL)
+        x = self.embed(torch.from_numpy(np.where(ids == FILL, 0, ids)))  # (n0, d)
+        if gone.any():
+            x = x.masked_fill(gone.to(x.device)[:, None], 0)
         if tok.all():
             return x
         out = x.new_empty((len(lod_np), self.d))

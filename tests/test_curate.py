@@ -227,5 +227,12 @@ def test_session_records_zooms_and_never_expands_into_dropped_tokens(tmp_path):
     assert not t.wc.can_expand()[((t.wc.start <= p) & (t.wc.end > p))].any()
     t.wc.check_invariants(t.cfg.target)
     t.step()  # decodes over the curated tree
+    lens = Session.open(m, path)  # LensNet's policy: its previews read the children of gists over dropped tokens
+    assert lens.cfg.policy == "lens" and lens.cfg.lens_preview == 1
+    x = lens.tree.node_embeddings(torch.tensor([0, 0]), torch.tensor([p, q]))
+    assert not x[0].any() and x[1].any()  # a dropped token reads as zeros, a kept one as its embedding
+    lens.refocus(until_stable=True)
+    lens.wc.check_invariants(lens.cfg.target)
+    lens.step()
     with pytest.raises(ValueError, match="curation dropped"):
         t.wc.expand(int(((t.wc.start <= p) & (t.wc.end > p)).nonzero()))
