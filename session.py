@@ -86,7 +86,8 @@ class Session:
         # the tokens' positions (Tq,): LensNet's queries (the question as the base reads it)
         self.states, self.state_pos = None, torch.zeros(0, dtype=torch.long)
         self.stream = (state or {}).get("stream")  # the file being streamed in, and how far (ingest_stream)
-        self.prefetch, self.last_scores = True, {}  # page-cache prefetch of rising entries' children (_step)
+        self.prefetch, self.last_scores = True, {}  # page-cache prefetch of rising entries' children (_step);
+        # last_scores: part (0 = own, 1.. = mounts) -> {node key: score at the last step}
         if state and state.get("shape") == self._shape():  # the saved working context fits this budget
             self.wc._splice(0, 0, *(torch.tensor(state["wc"][k]) for k in ("lod", "index", "born", "born_by")))
             self.wc.cursor, self.pending, self.alloc.steps = len(self.tree), state["pending"], state["steps"]
@@ -246,14 +247,15 @@ class Session:
         wc, alloc = self._wc(part), self._alloc(part)
         tree = self.tree if part is None else part.tree
         p = 0 if part is None else 1 + self.mounts.index(part)
-        keys = [(p, key) for key in (wc.lod * 2**48 + wc.index).tolist()]  # < 2**48 nodes per level
+        keys = (wc.lod * 2**48 + wc.index).tolist()  # (lod, index) as one int: < 2**48 nodes per level
         tau = self._cfg(part).tau_expand  # an entry new since the last step "rose" from nothing if it is worth a zoom
-        rose = [i for i, (key, s) in enumerate(zip(keys, scores.tolist())) if s > self.last_scores.get(key, tau)]
+        last = self.last_scores.get(p, {})
+        rose = [i for i, (key, s) in enumerate(zip(keys, scores.tolist())) if s > last.get(key, tau)]
         if rose and self.prefetch:
             rose = torch.tensor(rose)
             rose = rose[wc.can_expand()[rose]]
             tree.prefetch_children(wc.lod[rose].numpy(), wc.index[rose].numpy())
-        self.last_scores.update(zip(keys, scores.tolist()))
+        self.last_scores[p] = dict(zip(keys, scores.tolist()))  # this step's entries only: bounded by the budget
         t = alloc.step(wc, scores, **kwargs)
         for lod, index in alloc.expanded:
             tree.record_expansion(lod, index)
