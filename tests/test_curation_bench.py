@@ -12,10 +12,10 @@ import curation  # noqa: E402
 
 def test_curation_bench_small(data_dir, tmp_path):
     policy = tmp_path / "p.py"
-    policy.write_text("min_age = 2048\nkeep_recent = 512\nmin_idle = 2048\n")
+    policy.write_text("min_age = 1024\nkeep_recent = 256\nmin_idle = 1024\n")
     out = str(tmp_path / "cur")
-    curation.main(["--data-dir", data_dir, "--tokens", "8192", "--needles", "4", "--library", "4096",
-                   "--library-needles", "2", "--own", "1024", "--budget", "128", "--policy", str(policy),
+    curation.main(["--data-dir", data_dir, "--tokens", "4096", "--needles", "4", "--library", "2048",
+                   "--library-needles", "2", "--own", "512", "--budget", "128", "--policy", str(policy),
                    "--out", out])
     r = json.load(open(out + ".json"))
     s = r["summary"]
