@@ -9,22 +9,28 @@ Compact = drop the tokens (LOD0) of a K-token block and keep every gist over it:
 gists there, and a session never zooms below LOD1 into it (MegaContextTree.expandable). A block is compacted when
 all of: it ends at least `min_age` tokens and `keep_recent` tokens before the history's end; its LOD1 gist was
 expanded at most `max_expansions` times (the access telemetry sessions record) and not within the last `min_idle`
-tokens; it meets no protected range (`protect_ranges`, or the spans of the tags in `protect_tags`).
+tokens; it meets no protected range (`protect_ranges`, or the spans of the tags in `protect_tags`). Delete (with
+`delete_age` > 0) = also drop the K LOD1 gists of a K*K-token span older than `delete_age` whose blocks are all
+compacted and whose LOD2 gist is not in use: a session then zooms no further than LOD2 there. Gists are most of a
+tree's bytes (d values per K tokens), so deleting is what shrinks the whole tree; compacting shrinks its tokens.
 
 Generations (the tree's meta.json says which; generation G keeps its tokens in tokens.g<G>.bin, G = 0 in tokens.bin)
 and their durable steps, each a point where a crash leaves the folder opening as one whole generation:
-  apply    1. the live generation's commit record, token file and access file are hard-linked (copied where links
-              fail) into curate/gen<G>.tmp with files.json (the gist files' sizes), then renamed to curate/gen<G>;
-           2. the kept tokens are written to tokens.g<G+1>.bin (a new name: the live generation is untouched);
-           3. meta.json is replaced atomically (the commit): generation G+1, its token file, the dropped spans
-              (`holes`), and the audit record of this apply (`curation`);
-           4. the old token file's top-level name goes, and the record is appended to curate/audit.jsonl.
-  restore  the backup's token and access files are linked back under their names, its meta.json replaces the live
-           one (the commit), then the gist files are cut back to their recorded sizes and the newer generation's
-           files removed: every tree file is byte for byte what it was before the apply. Rows appended after the
-           apply are lost (restore brings the previous generation back, not a merge).
-Gist files (lod<l>.bin) are append-only and untouched by curation, so a generation shares them with the one before:
-a backup costs links, not copies. Only the one previous generation is kept (the next apply replaces it); its token
+  apply    1. the live generation's commit record, access file and the level files it replaces (the token file; the
+              LOD1 file when deleting) are hard-linked (copied where links fail) into curate/gen<G>.tmp with
+              files.json (those names, and the sizes of the gist files both generations share), then renamed to
+              curate/gen<G>;
+           2. the kept rows are written to tokens.g<G+1>.bin (and lod1.g<G+1>.bin): new names, the live generation
+              is untouched;
+           3. meta.json is replaced atomically (the commit): generation G+1, its files, the dropped rows (`holes`,
+              `gist_holes`), and the audit record of this apply (`curation`);
+           4. the replaced files' top-level names go, and the record is appended to curate/audit.jsonl.
+  restore  the backup's files are linked back under their names, its meta.json replaces the live one (the commit),
+           then the shared gist files are cut back to their recorded sizes and the newer generation's files
+           removed: every tree file is byte for byte what it was before the apply. Rows appended after the apply
+           are lost (restore brings the previous generation back, not a merge).
+Gist files a generation does not rewrite are append-only, so it shares them with the one before: a backup costs
+links, not copies. Only the one previous generation is kept (the next apply replaces it); its token
 file stays on disk until then, so the bytes a compaction saves are free once the next apply (or `rm -r curate/gen*`)
 lets the backup go. The audit log is the `curation` record in meta.json (atomic with the commit) and its copy in
 curate/audit.jsonl, re-appended by the next command if a crash fell between the two.
@@ -52,12 +58,14 @@ class CurationPolicy:
     keep_recent: int = 1 << 16  # the newest tokens are never curated (a session's raw region lives there)
     max_expansions: int = 0  # a block whose LOD1 gist was expanded more often than this keeps its tokens
     min_idle: int = 1 << 20  # a block accessed within the last min_idle tokens keeps its tokens
+    delete_age: int = 0  # tokens: a K*K-token span older than this, none of whose blocks (nor its LOD2 gist) would
+    # be kept, loses its LOD1 gists too (only its LOD2 gist and above stay); 0 = never
     protect_tags: list = dataclasses.field(default_factory=list)  # tag names (curate.py tag) never curated
     protect_ranges: list = dataclasses.field(default_factory=list)  # [[a, b], ...] token ranges never curated
 
     def validate(self):
-        if min(self.min_age, self.keep_recent, self.max_expansions, self.min_idle) < 0:
-            raise ConfigError("min_age, keep_recent, max_expansions and min_idle must be >= 0")
+        if min(self.min_age, self.keep_recent, self.max_expansions, self.min_idle, self.delete_age) < 0:
+            raise ConfigError("min_age, keep_recent, max_expansions, min_idle and delete_age must be >= 0")
         if not all(isinstance(t, str) for t in self.protect_tags):
             raise ConfigError(f"protect_tags must be a list of tag names, got {self.protect_tags!r}")
         for r in self.protect_ranges:
@@ -109,26 +117,37 @@ def protected_blocks(tree: MegaContextTree, policy: CurationPolicy) -> np.ndarra
 
 
 def plan(tree: MegaContextTree, policy: CurationPolicy) -> dict:
-    """What `apply` would do: compact (bool per block), the reasons blocks are kept, and the footprint."""
-    n, K, nb = len(tree), tree.K, tree.n_nodes(1)
+    """What `apply` would do: compact (bool per block: drop its tokens), delete (bool per LOD2 node: drop its LOD1
+    gists as well), the reasons blocks are kept, and the footprint."""
+    n, K, nb, n2 = len(tree), tree.K, tree.n_nodes(1), tree.n_nodes(2)
+    rows = tree.access_rows()
+
+    def usage(lod, count):
+        expansions, last = np.zeros(count, np.int64), np.full(count, -1, np.int64)
+        at = rows[(rows[:, 0] == lod) & (rows[:, 1] < count)]
+        expansions[at[:, 1]], last[at[:, 1]] = at[:, 2], at[:, 3]
+        return (expansions > policy.max_expansions) | ((last >= 0) & (n - last < policy.min_idle))
     end = (np.arange(nb, dtype=np.int64) + 1) * K
     old = (n - end >= policy.min_age) & (end <= n - policy.keep_recent)
-    expansions, last = np.zeros(nb, np.int64), np.full(nb, -1, np.int64)
-    rows = tree.access_rows()
-    one = rows[(rows[:, 0] == 1) & (rows[:, 1] < nb)]
-    expansions[one[:, 1]], last[one[:, 1]] = one[:, 2], one[:, 3]
-    used = (expansions > policy.max_expansions) | ((last >= 0) & (n - last < policy.min_idle))
-    protect = protected_blocks(tree, policy)
+    used, protect = usage(1, nb), protected_blocks(tree, policy)
     gone = np.zeros(nb, bool)  # blocks an earlier generation already compacted
     if tree.levels[0].holes is not None:
-        gone = tree.levels[0].physical(np.arange(nb, dtype=np.int64) * K)[1]
+        gone = tree.dropped(0, np.arange(nb, dtype=np.int64) * K)
     compact = old & ~used & ~protect & ~gone
-    stored = tree.levels[0].stored
-    return dict(compact=compact, tokens=n, blocks=nb, K=K, old_blocks=int((old & ~gone).sum()),
+    delete = np.zeros(n2, bool)
+    if policy.delete_age and n2:
+        end2 = (np.arange(n2, dtype=np.int64) + 1) * K * K
+        kids = (compact | gone)[:n2 * K].reshape(n2, K)  # every block of the span loses (or lost) its tokens
+        delete = (n - end2 >= policy.delete_age) & (end2 <= n - policy.keep_recent) & kids.all(1) & ~usage(2, n2)
+        if tree.levels[1].holes is not None:
+            delete &= ~tree.dropped(1, np.arange(n2, dtype=np.int64) * K)
+    stored, gist_bytes = tree.levels[0].stored, tree.levels[1].row_bytes if nb else 0
+    return dict(compact=compact, delete=delete, tokens=n, blocks=nb, K=K, old_blocks=int((old & ~gone).sum()),
                 kept_accessed=int((old & used & ~gone).sum()),
                 kept_protected=int((old & ~used & protect & ~gone).sum()),
                 already=int(gone.sum()), compact_blocks=int(compact.sum()), bytes_before=4 * stored,
-                bytes_after=4 * (stored - K * int(compact.sum())))
+                bytes_after=4 * (stored - K * int(compact.sum())), delete_spans=int(delete.sum()),
+                gist_bytes_saved=int(delete.sum()) * K * gist_bytes)
 
 
 def runs(mask: np.ndarray) -> list:
@@ -157,7 +176,8 @@ def describe(p: dict, policy_file: str) -> str:
         f"{p['kept_protected']:,}; compacted before: {p['already']:,}",
         f"  compact: {p['compact_blocks']:,} blocks ({p['compact_blocks'] * p['K']:,} tokens) in {len(spans):,} spans"
         + (f": {show}" if spans else ""),
-        "  delete: nothing (this version only compacts: every gist is kept)",
+        f"  delete: {p['delete_spans']:,} spans of {p['K'] ** 2:,} tokens lose their LOD1 gists "
+        f"(saves {durable.mib(p['gist_bytes_saved'])}; their LOD2 gists and above are kept)",
         f"  token file: {durable.mib(p['bytes_before'])} -> {durable.mib(p['bytes_after'])} "
         f"(saves {durable.mib(saved)})"])
 
@@ -173,12 +193,6 @@ def _link(src: str, dst: str):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     os.replace(tmp, dst)
-
-
-def _gen_files(path: str, meta: dict) -> list:
-    """The files a generation's commit record names besides the gist files: meta.json, token file, access file."""
-    names = ["meta.json", meta.get("token_file", "tokens.bin")]
-    return names + ([meta["access"]["file"]] if meta.get("access") else [])
 
 
 def _sync_audit(path: str, meta: dict, extra: dict | None = None):
@@ -197,49 +211,66 @@ def _sync_audit(path: str, meta: dict, extra: dict | None = None):
         durable.write_atomic(log, lambda f: f.write(text.encode()))
 
 
+def _write_level(path: str, tree: MegaContextTree, lod: int, holes: list, name: str) -> int:
+    """Level lod's rows outside `holes` (logical row runs, a superset of its current ones) into file `name`, streamed
+    (temp file, fsync, rename); returns their crc32."""
+    level, n = tree.levels[lod], len(tree.levels[lod])
+    keep = np.ones(n, bool)
+    for a, b in holes:
+        keep[a:b] = False
+
+    def write(f):
+        crc = 0
+        step = max(1, CHUNK // max(1, level.row_bytes // 4))
+        for a in range(0, n, step):
+            idx = np.arange(a, min(n, a + step), dtype=np.int64)[keep[a:a + step]]
+            assert not level.physical(idx)[1].any(), "a dropped row would be written"
+            rows = level.take(idx)
+            crc = _crc(rows, crc)
+            f.write(rows.tobytes())
+        return crc
+    return durable.write_atomic(os.path.join(path, name), write, level.row_bytes * int(keep.sum()), name)
+
+
 def apply(path: str, policy: CurationPolicy, policy_file: str = "") -> dict:
-    """Compact what `plan` says into a new generation (module docstring); returns the audit record."""
+    """Compact (and delete) what `plan` says into a new generation (module docstring); returns the audit record."""
     path = _need_tree(path)
     with TreeLock(path):
         tree, meta = open_tree(path)
         p = plan(tree, policy)
-        if not p["compact_blocks"]:
-            return {"op": "apply", "generation": tree.generation, "compact_blocks": 0}
+        if not p["compact_blocks"] and not p["delete_spans"]:
+            return {"op": "apply", "generation": tree.generation, "compact_blocks": 0, "delete_spans": 0}
         G, K, n = tree.generation, tree.K, len(tree)
-        holes = merge(tree.holes + [[a * K, b * K] for a, b in runs(p["compact"])])
-        # 1. the live generation into curate/gen<G>: links of its commit record, token file and access file
+        holes = {0: merge(tree.holes + [[a * K, b * K] for a, b in runs(p["compact"])])}
+        if p["delete_spans"]:
+            holes[1] = merge(tree.level_holes(1) + [[a * K, b * K] for a, b in runs(p["delete"])])
+        names = {l: (f"tokens.g{G + 1}.bin" if l == 0 else f"lod{l}.g{G + 1}.bin") for l in holes}
+        # 1. the live generation into curate/gen<G>: links of its commit record, access file and the level files
+        # this apply replaces; the sizes of the gist files it shares with the new generation
         curate = os.path.join(path, CURATE_DIR)
         os.makedirs(curate, exist_ok=True)
         backup, tmp = os.path.join(curate, f"gen{G}"), os.path.join(curate, f"gen{G}.tmp")
         _crash_point("backup")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        for name in _gen_files(path, meta):
+        links = ["meta.json"] + [tree.file(l) for l in holes] + ([meta["access"]["file"]] if meta.get("access") else [])
+        for name in links:
             _link(os.path.join(path, name), os.path.join(tmp, name))
-        sizes = {tree.file(l): os.path.getsize(os.path.join(path, tree.file(l))) for l in range(1, len(tree.levels))}
-        durable.write_atomic(os.path.join(tmp, "files.json"), lambda f: f.write(json.dumps(sizes).encode()))
+        sizes = {tree.file(l): os.path.getsize(os.path.join(path, tree.file(l)))
+                 for l in range(1, len(tree.levels)) if l not in holes}
+        files = json.dumps({"links": links, "sizes": sizes}).encode()
+        durable.write_atomic(os.path.join(tmp, "files.json"), lambda f: f.write(files))
         durable.fsync_dir(tmp)
         for old in os.listdir(curate):  # only one previous generation is kept
             if old.startswith("gen") and old != f"gen{G}.tmp":
                 shutil.rmtree(os.path.join(curate, old), ignore_errors=True)
         os.replace(tmp, backup)
         durable.fsync_dir(curate)
-        # 2. the kept tokens under the new generation's name
-        _crash_point("write tokens")
-        token_file = f"tokens.g{G + 1}.bin"
-        keep = np.ones(n, bool)
-        for a, b in holes:
-            keep[a:b] = False
-
-        def write(f):
-            crc = 0
-            for a in range(0, n, CHUNK):
-                rows = tree.levels[0].slice(a, min(n, a + CHUNK))[keep[a:a + CHUNK]]
-                assert not (rows == FILL).any(), "a dropped token would be written"
-                crc = _crc(rows, crc)
-                f.write(rows.tobytes())
-            return crc
-        crc = durable.write_atomic(os.path.join(path, token_file), write, 4 * int(keep.sum()), token_file)
+        # 2. the kept rows under the new generation's names
+        crcs = list(meta["crc32"])
+        for l in sorted(holes):
+            _crash_point(f"write {'tokens' if l == 0 else f'LOD{l} gists'}")
+            crcs[l] = _write_level(path, tree, l, holes[l], names[l])
         # 3. the commit
         _crash_point("write meta.json")
         record = {"op": "apply", "generation": G + 1,
@@ -247,16 +278,21 @@ def apply(path: str, policy: CurationPolicy, policy_file: str = "") -> dict:
                   "policy": policy_file, "settings": dataclasses.asdict(policy), "tokens": n,
                   "compact_blocks": p["compact_blocks"], "kept_accessed": p["kept_accessed"],
                   "kept_protected": p["kept_protected"], "bytes_before": p["bytes_before"],
-                  "bytes_after": p["bytes_after"], "spans": [[a * K, b * K] for a, b in runs(p["compact"])]}
-        new = {**meta, "format_version": 3, "token_file": token_file, "holes": holes, "generation": G + 1,
-               "crc32": [crc] + meta["crc32"][1:], "curation": record}
+                  "bytes_after": p["bytes_after"], "spans": [[a * K, b * K] for a, b in runs(p["compact"])],
+                  "delete_spans": p["delete_spans"], "gist_bytes_saved": p["gist_bytes_saved"],
+                  "deleted": [[a * K * K, b * K * K] for a, b in runs(p["delete"])]}
+        gist_files = {**(meta.get("gist_files") or {}), **{str(l): names[l] for l in holes if l}}
+        gist_holes = {**(meta.get("gist_holes") or {}), **{str(l): holes[l] for l in holes if l}}
+        new = {**meta, "format_version": 3, "token_file": names[0], "holes": holes[0], "gist_files": gist_files,
+               "gist_holes": gist_holes, "generation": G + 1, "crc32": crcs, "curation": record}
         new.setdefault("tags", {})
         new.setdefault("access", None)
         durable.write_atomic(os.path.join(path, "meta.json"), lambda f: f.write(json.dumps(new).encode()))
-        # 4. the old token file's top-level name, and the log
-        _crash_point("remove old token file")
-        if meta.get("token_file", "tokens.bin") != token_file:
-            durable.remove_quietly(os.path.join(path, meta.get("token_file", "tokens.bin")))
+        # 4. the replaced files' top-level names (the backup keeps them), and the log
+        _crash_point("remove replaced files")
+        for l in holes:
+            if tree.file(l) != names[l]:
+                durable.remove_quietly(os.path.join(path, tree.file(l)))
         _crash_point("audit log")
         _sync_audit(path, new)
         return record
@@ -275,21 +311,21 @@ def restore(path: str) -> dict:
         with open(os.path.join(backup, "meta.json")) as f:
             old = json.load(f)
         with open(os.path.join(backup, "files.json")) as f:
-            sizes = json.load(f)
+            files = json.load(f)
+        links, sizes = files["links"], files["sizes"]
         for name, size in sizes.items():
             if os.path.getsize(os.path.join(path, name)) < size:
                 raise TreeError(f"{path}/{name} is shorter than the previous generation's ({size} bytes): it cannot "
                                 "be restored")
-        for name in _gen_files(path, old)[1:]:  # token and access files under their names (new names, or same bytes)
+        for name in links[1:]:  # the replaced level files and the access file under their names
             _link(os.path.join(backup, name), os.path.join(path, name))
         durable.fsync_dir(path)
         _link(os.path.join(backup, "meta.json"), os.path.join(path, "meta.json"))  # the commit
         durable.fsync_dir(path)
-        keep = set(_gen_files(path, old)) | set(sizes)
         for name in os.listdir(path):  # the newer generation's files: gist bytes past the old commit, new files
             if name in sizes:
                 os.truncate(os.path.join(path, name), sizes[name])
-            elif name not in keep and name not in ("lock", CURATE_DIR) and OWN_NAME.fullmatch(name):
+            elif name not in links and name not in ("lock", CURATE_DIR) and OWN_NAME.fullmatch(name):
                 durable.remove_quietly(os.path.join(path, name))
         shutil.rmtree(backup, ignore_errors=True)
         record = {"op": "restore", "generation": G - 1,
@@ -330,9 +366,11 @@ def main(argv=None) -> int:
                 print(describe(plan(tree, policy), args.policy))
             else:
                 r = apply(args.tree, policy, args.policy)
+                done = r["compact_blocks"] or r["delete_spans"]
                 print(f"generation {r['generation']}: {r['compact_blocks']:,} blocks compacted"
-                      + (f", token file {durable.mib(r['bytes_before'])} -> {durable.mib(r['bytes_after'])}"
-                         if r["compact_blocks"] else " (nothing to do)"))
+                      + (f", {r['delete_spans']:,} spans' LOD1 gists deleted, token file "
+                         f"{durable.mib(r['bytes_before'])} -> {durable.mib(r['bytes_after'])}"
+                         if done else " (nothing to do)"))
         elif args.command == "restore":
             r = restore(args.tree)
             print(f"restored generation {r['generation']}")

@@ -122,17 +122,19 @@ class Session:
         return out
 
     def _fit_curation(self):
-        """Tie the working context to the tree's curated spans: a gist over dropped tokens is not expandable, and K
-        token entries over a dropped block (a working context saved before curation, the pyramid's raw region)
-        become the block's LOD1 gist."""
+        """Tie the working context to the tree's curated spans: a gist whose children curation dropped is not
+        expandable, and entries over dropped nodes (a working context saved before curation, the pyramid's raw
+        region) become their parent, level by level from LOD0 up (curation drops whole sibling groups, and a span
+        whose gists are dropped has lost its tokens too, so each group is complete when its level is lifted)."""
         wc, tree = self.wc, self.tree
         wc.expandable = tree.expandable
-        if tree.levels[0].holes is None or not len(wc):
-            return
-        tok = (wc.lod == 0).nonzero().flatten()
-        gone = tok[torch.from_numpy(tree.levels[0].physical(wc.index[tok].numpy())[1])]
-        for i in gone[wc.index[gone] % wc.K == 0].flip(0).tolist():  # back to front: earlier indices stay valid
-            wc._splice(i, i + wc.K, [1], [int(wc.index[i]) // wc.K], [self.alloc.steps], [-1])
+        for l in range(len(tree.levels)):
+            if tree.levels[l].holes is None or not len(wc):
+                continue
+            at = (wc.lod == l).nonzero().flatten()
+            gone = at[torch.from_numpy(tree.dropped(l, wc.index[at].numpy()))]
+            for i in gone[wc.index[gone] % wc.K == 0].flip(0).tolist():  # back to front: earlier indices stay valid
+                wc._splice(i, i + wc.K, [l + 1], [int(wc.index[i]) // wc.K], [self.alloc.steps], [-1])
         try:
             wc.check_invariants()
         except InvariantError as e:

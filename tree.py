@@ -70,9 +70,9 @@ LOCK_FILE = "lock"  # TreeLock's file in the tree folder
 FILL = -1  # what a read of a token curation dropped returns (never a vocabulary id)
 CURATE_DIR = "curate"  # curate.py's folder in a tree folder: the previous generation and the audit log
 # a tree folder's own names: the commit record, the level files, the lock, and temp files of an interrupted write
-OWN_NAME = re.compile(r"(meta\.json|tokens(\.g\d+)?\.bin|lod\d+\.bin|access\.\d+\.bin)(\.tmp\d+)?|lock|curate|"
+OWN_NAME = re.compile(r"(meta\.json|tokens(\.g\d+)?\.bin|lod\d+(\.g\d+)?\.bin|access\.\d+\.bin)(\.tmp\d+)?|lock|curate|"
                       r"\.write-probe-.*")
-DATA_NAME = re.compile(r"tokens(\.g\d+)?\.bin|lod\d+\.bin")
+DATA_NAME = re.compile(r"tokens(\.g\d+)?\.bin|lod\d+(\.g\d+)?\.bin")
 
 
 def depth_of(n_tokens: int, K: int) -> int:
@@ -555,6 +555,7 @@ class MegaContextTree:
         self.rewritten = False  # rewrite() changed rows in memory only: saving would lose them
         self._types = {}  # (lod, markers) -> packed bitsets of its first nodes (types(); RAM only, derived)
         self.token_file, self.generation = "tokens.bin", 0  # LOD0's file: tokens.g<G>.bin in curation generation G
+        self.gist_files = {}  # lod -> file name, where curation rewrote a gist level (lod<l>.g<G>.bin)
         self.tags = {}  # name -> [[a, b], ...] token ranges, kept with the tree (curation protects spans by tag)
         self.curation = None  # the audit record of the curation that made this generation (curate.py)
         # access telemetry: (lod, index) -> [expansions, last access], the access time being the history's length in
@@ -633,13 +634,18 @@ class MegaContextTree:
 
     def expandable(self, lod, index) -> np.ndarray:
         """bool (n,): whether node (lod[i], index[i]) has children to expand into: a gist whose children curation did
-        not drop (it drops whole K-token blocks, so the first child tells)."""
+        not drop (it drops whole sibling groups, so the first child tells)."""
         lod, index = np.asarray(lod, np.int64).reshape(-1), np.asarray(index, np.int64).reshape(-1)
         out = lod > 0
-        one = lod == 1
-        if one.any() and self.levels[0].holes is not None:
-            out[one] = ~self.levels[0].physical(index[one] * self.K)[1]
+        for l in range(1, len(self.levels)):
+            at = lod == l
+            if at.any() and self.levels[l - 1].holes is not None:
+                out[at] = ~self.levels[l - 1].physical(index[at] * self.K)[1]
         return out
+
+    def dropped(self, lod: int, index) -> np.ndarray:
+        """bool (n,): whether curation dropped nodes (lod, index[i])."""
+        return self.levels[lod].physical(np.asarray(index, np.int64).reshape(-1))[1]
 
     def prefetch_children(self, lod, index):
         """Load the pages of the children of gists (lod[i], index[i]) into the page cache (a zoom is coming)."""
@@ -652,7 +658,11 @@ class MegaContextTree:
     @property
     def holes(self) -> list:
         """Token ranges [a, b) whose tokens curation dropped (their gists are kept)."""
-        h = self.levels[0].holes
+        return self.level_holes(0)
+
+    def level_holes(self, lod: int) -> list:
+        """Row ranges [a, b) of level lod that curation dropped."""
+        h = self.levels[lod].holes
         return [] if h is None else np.stack([h[0], h[1]], 1).tolist()
 
     def check_ids(self, tokens) -> np.ndarray:
@@ -744,7 +754,10 @@ class MegaContextTree:
         out[torch.from_numpy(tok).to(x.device)] = x
         for l in np.unique(lod_np[~tok]).tolist():
             sel = lod_np == l
-            rows = torch.from_numpy(self.gists(l, idx_np[sel]).astype(np.float32))
+            rows = self.gists(l, idx_np[sel]).astype(np.float32)
+            if self.levels[l].holes is not None:  # a gist curation deleted reads as zeros too
+                rows[self.dropped(l, idx_np[sel])] = 0
+            rows = torch.from_numpy(rows)
             out[torch.from_numpy(sel).to(x.device)] = rows.to(x.device, x.dtype)
         return out
 
@@ -753,13 +766,16 @@ class MegaContextTree:
 
     def file(self, lod: int) -> str:
         """The file of level lod in this tree's folder (LOD0's name changes with the curation generation)."""
-        return self.token_file if lod == 0 else level_file(lod)
+        return self.token_file if lod == 0 else self.gist_files.get(lod, level_file(lod))
 
     def _meta(self, counts, crcs, extra, access=None) -> dict:
         return {"format_version": FORMAT_VERSION, "K": self.K, "d": self.d, "dtype": self.dtype,
                 "token_dtype": "int32", "vocab_size": self.vocab_size, "identity": self.identity,
                 "levels": len(counts), "counts": counts, "crc32": crcs, "token_file": self.token_file,
-                "holes": self.holes, "generation": self.generation, "tags": self.tags, "curation": self.curation,
+                "holes": self.holes, "gist_files": {str(l): f for l, f in self.gist_files.items()},
+                "gist_holes": {str(l): self.level_holes(l) for l in range(1, len(self.levels))
+                               if self.levels[l].holes is not None},
+                "generation": self.generation, "tags": self.tags, "curation": self.curation,
                 "access": access, "extra": extra}
 
     def save(self, path: str, extra: dict | None = None):
@@ -905,7 +921,10 @@ class MegaContextTree:
             tree.token_file, tree.generation = meta.get("token_file", "tokens.bin"), int(meta.get("generation", 0))
             tree.tags, tree.curation = dict(meta.get("tags") or {}), meta.get("curation")
             tree.levels[0].set_holes(meta.get("holes") or [])
-            if not DATA_NAME.fullmatch(tree.token_file) or tree.levels[0].dropped > counts[0]:
+            tree.gist_files = {int(l): str(f) for l, f in (meta.get("gist_files") or {}).items()}
+            gist_holes = {int(l): runs for l, runs in (meta.get("gist_holes") or {}).items()}
+            names = [tree.token_file] + list(tree.gist_files.values())
+            if not all(DATA_NAME.fullmatch(n) for n in names) or tree.levels[0].dropped > counts[0]:
                 raise ValueError
         except (ValueError, TypeError, AttributeError):
             raise TreeError(f"{meta_path} is corrupt (token file, generation, tags or curated spans)") from None
@@ -914,6 +933,10 @@ class MegaContextTree:
                 break
             if lod:
                 tree.levels.append(_Rows((d,), dtype, tree.cache, lod))
+                try:
+                    tree.levels[lod].set_holes(gist_holes.get(lod, []))
+                except (ValueError, TypeError):
+                    raise TreeError(f"{meta_path} is corrupt (curated spans of LOD{lod})") from None
             level, file = tree.levels[lod], os.path.join(path, tree.file(lod))
             n = counts[lod] - level.dropped  # rows stored in the file
             size = os.path.getsize(file) if os.path.isfile(file) else -1

@@ -68,6 +68,7 @@ def parse_args(argv):
     p.add_argument("--block", type=int, default=8, help="K")
     p.add_argument("--recent", type=int, default=32, help="protected tail")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "curation_cpu"))
     p.add_argument("--work", default=None, help="folder for the trees (default: a temp folder, removed at the end)")
     args = p.parse_args(argv)
@@ -164,7 +165,8 @@ def folder_bytes(path: str, token_only: bool = False) -> int:
 def main(argv):
     args = parse_args(argv)
     t0 = time.time()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     mc = build_model(args)
     needles = retrieval.needles_for(args.data_dir)
     rng, text = np.random.default_rng(args.seed), BookText(args.data_dir)

@@ -46,6 +46,35 @@ def tree_digest(path):
 
 
 POLICY = CurationPolicy(min_age=40, keep_recent=20, max_expansions=0, min_idle=1000)
+DELETE = CurationPolicy(min_age=40, keep_recent=20, max_expansions=0, min_idle=1000, delete_age=100)
+
+
+def test_curate_delete_drops_lod1_gists_of_old_unused_spans(tmp_path):
+    """delete_age: LOD2 spans (16 tokens at K=4) old enough, all of whose blocks are compacted, lose their LOD1 gists;
+    a span holding a zoomed block keeps them; sessions see LOD2 there as not expandable; restore is exact."""
+    path = str(tmp_path / "t")
+    ref = saved_tree(path, accessed=(3,), tags=[("keep", 64, 80)])  # block 3: LOD2 node 0; tag: LOD2 node 4
+    before = tree_digest(path)
+    policy = CurationPolicy(min_age=40, keep_recent=20, min_idle=0, delete_age=100, protect_tags=["keep"])
+    p = curate.plan(reopen(path), policy)
+    # LOD2 nodes ending <= 300 (0..17), less node 0 (a zoomed block) and node 4 (tagged)
+    assert p["delete_spans"] == 16 and p["gist_bytes_saved"] == 16 * K * D * 4
+    curate.apply(path, policy)
+    t = reopen(path)
+    assert t.level_holes(1) == [[4, 16], [20, 72]] and t.levels[1].stored == len(ref.levels[1]) - 16 * K
+    assert os.path.getsize(os.path.join(path, t.file(1))) == t.levels[1].stored * D * 4
+    assert list(t.expandable([2] * 5, [0, 1, 4, 17, 18])) == [True, False, True, False, True]
+    assert not t.node_embeddings(torch.tensor([1]), torch.tensor([5])).any()  # a deleted gist reads as zeros
+    for lod in range(2, t.depth + 1):  # LOD2 and above: every gist kept
+        assert np.array_equal(t.gists(lod, np.arange(t.n_nodes(lod))), ref.gists(lod, np.arange(t.n_nodes(lod))))
+    kept = np.array([0, 1, 2, 3, 16, 17, 18, 19, 72, 99])
+    assert np.array_equal(t.gists(1, kept), ref.gists(1, kept))
+    t.append(np.arange(30) % V)  # a session goes on: appends to the new generation's files
+    t.save(path)
+    t = reopen(path)
+    assert len(t) == N + 30 and t.level_holes(1) == [[4, 16], [20, 72]]
+    curate.restore(path)
+    assert tree_digest(path) == before
 
 
 def test_curate_never_touches_protected_or_accessed_spans(tmp_path):
@@ -102,17 +131,18 @@ class Crash(Exception):
     pass
 
 
-def test_curate_crash_at_every_point_of_apply_leaves_one_whole_generation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("policy", [POLICY, DELETE], ids=["compact", "compact-and-delete"])
+def test_curate_crash_at_every_point_of_apply_leaves_one_whole_generation(tmp_path, monkeypatch, policy):
     base = str(tmp_path / "base")
     ref = saved_tree(base, accessed=(2,))
     points = []
     monkeypatch.setattr(curate, "_crash_point", points.append)
     probe = str(tmp_path / "probe")
     shutil.copytree(base, probe)
-    curate.apply(probe, POLICY)
+    curate.apply(probe, policy)
     monkeypatch.setattr(curate, "_crash_point", lambda what: None)
     after = reopen(probe)
-    assert len(points) == 5
+    assert len(points) == 5 + (policy is DELETE) and bool(after.level_holes(1)) == (policy is DELETE)
     for k, what in enumerate(points):
         path = str(tmp_path / f"crash{k}")
         shutil.copytree(base, path)
@@ -124,7 +154,7 @@ def test_curate_crash_at_every_point_of_apply_leaves_one_whole_generation(tmp_pa
                 raise Crash(w)
         monkeypatch.setattr(curate, "_crash_point", crash)
         with pytest.raises(Crash):
-            curate.apply(path, POLICY)
+            curate.apply(path, policy)
         monkeypatch.setattr(curate, "_crash_point", lambda what: None)
         t = reopen(path)  # opens (checksums verified) as one whole generation
         if t.generation == 0:
@@ -133,9 +163,10 @@ def test_curate_crash_at_every_point_of_apply_leaves_one_whole_generation(tmp_pa
         else:
             assert t.generation == 1 and np.array_equal(t.tokens(0, N), after.tokens(0, N)), what
         for lod in range(1, t.depth + 1):
-            assert np.array_equal(t.gists(lod, np.arange(t.n_nodes(lod))), ref.gists(lod, np.arange(t.n_nodes(lod))))
+            every = np.arange(t.n_nodes(lod))
+            assert np.array_equal(t.gists(lod, every), (ref if t.generation == 0 else after).gists(lod, every)), what
         if t.generation == 0:  # the interrupted apply can be run again, and it lands where an uninterrupted one did
-            curate.apply(path, POLICY)
+            curate.apply(path, policy)
         assert np.array_equal(reopen(path).tokens(0, N), after.tokens(0, N)), what
         curate.restore(path)
         assert np.array_equal(reopen(path).tokens(0, N), ref.tokens(0, N)), what
@@ -216,8 +247,9 @@ def test_session_records_zooms_and_never_expands_into_dropped_tokens(tmp_path):
     assert level_at(s.wc, q) == 0
     Kb = s.cfg.K
     assert s.tree.access[1, q // Kb][0] == 1 and s.tree.access[1, q // Kb][1] == 2500  # the zoom, recorded
-    path = str(tmp_path / "s")
+    path, deep = str(tmp_path / "s"), str(tmp_path / "deep")
     s.save(path)
+    shutil.copytree(path, deep)
     curate.apply(path, CurationPolicy(min_age=500, keep_recent=100, min_idle=0))
     t = Session.open(m, path)
     assert t.tree.access == s.tree.access and (t.tree.tokens(p - p % Kb, p - p % Kb + Kb) == FILL).all()
@@ -234,5 +266,13 @@ def test_session_records_zooms_and_never_expands_into_dropped_tokens(tmp_path):
     lens.refocus(until_stable=True)
     lens.wc.check_invariants(lens.cfg.target)
     lens.step()
+    curate.apply(deep, CurationPolicy(min_age=500, keep_recent=100, min_idle=0, delete_age=1000))
+    d = Session.open(m, deep)  # p's LOD1 gists are deleted too: the zoom stops at LOD2
+    assert d.tree.dropped(1, [p // Kb])[0] and not d.tree.dropped(1, [q // Kb])[0]
+    assert level_at(d.wc, q) == 0  # the saved zoom into kept tokens survives
+    d.refocus(until_stable=True, scorer=wants(p))
+    assert level_at(d.wc, p) == 2
+    d.wc.check_invariants(d.cfg.target)
+    d.step()
     with pytest.raises(ValueError, match="curation dropped"):
         t.wc.expand(int(((t.wc.start <= p) & (t.wc.end > p)).nonzero()))
