@@ -14,12 +14,14 @@ nothing of the networks; `embed` (token ids -> embeddings) and `gist` (level, ch
 
 On disk a tree is a directory (format v3):
     tokens.bin   int32 token ids (tokens.g<G>.bin in curation generation G: curate.py)
-    lod1.bin .. lod<depth>.bin   gist rows, `dtype` (float32 or float16)
+    lod1.bin .. lod<depth>.bin   gist rows, `dtype` (float32 or float16) (lod1.g<G>.bin where curation deleted
+                 gists: `gist_files`)
     access.<n>.bin   access telemetry: int64 rows (lod, index, expansions, last access) of every gist a session
                  zoomed, the access time being the history's length in tokens then; absent until a first zoom
     meta.json    format version, K, d, dtype, vocab size, model identity, `levels` (files: LOD0 .. depth), committed
                  row counts (logical: a curated LOD0 stores fewer) and crc32 per file, `token_file`, `holes` (token
-                 ranges curation dropped, gists kept: reads there return FILL), `generation`, `tags` (named token
+                 ranges curation dropped, gists kept: reads there return FILL), `gist_holes` (LOD1 rows curation
+                 deleted: a session zooms no further than LOD2 there), `generation`, `tags` (named token
                  ranges), `curation` (the audit record of the apply that made this generation), `access` (file,
                  rows, crc32), and `extra` (the caller's state, e.g. the working context of a session)
 Format v1 (tokens.bin, lod1.bin, lod2.bin, three counts, no `levels`) opens read-and-extend: its missing levels above
