@@ -167,6 +167,7 @@ class WorkingContext:
         self.lod, self.index, self.born, self.born_by = (torch.zeros(0, dtype=torch.long) for _ in range(4))
         self.cursor = 0  # tokens of history covered
         self.dirty = 0
+        self.expandable = None  # (lod, index) -> bool (n,): which gists have children (tree.expandable; curation)
 
     def __len__(self):
         return self.lod.numel()
@@ -217,6 +218,8 @@ class WorkingContext:
         l, k = int(self.lod[i]), int(self.index[i])
         if l == 0:
             raise ValueError(f"expand({i}): entry {i} is a LOD0 token and has no finer level")
+        if not self.can_expand(slice(i, i + 1))[0]:
+            raise ValueError(f"expand({i}): curation dropped the tokens of LOD{l} node {k}; only its gist is kept")
         K = self.K
         self._splice(i, i + 1, torch.full((K,), l - 1), k * K + torch.arange(K), torch.full((K,), now),
                      torch.ones(K))
@@ -247,13 +250,23 @@ class WorkingContext:
         ok = same & (first % K == 0) & ((first // K + 1) * K ** (lvl + 1) <= self.protected_start)
         return ok.nonzero().flatten()
 
+    def can_expand(self, rows=slice(None)) -> torch.Tensor:
+        """bool (n,) over entries[rows]: gists whose children the tree holds (all gists, unless curation dropped the
+        tokens under some: then `expandable` says which)."""
+        lod, index = self.lod[rows], self.index[rows]
+        ok = lod > 0
+        if self.expandable is not None and ok.any():
+            ok &= torch.as_tensor(self.expandable(lod.numpy(), index.numpy()))
+        return ok
+
     def legal_directions(self):
-        """(can_expand, can_collapse) bool (n,): gists can expand; members of a legal group can collapse."""
+        """(can_expand, can_collapse) bool (n,): gists with children can expand; members of a legal group can
+        collapse."""
         can_collapse = torch.zeros(len(self), dtype=torch.bool)
         g = self.group_starts()
         if g.numel():
             can_collapse[(g[:, None] + torch.arange(self.K)).flatten()] = True
-        return self.lod > 0, can_collapse
+        return self.can_expand(), can_collapse
 
     def check_invariants(self, budget: int | None = None):
         """Raise InvariantError unless DESIGN §2 holds: exact tiling of [0, cursor), well-formed aligned nodes,
@@ -636,6 +649,7 @@ class FocusAllocator:
     def __init__(self, cfg: MegaContextConfig):
         self.cfg, self.steps = cfg, 0
         self.totals = dict(expands=0, collapses=0, forced=0, swap_rate=0.0, removed=0, residency=0)
+        self.expanded = []  # (lod, index) of the nodes the last step expanded (the tree's access telemetry)
 
     def _group_scores(self, wc, scores, now, cooldown, strict=True):
         """(starts, mean member scores) of legal groups; strict drops groups holding an expansion's child made within
@@ -652,7 +666,7 @@ class FocusAllocator:
 
     def _expand_candidate(self, wc, scores, now, cooldown):
         blocked = (wc.born_by == -1) & (now - wc.born <= cooldown)
-        s = torch.where((wc.lod > 0) & ~blocked, scores, torch.tensor(-math.inf))
+        s = torch.where(wc.can_expand() & ~blocked, scores, torch.tensor(-math.inf))
         i = int(s.argmax()) if len(s) else 0
         return (i, float(s[i])) if len(s) and s[i] > self.cfg.tau_expand else (None, None)
 
@@ -666,8 +680,12 @@ class FocusAllocator:
         assert scores.shape == (len(wc),), f"scores {tuple(scores.shape)} for {len(wc)} entries"
         state = dict(scores=scores.detach().float().cpu().clone(), removed=[], expands=0, collapses=0, forced=0, new=0)
 
+        self.expanded = []
+
         def edit(kind, i):
             removed = slice(i, i + 1) if kind == "expand" else slice(i, i + K)
+            if kind == "expand":
+                self.expanded.append((int(wc.lod[i]), int(wc.index[i])))
             state["removed"].append(now - wc.born[removed])
             new = 1 if kind == "collapse" else K
             getattr(wc, kind)(i, now)

@@ -6,6 +6,7 @@
     python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/book --interactive  # chat over a saved MegaContext
     python sample.py --ckpt out/tiny/ckpt.pt --mc --prompt-file book.txt --budget 512 --tree out/book  # MegaContext
     python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/book --read-only --interactive  # beside its writer
+    python sample.py --ckpt out/tiny/ckpt.pt --mc --tree out/chat --mount out/library --interactive  # + a library
 
 The tokenizer is read from the checkpoint's data_dir (override with --data-dir) and must be the one the checkpoint
 was trained with. When the KV cache fills up, the newest half of the conversation is re-encoded into a fresh cache
@@ -18,7 +19,9 @@ one another process holds and saves nothing. After each refocus one line goes to
 text): a map of the history by level of detail (oldest left), entries used / budget, edits and swap rate; on a
 terminal it is one status line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet
 weights gets untrained ones from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop
-usable before the MegaContext training stages.
+usable before the MegaContext training stages. --mount DIR (repeatable) mounts saved trees read-only (never written,
+no lock): the base reads their working contexts first, each under an equal part of --mount-share of the budget (the
+session's own tree keeps the rest, at least half), and the status line adds each mount's entries / share.
 
 --interactive reads one prompt per `> ` line until Ctrl-D, an empty line or a quit word (quit, exit). Ctrl-C stops
 the reply being generated (the session keeps it) and, at the prompt, ends the session; SIGTERM and SIGHUP end it
@@ -43,7 +46,7 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 from model import GPT, sample_next  # noqa: E402
-from session import Session, ingest_stream, stream_offset, stream_source  # noqa: E402
+from session import MOUNT_SHARE, Session, ingest_stream, open_mounts, stream_offset, stream_source  # noqa: E402
 from terminal import Signals, StatusLine, prompts, stdout_gone  # noqa: E402
 from train import fail, load_checkpoint  # noqa: E402
 from tree import TreeError, TreeLock, check_folder  # noqa: E402
@@ -71,9 +74,13 @@ def parse_args(argv):
     p.add_argument("--tree", default=None, help="--mc: session directory, resumed when it exists, saved on exit")
     p.add_argument("--read-only", action="store_true", help="--tree: open a saved session (even one another process "
                                                              "writes) and never save")
+    p.add_argument("--mount", action="append", default=[], metavar="DIR", help="--mc: mount a saved tree read-only "
+                   "(a library): the session reads it too, under a share of the budget; repeatable")
+    p.add_argument("--mount-share", type=float, default=None, help="--mount: the mounted trees' share of the budget, "
+                   "together (default 0.25, at most 0.5: the session's own tree keeps at least half)")
     args = p.parse_args(argv)
     mc_flags = [f"--{k}" for k in ("budget", "block", "recent", "policy", "tree") if getattr(args, k) is not None]
-    mc_flags += ["--read-only"] * args.read_only
+    mc_flags += ["--read-only"] * args.read_only + ["--mount"] * bool(args.mount)
     for wrong, msg in [  # one line naming the flag and what it accepts; the first that applies is reported
         (args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
         (not 0 <= args.temperature < math.inf, f"--temperature must be a finite number >= 0 (0 = greedy), "
@@ -88,6 +95,11 @@ def parse_args(argv):
          "once with --mc --prompt-file F --tree DIR, then --mc --tree DIR --interactive)"),
         (bool(mc_flags) and not args.mc, f"{', '.join(mc_flags)} need{'s' * (len(mc_flags) == 1)} --mc"),
         (args.read_only and args.tree is None, "--read-only needs --tree DIR (the saved session to read)"),
+        (args.mount_share is not None and not args.mount, "--mount-share needs --mount DIR"),
+        (args.mount_share is not None and not 0 < args.mount_share <= 0.5,
+         f"--mount-share must be in (0, 0.5] (the session's own tree keeps at least half), got {args.mount_share}"),
+        (args.tree is not None and any(os.path.realpath(d) == os.path.realpath(args.tree) for d in args.mount),
+         "--mount DIR is the session's own --tree: a tree is mounted read-only or written, not both"),
         (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is available"),
     ]:
         if wrong:
@@ -151,6 +163,8 @@ def mc_status(session, columns: int) -> str:
     t, wc, cfg = session.telemetry, session.wc, session.cfg
     text = (f" | {len(wc)}/{cfg.w_max} entries | +{t['expands']} -{t['collapses']} edits | swap {t['swap_rate']:.2f}"
             f" | {wc.cursor:,} tokens")
+    for m in session.mounts:  # each mounted tree: its name, entries / share, deepest zoom
+        text += f" | {os.path.basename(os.path.normpath(m.name))} {len(m.wc)}/{m.cfg.w_max} LOD{int(m.wc.lod.min())}+"
     return f"[mc] {wc.level_map(max(columns - len(text) - 6, 8))}{text}"
 
 
@@ -186,7 +200,8 @@ def run_mc(args, ckpt, model, enc, generator, signals):
     try:
         mc = checkpoint.mc_model(ckpt, args, model)
         resume = args.tree is not None and check_folder(args.tree, write=False)
-        session = Session.open(mc, args.tree) if resume else Session(mc)
+        mounts = dict(mounts=open_mounts(mc, args.mount), mount_share=args.mount_share or MOUNT_SHARE)
+        session = Session.open(mc, args.tree, **mounts) if resume else Session(mc, **mounts)
     except ValueError as e:  # bad config, a tree from another model or K, a damaged tree
         fail(str(e))
     signals.hold()

@@ -23,6 +23,7 @@ Decisions where DESIGN and the issue are silent:
   recorded in the saved state (name, size, checksum, start, tokens done), so a run cut short continues it from the
   first token the tree does not hold (stream_offset).
 """
+import dataclasses
 import hashlib
 import sys
 import time
@@ -36,6 +37,27 @@ from model import sample_next
 from tree import MegaContextTree
 
 ORIGIN_DRIFT = 2**16  # rebuild the KV cache when the cursor is this far past its position origin (fp32 angles)
+MOUNT_SHARE = 0.25  # the budget share of all mounted trees together (DESIGN asks >= half for the session's own)
+
+
+class Mount:
+    """A read-only tree mounted into a session (a library, a project memory): its own working context (no protected
+    tail: its history does not grow) and allocator, under its part of the budget (cfg.w_max), its tokens at
+    positions [offset, offset + len(tree)) of the composite history. Never saved: the session writes only its own
+    tree."""
+
+    def __init__(self, name: str, tree: MegaContextTree, cfg, offset: int):
+        self.name, self.tree, self.cfg, self.offset = name, tree, cfg, offset
+        if not len(tree):
+            raise ValueError(f"mounted tree {name} is empty")
+        if cfg.target < 2 * (cfg.K - 1) + 1:
+            raise ValueError(f"mounted tree {name}: its budget share ({cfg.w_max} entries) is too small to tile any "
+                             f"history at K={cfg.K}; raise the budget or mount fewer trees")
+        check_capacity(len(tree), cfg.K, 0, cfg.target)
+        self.wc = WorkingContext.pyramid(cfg.K, 0, cfg.w_max, len(tree), cfg.target)
+        self.wc.expandable = tree.expandable
+        self.wc.dirty = 0
+        self.alloc = FocusAllocator(cfg)
 
 
 class Session:
@@ -44,21 +66,28 @@ class Session:
     tree (MegaContextTree) and state (a saved session's `extra`) come from `Session.open`; a new session has none.
     """
 
-    def __init__(self, model: MegaContextModel, tree: MegaContextTree | None = None, state: dict | None = None):
-        self.model, self.cfg = model, model.cfg
+    def __init__(self, model: MegaContextModel, tree: MegaContextTree | None = None, state: dict | None = None,
+                 mounts=(), mount_share: float = MOUNT_SHARE):
         gpt, cfg = model.gpt, model.cfg
+        self.model, self.cfg = model, cfg
         self.device = gpt.wte.weight.device
         self.tree = tree or MegaContextTree(cfg.K, gpt.config.n_embd, gpt.config.vocab_size, model.identity(),
                                             model.embed_tokens, model.make_gists, cfg.gist_dtype)
+        self.mounts, self.pos_offset = self._mount(mounts, mount_share), 0
+        if self.mounts:  # the session's own tree gets what the mounts leave (at least half the budget)
+            self.cfg = cfg = dataclasses.replace(cfg, w_max=cfg.w_max - sum(m.cfg.w_max for m in self.mounts))
+            self.pos_offset = sum(len(m.tree) for m in self.mounts)  # the own history follows the mounted ones
         self.alloc = FocusAllocator(cfg)
         self.wc = WorkingContext(cfg.K, cfg.recent_tokens, cfg.w_max)
-        self.cache = gpt.make_cache(1, cfg.w_max)
+        self.cache = gpt.make_cache(1, model.cfg.w_max)
         self.pending, self.last_logits, self.telemetry = 0, None, None
         self.forwarded = 0  # entries run through the base model: decoded tokens plus re-reads after edits
         # lens_query: the base's residual streams of the newest tokens as the last forward computed them, (Tq, D) with
         # the tokens' positions (Tq,): LensNet's queries (the question as the base reads it)
         self.states, self.state_pos = None, torch.zeros(0, dtype=torch.long)
         self.stream = (state or {}).get("stream")  # the file being streamed in, and how far (ingest_stream)
+        self.prefetch, self.last_scores = True, {}  # page-cache prefetch of rising entries' children (_step);
+        # last_scores: part (0 = own, 1.. = mounts) -> {node key: score at the last step}
         if state and state.get("shape") == self._shape():  # the saved working context fits this budget
             self.wc._splice(0, 0, *(torch.tensor(state["wc"][k]) for k in ("lod", "index", "born", "born_by")))
             self.wc.cursor, self.pending, self.alloc.steps = len(self.tree), state["pending"], state["steps"]
@@ -69,7 +98,47 @@ class Session:
                 raise ValueError(f"the saved working context does not fit its tree ({e})") from None
         elif len(self.tree):  # none saved, or for another budget: cold start
             self.wc = WorkingContext.pyramid(cfg.K, cfg.recent_tokens, cfg.w_max, len(self.tree), cfg.target)
+        self._fit_curation()
         self.wc.dirty = 0
+
+    def _mount(self, mounts, share: float) -> list:
+        """Mount read-only trees [(name, tree), ...]: each gets an equal part of `share` of the budget."""
+        if not mounts:
+            return []
+        cfg = self.model.cfg
+        if not 0 < share <= 0.5:
+            raise ValueError(f"the mounted trees' share of the budget must be in (0, 0.5], got {share}")
+        each = int(cfg.w_max * share) // len(mounts)
+        out, offset = [], 0
+        for name, tree in mounts:
+            if tree.K != cfg.K or tree.identity != self.tree.identity:
+                raise ValueError(f"mounted tree {name} was built by another model or K (identity "
+                                 f"{tree.identity[:12]}, K={tree.K}); this session: {self.tree.identity[:12]}, "
+                                 f"K={cfg.K}")
+            # no tail to protect and no tokens arriving: the whole share but one entry is the allocator's target
+            m = Mount(name, tree, dataclasses.replace(cfg, w_max=each, recent_tokens=0, refocus_every=1), offset)
+            out.append(m)
+            offset += len(tree)
+        return out
+
+    def _fit_curation(self):
+        """Tie the working context to the tree's curated spans: a gist whose children curation dropped is not
+        expandable, and entries over dropped nodes (a working context saved before curation, the pyramid's raw
+        region) become their parent, level by level from LOD0 up (curation drops whole sibling groups, and a span
+        whose gists are dropped has lost its tokens too, so each group is complete when its level is lifted)."""
+        wc, tree = self.wc, self.tree
+        wc.expandable = tree.expandable
+        for l in range(len(tree.levels)):
+            if tree.levels[l].holes is None or not len(wc):
+                continue
+            at = (wc.lod == l).nonzero().flatten()
+            gone = at[torch.from_numpy(tree.dropped(l, wc.index[at].numpy()))]
+            for i in gone[wc.index[gone] % wc.K == 0].flip(0).tolist():  # back to front: earlier indices stay valid
+                wc._splice(i, i + wc.K, [l + 1], [int(wc.index[i]) // wc.K], [self.alloc.steps], [-1])
+        try:
+            wc.check_invariants()
+        except InvariantError as e:
+            raise ValueError(f"the working context cannot avoid the tree's curated spans ({e})") from None
 
     @torch.no_grad()
     def ingest(self, tokens):
@@ -82,6 +151,7 @@ class Session:
         if len(ids) >= cfg.w_max:  # everything older would be collapsed anyway: rebuild as the pyramid
             self.wc = WorkingContext.pyramid(cfg.K, cfg.recent_tokens, cfg.w_max, len(self.tree), cfg.target,
                                              self.alloc.steps)
+            self._fit_curation()
         else:
             left = len(ids)
             while left:
@@ -93,15 +163,16 @@ class Session:
         self.pending += len(ids)
 
     @torch.no_grad()
-    def scores(self) -> torch.Tensor:
-        """Per-entry scores (n,) of the configured policy (recency until the tree has a gist)."""
-        wc, cfg = self.wc, self.cfg
+    def scores(self, part=None) -> torch.Tensor:
+        """Per-entry scores (n,) of the configured policy (recency until the tree has a gist) over the session's own
+        working context, or a mount's (part: a Mount); the question's states are the session's either way."""
+        wc, cfg, tree = (self.wc, self.cfg, self.tree) if part is None else (part.wc, part.cfg, part.tree)
         if cfg.policy == "recency" or not (wc.lod > 0).any():
             return recency_scores(wc, cfg.target)
-        x = self.tree.node_embeddings(wc.lod, wc.index)[None]
+        x = tree.node_embeddings(wc.lod, wc.index)[None]
         lod, dist, span = (t[None].to(self.device) for t in (wc.lod, wc.cursor - wc.end, wc.end - wc.start))
         if cfg.lens_types:
-            types = self.tree.types(wc.lod.numpy(), wc.index.numpy(), cfg.lens_markers, cfg.lens_margin)
+            types = tree.types(wc.lod.numpy(), wc.index.numpy(), cfg.lens_markers, cfg.lens_margin)
             query = ids = None
             if self.states is not None:
                 query = self.states[None]
@@ -109,7 +180,7 @@ class Session:
             return self.model.lensnet(x, lod, dist, span, types=torch.from_numpy(types)[None],
                                       vocab=self.model.gpt.wte.weight, query=query, query_ids=ids)[0].cpu()
         child_lod, child_index = preview_nodes(wc.lod, wc.index, wc.K, cfg.lens_preview)
-        children = self.tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1))
+        children = tree.node_embeddings(child_lod.reshape(-1), child_index.reshape(-1))
         children = children.view(1, len(wc), -1, x.shape[-1])
         return self.model.lensnet(x, lod, dist, span, children)[0].cpu()
 
@@ -124,46 +195,126 @@ class Session:
         step changes nothing (at most depth + 1 steps: a zoom from the top level down to tokens, then a check; no edit
         of the loop is undone within it), as after a question arrives; the telemetry then sums the steps' edits and
         carries `steps`. scorer(wc) -> scores (n,) replaces the policy's (a diagnostic, e.g. bench/longctx.py's oracle
-        arm)."""
-        score = self.scores if scorer is None else lambda: scorer(self.wc)
-        first = self.alloc.steps  # (until_stable: no edit of this loop is undone within it)
+        arm). With mounted trees every tree's working context takes a step under its own budget (the session's own
+        first); the edits are summed, and `trees` gives each tree's entries and edits."""
+        parts = [None] + self.mounts
+        score = (lambda part: self.scores(part)) if scorer is None else (lambda part: scorer(self._wc(part)))
+        first = [self._alloc(part).steps for part in parts]  # (until_stable: no edit of this loop is undone within it)
         edits_per_step = self.cfg.settle_edits if until_stable else None
-        self._read_question()
-        t = self.telemetry = self.alloc.step(self.wc, score(), max_edits=edits_per_step)
-        steps, edits = 1, dict(expands=t["expands"], collapses=t["collapses"], edits=t["edits"])
-        while until_stable and t["edits"] and steps < self.tree.depth + 1:
-            self._read_question()  # the question re-read over what the last step zoomed: a hop to the next needle
-            t = self.telemetry = self.alloc.step(self.wc, score(), keep_since=first, max_edits=edits_per_step)
+        depth = max([self.tree.depth] + [m.tree.depth for m in self.mounts])
+        keys = ("expands", "collapses", "edits")
+        per = [dict.fromkeys(keys, 0) for _ in parts]
+        steps = 0
+        while True:
+            self._read_question()  # (again: the question re-read over what the last step zoomed, a hop onwards)
+            changed = 0
+            for p, part in enumerate(parts):
+                kw = dict(keep_since=first[p]) if steps else {}
+                t = self._step(score(part), part, max_edits=edits_per_step, **kw)
+                per[p] = {k: v + t[k] for k, v in per[p].items()}
+                changed += t["edits"]
+                if part is None:
+                    own = t
             steps += 1
-            edits = {k: v + t[k] for k, v in edits.items()}
+            if not (until_stable and changed and steps < depth + 1):
+                break
         self.pending = 0
+        total = {k: sum(d[k] for d in per) for k in keys}
+        self.telemetry = {**own, **(total if until_stable or self.mounts else {})}
         if until_stable:
-            self.telemetry = {**t, **edits, "steps": steps}
+            self.telemetry["steps"] = steps
+        if self.mounts:
+            self.telemetry["trees"] = [dict(name=self._name(part), entries=len(self._wc(part)),
+                                            budget=self._cfg(part).w_max, **d) for part, d in zip(parts, per)]
         return self.telemetry
+
+    def _wc(self, part):
+        return self.wc if part is None else part.wc
+
+    def _alloc(self, part):
+        return self.alloc if part is None else part.alloc
+
+    def _cfg(self, part):
+        return self.cfg if part is None else part.cfg
+
+    def _name(self, part):
+        return (self.tree.path or "session") if part is None else part.name
+
+    def _step(self, scores, part=None, **kwargs) -> dict:
+        """One allocator step of the own working context (or a mount's); every node it zooms is recorded in the tree's
+        access telemetry (a mount's only in memory: mounts are never written). Before it, the children of expandable
+        entries whose score rose since the last step (or, new since then, exceeds tau_expand) are prefetched into the
+        tree's page cache (the zooms a rising score foretells); the step's telemetry carries the cache's hit rate so
+        far. (The prefetch is synchronous: it takes the reads off the edit-and-read path, not off the clock.)"""
+        wc, alloc = self._wc(part), self._alloc(part)
+        tree = self.tree if part is None else part.tree
+        p = 0 if part is None else 1 + self.mounts.index(part)
+        keys = (wc.lod * 2**48 + wc.index).tolist()  # (lod, index) as one int: < 2**48 nodes per level
+        tau = self._cfg(part).tau_expand  # an entry new since the last step "rose" from nothing if it is worth a zoom
+        last = self.last_scores.get(p, {})
+        rose = [i for i, (key, s) in enumerate(zip(keys, scores.tolist())) if s > last.get(key, tau)]
+        if rose and self.prefetch:
+            rose = torch.tensor(rose)
+            rose = rose[wc.can_expand()[rose]]
+            tree.prefetch_children(wc.lod[rose].numpy(), wc.index[rose].numpy())
+        self.last_scores[p] = dict(zip(keys, scores.tolist()))  # this step's entries only: bounded by the budget
+        t = alloc.step(wc, scores, **kwargs)
+        for lod, index in alloc.expanded:
+            tree.record_expansion(lod, index)
+        t["cache_hit_rate"] = tree.cache.summary()["hit_rate"]
+        return t
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
-        """Next-token logits (V,) fp32 after the whole history, reading the working context through the KV cache."""
+        """Next-token logits (V,) fp32 after the whole history, reading the working context through the KV cache.
+        With mounts the base reads the mounted trees' entries first (positions: each mounted history in turn, then
+        the session's own), and an edit in any part re-reads from that entry on."""
         wc, cache = self.wc, self.cache
         if not len(wc):
             raise ValueError("the history is empty: ingest at least one token before decoding")
-        first = min(wc.dirty, cache.length)
-        if cache.origin is not None and wc.cursor - float(cache.origin[0, 0]) > ORIGIN_DRIFT:
+        parts = [(m.wc, m.tree, m.offset, False) for m in self.mounts] + [(wc, self.tree, self.pos_offset, True)]
+        first, o = cache.length, 0
+        for w, *_ in parts:
+            first, o = min(first, o + min(w.dirty, len(w))), o + len(w)
+        total = o
+        if cache.origin is not None and self.pos_offset + wc.cursor - float(cache.origin[0, 0]) > ORIGIN_DRIFT:
             first = 0
-        if first == len(wc) and self.last_logits is not None:
+        if first == total and self.last_logits is not None:
             return self.last_logits
         cache.truncate(first)
         if first == 0:
             cache.origin = None  # the next forward sets a fresh origin at the newest entry
-        x = wc.embeddings(self.tree, first)[None]
-        mu, sigma = wc.positions(self.model.sigma_scale, first)
+        xs, mus, sigmas, lods, starts, o = [], [], [], [], [], 0
+        for w, tree, offset, own in parts:
+            a = max(0, first - o)
+            if a < len(w):
+                mu, sigma = w.positions(self.model.sigma_scale, a)
+                xs.append(w.embeddings(tree, a))
+                mus.append(mu + offset)
+                sigmas.append(sigma)
+                lods.append(w.lod[a:] if own else torch.full_like(w.lod[a:], -1))  # the question: own tokens only
+                starts.append(w.start[a:])
+            o += len(w)
+        x, mu, sigma = torch.cat(xs)[None], torch.cat(mus), torch.cat(sigmas)
         (logits, _), states = self.model.read(embeds=x, mu=mu[None].to(self.device),
                                               sigma=sigma[None].to(self.device), cache=cache, last_only=True)
         if states is not None:
-            self._keep_states(states[0], wc.lod[first:], wc.start[first:])
-        wc.dirty, self.forwarded = len(wc), self.forwarded + len(wc) - first
+            self._keep_states(states[0], torch.cat(lods), torch.cat(starts))
+        for w, *_ in parts:
+            w.dirty = len(w)
+        self.forwarded += total - first
         self.last_logits = logits[0, -1]
         return self.last_logits
+
+    def provenance(self) -> list[tuple[str, int, int, int, int]]:
+        """(tree, lod, index, start, end) of every entry the base reads, in reading order: which tree (a mount's
+        folder, or the session's own) and which span of its history each entry stands for."""
+        out = []
+        for part in self.mounts + [None]:
+            w, name = self._wc(part), self._name(part)
+            out += [(name, l, k, a, b) for l, k, a, b in zip(w.lod.tolist(), w.index.tolist(), w.start.tolist(),
+                                                              w.end.tolist())]
+        return out
 
     def _keep_states(self, states, lod, pos):
         """Keep the newest lens_tail token entries' states: those just read (states (m, D) of entries at levels lod,
@@ -201,13 +352,25 @@ class Session:
                                         totals=self.alloc.totals, stream=self.stream))
 
     @classmethod
-    def open(cls, model: MegaContextModel, path: str, verify: bool = True) -> "Session":
+    def open(cls, model: MegaContextModel, path: str, verify: bool = True, mounts=(),
+             mount_share: float = MOUNT_SHARE) -> "Session":
         """Resume a saved session. Raises tree.TreeError (a ValueError) for a missing, truncated or corrupt tree, or
         one built by another model or K."""
         gpt = model.gpt
         tree, state = MegaContextTree.open(path, model.cfg.K, gpt.config.n_embd, gpt.config.vocab_size,
                                            model.identity(), model.embed_tokens, model.make_gists, verify)
-        return cls(model, tree, state)
+        return cls(model, tree, state, mounts, mount_share)
+
+
+def open_mounts(model: MegaContextModel, paths) -> list:
+    """[(path, tree)] of saved trees to mount read-only (no lock: a mount is never written). TreeError (one line) for
+    a folder without a tree, or a tree of another model or K."""
+    gpt, out = model.gpt, []
+    for path in paths:
+        tree, _ = MegaContextTree.open(path, model.cfg.K, gpt.config.n_embd, gpt.config.vocab_size, model.identity(),
+                                       model.embed_tokens, model.make_gists)
+        out.append((path, tree))
+    return out
 
 
 def ingest_stream(session: Session, ids, chunk: int = 1 << 16, save_to: str | None = None, save_every: int = 1 << 20,

@@ -159,7 +159,8 @@ def test_tree_save_open_append_round_trip(tmp_path):
         every = np.arange(ref.n_nodes(lod))
         assert np.array_equal(again.gists(lod, every), ref.gists(lod, every))
     meta = json.load(open(os.path.join(path, "meta.json")))
-    assert meta["counts"] == [200, 50, 12, 3] and meta["levels"] == 4 and meta["format_version"] == 2
+    assert meta["counts"] == [200, 50, 12, 3] and meta["levels"] == 4
+    assert meta["format_version"] == tree_module.FORMAT_VERSION
     assert meta["K"] == K and meta["d"] == D and meta["identity"] == "model-a"
     assert os.path.getsize(os.path.join(path, "lod1.bin")) == 50 * D * 4
 
@@ -350,7 +351,8 @@ def test_tree_v1_opens_and_extends_without_loss(tmp_path, n):
     ref.append(ids[n:])
     tree.save(path)  # extended and written back as v2, the v1 rows kept in place
     meta = json.load(open(os.path.join(path, "meta.json")))
-    assert meta["format_version"] == 2 and meta["levels"] == ref.depth + 1 and meta["counts"][0] == n + 90
+    assert meta["format_version"] == tree_module.FORMAT_VERSION
+    assert meta["levels"] == ref.depth + 1 and meta["counts"][0] == n + 90
     with open(os.path.join(path, "tokens.bin"), "rb") as f:
         assert f.read(4 * n) == ids[:n].astype(np.int32).tobytes()
     again, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
@@ -691,3 +693,60 @@ def test_tree_save_on_a_full_disk_leaves_the_previous_generation(tmp_path, monke
     back, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
     assert np.array_equal(back.tokens(0, 80), ids) and back.depth == 3
     assert sorted(os.listdir(path)) == sorted(["meta.json", "tokens.bin", "lod1.bin", "lod2.bin", "lod3.bin"])
+
+
+def test_tree_access_telemetry_persists_and_a_v2_tree_is_upgraded(tmp_path, monkeypatch):
+    """Expansions and last access per node survive save -> open; a v2 tree (no telemetry) opens and is written as v3
+    by its first save; a save cut at each durable step keeps the committed telemetry or the new one, never a mix."""
+    K, path = 4, str(tmp_path / "t")
+    t = make_tree(K)
+    t.append(np.arange(100) % V)
+    t.save(path)
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    v2 = {k: v for k, v in meta.items() if k not in ("token_file", "holes", "generation", "tags", "curation", "access")}
+    open(os.path.join(path, "meta.json"), "w").write(json.dumps({**v2, "format_version": 2}))
+    t, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert t.access == {} and t.generation == 0
+    t.record_expansion(2, 1)
+    t.append([1, 2])
+    t.record_expansion(1, 3)
+    t.record_expansion(2, 1)
+    assert t.access == {(2, 1): [2, 102], (1, 3): [1, 102]}
+    t.save(path)
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    assert meta["format_version"] == 3 and meta["access"]["rows"] == 2
+    assert sorted(n for n in os.listdir(path) if n.startswith("access")) == ["access.1.bin"]
+    t, _ = MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
+    assert t.access == {(2, 1): [2, 102], (1, 3): [1, 102]}
+    assert t.access_rows().tolist() == [[1, 3, 1, 102], [2, 1, 2, 102]]
+    points = []
+    monkeypatch.setattr(tree_module, "_crash_point", points.append)
+    t.save(path)  # nothing new: the committed access file stays
+    assert sorted(n for n in os.listdir(path) if n.startswith("access")) == ["access.1.bin"]
+    assert "write access telemetry" in points
+    old = {(2, 1): [2, 102], (1, 3): [1, 102]}
+    for k, what in enumerate(points):
+        calls, where = [], str(tmp_path / f"crash{k}")
+        shutil.copytree(path, where)
+
+        def point(w, k=k):
+            calls.append(w)
+            if len(calls) == k + 1:
+                raise Crash(w)
+        t, _ = MegaContextTree.open(where, K, D, V, "model-a", fake_embed, Recorder())
+        t.append([5])
+        t.record_expansion(1, 20)
+        monkeypatch.setattr(tree_module, "_crash_point", point)
+        with pytest.raises(Crash):
+            t.save(where)
+        monkeypatch.setattr(tree_module, "_crash_point", lambda w: None)
+        again, _ = MegaContextTree.open(where, K, D, V, "model-a", fake_embed, Recorder())
+        committed = k > points.index("write meta.json")
+        assert again.access == ({**old, (1, 20): [1, 103]} if committed else old), what
+        assert len(again) == 102 + committed, what
+        t.save(where)  # the retried save completes; one access file is left
+        assert sorted(n for n in os.listdir(where) if n.startswith("access")) == ["access.2.bin"], what
+    with open(os.path.join(path, "access.1.bin"), "r+b") as f:
+        f.write(b"\xff")
+    with pytest.raises(TreeError, match="access telemetry .* corrupt"):
+        MegaContextTree.open(path, K, D, V, "model-a", fake_embed, Recorder())
