@@ -12,9 +12,13 @@ Decisions where DESIGN and the issue are silent:
   context as the recency pyramid (the cold start). `refocus` applies the configured policy; `step` calls it every
   refocus_every tokens.
 - The KV cache holds the working context's entries in order; an edit at entry i truncates it to i and the next decode
-  re-reads entries i.. (the "forward in time" rule), so the unchanged prefix is never recomputed. Positions are
-  relative to the cache's origin; the cache is rebuilt when the cursor drifts ORIGIN_DRIFT tokens past it, so recent
-  entries keep full fp32 precision in sessions of any length.
+  re-reads entries i.. (the "forward in time" rule), so the unchanged prefix is never recomputed. The cut is lazy: a
+  refocus's edits only lower wc.dirty, and the next decode cuts the cache once, at the lowest edited entry, and
+  re-reads everything after it in one batched forward. Every refocus records in its telemetry the cached entries it
+  kept (reused) and the ones it made stale (recomputed), and its seconds: scoring + allocator, then (added by that
+  decode) the batched re-read; `kv_summary()` sums them. cfg.edit_cost makes the allocator weigh that recompute.
+  Positions are relative to the cache's origin; the cache is rebuilt when the cursor drifts ORIGIN_DRIFT tokens past
+  it, so recent entries keep full fp32 precision in sessions of any length.
 - A saved session stores its working context in the tree's meta.json (the one commit record), so save -> open ->
   continue decodes exactly what an unsaved session would; opened with another budget it cold-starts instead.
 - A long history streams in through `ingest_stream`: fixed-size chunks (gists made in large batches, tree.py), a
@@ -55,6 +59,9 @@ class Session:
         self.cache = gpt.make_cache(1, cfg.w_max)
         self.pending, self.last_logits, self.telemetry = 0, None, None
         self.forwarded = 0  # entries run through the base model: decoded tokens plus re-reads after edits
+        # KV reuse over all refocuses: cached entries kept / made stale, seconds (scoring + allocator + re-read)
+        self.kv = dict(refocuses=0, reused=0, recomputed=0, seconds=0.0)
+        self._unpaid = None  # the last refocus's telemetry until the decode that re-reads its stale entries
         # lens_query: the base's residual streams of the newest tokens as the last forward computed them, (Tq, D) with
         # the tokens' positions (Tq,): LensNet's queries (the question as the base reads it)
         self.states, self.state_pos = None, torch.zeros(0, dtype=torch.long)
@@ -128,7 +135,10 @@ class Session:
         score = self.scores if scorer is None else lambda: scorer(self.wc)
         first = self.alloc.steps  # (until_stable: no edit of this loop is undone within it)
         edits_per_step = self.cfg.settle_edits if until_stable else None
+        t0 = time.perf_counter()
         self._read_question()
+        self._pay()  # (until_stable: a previous refocus's re-read, if _read_question just did it)
+        cached = self._valid()
         t = self.telemetry = self.alloc.step(self.wc, score(), max_edits=edits_per_step)
         steps, edits = 1, dict(expands=t["expands"], collapses=t["collapses"], edits=t["edits"])
         while until_stable and t["edits"] and steps < self.tree.depth + 1:
@@ -139,7 +149,37 @@ class Session:
         self.pending = 0
         if until_stable:
             self.telemetry = {**t, **edits, "steps": steps}
+        # reuse counts the entries cached when the edits began (the settle loop's re-reads between steps, if any, are
+        # in its seconds); a refocus without edits keeps them all and costs only its scoring
+        reused = self._valid()
+        self.telemetry.update(reused=reused, recomputed=cached - reused, refocus_s=time.perf_counter() - t0,
+                              recompute_s=0.0)
+        self.telemetry["seconds"] = self.telemetry["refocus_s"]
+        kv = self.kv
+        kv.update(refocuses=kv["refocuses"] + 1, reused=kv["reused"] + reused, seconds=kv["seconds"] +
+                  self.telemetry["refocus_s"], recomputed=kv["recomputed"] + cached - reused)
+        self._unpaid = self.telemetry if reused < len(self.wc) else None
         return self.telemetry
+
+    def _valid(self) -> int:
+        """Entries [0, n) of the KV cache that the next decode reuses as they are."""
+        return min(self.wc.dirty, self.cache.length)
+
+    def _pay(self, seconds: float = 0.0):
+        """Charge a decode's batched re-read (seconds) to the refocus that made its entries stale."""
+        if self._unpaid is not None:
+            self._unpaid["recompute_s"] += seconds
+            self._unpaid["seconds"] += seconds
+            self.kv["seconds"] += seconds
+            self._unpaid = None
+
+    def kv_summary(self) -> dict:
+        """KV reuse over every refocus so far: reuse = entries reused / entries cached when the edits began, and the
+        mean entries recomputed and seconds per refocus."""
+        kv, n = self.kv, max(self.kv["refocuses"], 1)
+        cached = kv["reused"] + kv["recomputed"]
+        return dict(refocuses=kv["refocuses"], reuse=kv["reused"] / cached if cached else None,
+                    recomputed_per_refocus=kv["recomputed"] / n, seconds_per_refocus=kv["seconds"] / n)
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
@@ -155,12 +195,17 @@ class Session:
         cache.truncate(first)
         if first == 0:
             cache.origin = None  # the next forward sets a fresh origin at the newest entry
+        t0 = time.perf_counter()
         x = wc.embeddings(self.tree, first)[None]
         mu, sigma = wc.positions(self.model.sigma_scale, first)
         (logits, _), states = self.model.read(embeds=x, mu=mu[None].to(self.device),
                                               sigma=sigma[None].to(self.device), cache=cache, last_only=True)
         if states is not None:
             self._keep_states(states[0], wc.lod[first:], wc.start[first:])
+        if self._unpaid is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._pay(time.perf_counter() - t0)
         wc.dirty, self.forwarded = len(wc), self.forwarded + len(wc) - first
         self.last_logits = logits[0, -1]
         return self.last_logits
