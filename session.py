@@ -15,8 +15,9 @@ Decisions where DESIGN and the issue are silent:
   re-reads entries i.. (the "forward in time" rule), so the unchanged prefix is never recomputed. The cut is lazy: a
   refocus's edits only lower wc.dirty, and the next decode cuts the cache once, at the lowest edited entry, and
   re-reads everything after it in one batched forward. Every refocus records in its telemetry the cached entries it
-  kept (reused) and the ones it made stale (recomputed), and its seconds: scoring + allocator, then (added by that
-  decode) the batched re-read; `kv_summary()` sums them. cfg.edit_cost makes the allocator weigh that recompute.
+  kept (reused) and the ones it made stale (recomputed), and its seconds: reading the question, scoring (score_s) and
+  the allocator (refocus_s), then (recompute_s, added by that decode) the batched re-read; `kv_summary()` sums them.
+  cfg.edit_cost makes the allocator weigh that recompute.
   Positions are relative to the cache's origin; the cache is rebuilt when the cursor drifts ORIGIN_DRIFT tokens past
   it, so recent entries keep full fp32 precision in sessions of any length.
 - A saved session stores its working context in the tree's meta.json (the one commit record), so save -> open ->
@@ -132,7 +133,15 @@ class Session:
         of the loop is undone within it), as after a question arrives; the telemetry then sums the steps' edits and
         carries `steps`. scorer(wc) -> scores (n,) replaces the policy's (a diagnostic, e.g. bench/longctx.py's oracle
         arm)."""
-        score = self.scores if scorer is None else lambda: scorer(self.wc)
+        scoring = self.scores if scorer is None else lambda: scorer(self.wc)
+        score_s = [0.0]
+
+        def score():
+            t = time.perf_counter()
+            out = scoring()
+            score_s[0] += time.perf_counter() - t
+            return out
+
         first = self.alloc.steps  # (until_stable: no edit of this loop is undone within it)
         edits_per_step = self.cfg.settle_edits if until_stable else None
         t0 = time.perf_counter()
@@ -153,7 +162,7 @@ class Session:
         # in its seconds); a refocus without edits keeps them all and costs only its scoring
         reused = self._valid()
         self.telemetry.update(reused=reused, recomputed=cached - reused, refocus_s=time.perf_counter() - t0,
-                              recompute_s=0.0)
+                              score_s=score_s[0], recompute_s=0.0)
         self.telemetry["seconds"] = self.telemetry["refocus_s"]
         kv = self.kv
         kv.update(refocuses=kv["refocuses"] + 1, reused=kv["reused"] + reused, seconds=kv["seconds"] +
