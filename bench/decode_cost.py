@@ -4,7 +4,7 @@ the CPU demo's trained model, over book text.
     nice -n 10 python bench/decode_cost.py --ckpt /work/main/out/mc_demo/lens_oracle/ckpt.pt     # ~15 min, 2 cores
     python bench/decode_cost.py --ckpt ... --histories 65536 --runs 1 --tokens 32                    # a smoke run
 
-The history (--histories, book text of the data's val split) is ingested once per length, saved, and opened by one
+The history (--histories, book text of the data's --split) is ingested once per length, saved, and opened by one
 session per budget (memory-mapped, as a long session runs). Each arm then reads the next --tokens tokens of the book
 (teacher-forced, so every arm reads the same text; each step is a full decode step: refocus when due, the logits over
 the working context, the token appended), after --warmup untimed steps. Times are the process's CPU seconds (torch on
@@ -54,6 +54,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="the CPU demo's lens-stage checkpoint")
     p.add_argument("--data-dir", default="data/pg1k", help="prepared book text")
+    p.add_argument("--split", default="val", help="its split (val holds ~4M tokens; 16M of history needs train)")
     p.add_argument("--histories", default="65536,1048576", help="tokens of history, ascending")
     p.add_argument("--arms", default=",".join(ARMS), help=f"session arms among {', '.join(ARMS)}")
     p.add_argument("--headline", default="b128_n8_cost", help="the arm whose figures make the summary")
@@ -128,7 +129,7 @@ def main(argv):
     gpt.eval()
     need = a.histories[-1] + a.runs * len(a.arms) * (a.warmup + a.tokens) + 4096
     try:
-        book = longctx.haystack(a.data_dir, "val", need)
+        book = longctx.haystack(a.data_dir, a.split, need)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     models = {name: arm_model(ckpt, gpt, name) for name in a.arms}
@@ -192,7 +193,7 @@ def main(argv):
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   commit=git("rev-parse", "--short", "HEAD"), dirty=bool(git("status", "--porcelain")),
                   command="python bench/decode_cost.py " + " ".join(argv), checkpoint=a.ckpt,
-                  model=ckpt["model_args"], data=a.data_dir)
+                  model=ckpt["model_args"], data=f"{a.data_dir}/{a.split}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(f"{a.out}.json", "w") as f:
         json.dump(result, f, indent=1)
