@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import kernels
 from model import GPT, MLP, GPTConfig, RMSNorm
+from predict import GistPredictor
 from tiling import check_capacity, pyramid_bounds  # noqa: F401 (re-exported: the working context's arithmetic)
 from tree import depth_of
 
@@ -54,6 +55,8 @@ class MegaContextConfig:
     edit_cost: float = 0.0  # score margin an edit needs per fraction of the KV cache it makes stale: an edit at entry
     # i with entries [0, c) cached costs edit_cost * (c - i) / n (0 past the cut already made); 0 = off (Session)
     policy: str = "lens"  # 'lens' (LensNet scores) | 'recency' (static recency pyramid, no LensNet)
+    gist_predict: str = ""  # MegaPrediction heads (predict.py): '' = off | 'mlp' (gists of the next K and K² tokens
+    # predicted from the tied head's input; trained in their own stage, bench/megaprediction.py)
     # positions (DESIGN §3)
     sigma_scale: float = 1 / math.sqrt(12)  # gist sigma = sigma_scale * span: the std of a uniform position
     rope: str = "gaussian"  # 'gaussian' | 'rope' (sigma = 0 everywhere) | 'gaussian_learned' (sigma_scale per level)
@@ -109,7 +112,7 @@ class MegaContextConfig:
             raise ValueError(f"block size K must be a power of two in 2..64, got {K}")
         for key, allowed in dict(policy=("lens", "recency"), rope=("gaussian", "rope", "gaussian_learned"),
                                  gist_pool=("mean", "query", "cls"), gist_proj=("linear", "mlp"),
-                                 gist_dtype=("float32", "float16")).items():
+                                 gist_dtype=("float32", "float16"), gist_predict=("", "mlp")).items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         if not 1 <= self.lens_preview <= 3 or K**self.lens_preview > 4096:
@@ -759,6 +762,8 @@ class MegaContextModel(nn.Module):
         if any(v > gpt.config.n_layer for v in layers):
             raise ValueError(f"lens_query={cfg.lens_query!r} names a layer above the base's {gpt.config.n_layer}")
         self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d, d * len(layers))
+        if cfg.gist_predict:  # (off by default: no parameters, and checkpoints without it load as before)
+            self.predictor = GistPredictor(d)
         scale = torch.full((cfg.gist_levels + 1,), cfg.sigma_scale)  # per level; deeper levels use the last
         if cfg.rope == "gaussian_learned":
             self.sigma_scale = nn.Parameter(scale)

@@ -15,10 +15,10 @@ tree (a progress line past 64k tokens); --tree DIR resumes the session saved in 
 tokens of a long prompt and on exit, so memory stays flat; the same command after a kill continues the book from
 the first token the tree does not hold. One process writes a tree at a time (tree.TreeLock); --read-only opens
 one another process holds and saves nothing. After each refocus one line goes to stderr (stdout stays the generated
-text): a map of the history by level of detail (oldest left), entries used / budget, edits and swap rate; on a
-terminal it is one status line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet
-weights gets untrained ones from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop
-usable before the MegaContext training stages.
+text): a map of the history by level of detail (oldest left), entries used / budget, edits, swap rate and KV
+entries kept / held; on a terminal it is one status line on the bottom row, rewritten in place. A checkpoint
+without trained GistNet/LensNet weights gets untrained ones from a fixed seed (the same on every run, so a saved tree
+reopens), which keeps the loop usable before the MegaContext training stages.
 
 --interactive reads one prompt per `> ` line until Ctrl-D, an empty line or a quit word (quit, exit). Ctrl-C stops
 the reply being generated (the session keeps it) and, at the prompt, ends the session; SIGTERM and SIGHUP end it
@@ -68,6 +68,8 @@ def parse_args(argv):
     p.add_argument("--block", type=int, default=None, help="--mc: block size K, a power of two in 2..64")
     p.add_argument("--recent", type=int, default=None, help="--mc: newest tokens always kept raw")
     p.add_argument("--policy", default=None, choices=["lens", "recency"], help="--mc: focus policy")
+    p.add_argument("--edit-cost", type=float, default=None, help="--mc: score margin an edit needs per fraction of "
+                   "the KV cache it makes stale (MegaContextConfig.edit_cost; 0 = off)")
     p.add_argument("--tree", default=None, help="--mc: session directory, resumed when it exists, saved on exit")
     p.add_argument("--read-only", action="store_true", help="--tree: open a saved session (even one another process "
                                                              "writes) and never save")
@@ -147,10 +149,11 @@ class Conversation:
 
 
 def mc_status(session, columns: int) -> str:
-    """One line: history map by level (scaled to `columns`), entries / budget, edits, swap rate, history."""
+    """One line: history map by level (scaled to `columns`), entries / budget, edits, swap rate, KV entries the
+    refocus kept / held (the rest are re-read), history."""
     t, wc, cfg = session.telemetry, session.wc, session.cfg
     text = (f" | {len(wc)}/{cfg.w_max} entries | +{t['expands']} -{t['collapses']} edits | swap {t['swap_rate']:.2f}"
-            f" | {wc.cursor:,} tokens")
+            f" | kv {t['reused']}/{t['reused'] + t['recomputed']} | {wc.cursor:,} tokens")
     return f"[mc] {wc.level_map(max(columns - len(text) - 6, 8))}{text}"
 
 

@@ -122,6 +122,8 @@ def tail_reuse(s: Session, entries: float) -> float:
 
 def main(argv):
     a = parse_args(argv)
+    git = lambda *c: subprocess.run(["git", *c], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa
+    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain"))  # the code that runs
     torch.set_num_threads(a.threads)
     ckpt = load_checkpoint(a.ckpt)
     gpt = GPT(GPTConfig(**ckpt["model_args"]))
@@ -180,7 +182,6 @@ def main(argv):
         rows[L] = dict(ingest_tokens_per_s=ingest_rate, arms=res)
     tmp.cleanup()
 
-    git = lambda *c: subprocess.run(["git", *c], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa
     head = {str(L): rows[L]["arms"][a.headline] for L in a.histories}
     result = dict(summary=dict(overhead={L: v["overhead"] for L, v in head.items()},
                                reuse={L: v["reuse"] for L, v in head.items()}),
@@ -191,7 +192,7 @@ def main(argv):
                                             f"{os.cpu_count()} cores, shared)",
                   torch=torch.__version__, python=platform.python_version(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  commit=git("rev-parse", "--short", "HEAD"), dirty=bool(git("status", "--porcelain")),
+                  commit=commit, dirty=dirty,
                   command="python bench/decode_cost.py " + " ".join(argv), checkpoint=a.ckpt,
                   model=ckpt["model_args"], data=f"{a.data_dir}/{a.split}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
