@@ -77,6 +77,14 @@ def loss(pred, targets: list, alphas, centers=None) -> torch.Tensor:
     return sum(a * (1 - cos(p - c, t - c)).mean() for a, p, t, c in zip(alphas, pred, targets, centers))
 
 
+def as_gist(pred, center=None, rho=None):
+    """The heads' output (..., d) as a predicted gist: as is, or, for heads trained around a centre (loss's centers),
+    that centre plus the predicted direction at length rho (the training targets' mean distance from it)."""
+    if center is None:
+        return pred
+    return center + (pred - center) * rho / (pred - center).norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
 def acceptance(pred, gists, win, j, others: int = 7, generator=None) -> float:
     """The share of predictions pred (N, d) for block j of window win whose true gist (gists (B, n, d)) is the nearest
     (cosine) among itself and `others` other blocks of the same window, drawn at random without replacement."""
@@ -89,3 +97,46 @@ def acceptance(pred, gists, win, j, others: int = 7, generator=None) -> float:
         cands = torch.cat([gists[w, k:k + 1], gists[w, pick]])  # the true block first
         hits += int(cos(p[None], cands).argmax()) == 0
     return hits / max(len(pred), 1)
+
+
+class Plan:
+    """sample.py --mc --show-plan: trained heads (bench/megaprediction.py --save-heads) watching a session's base.
+    A hook keeps the newest token's final state at every forward; line() names the gist the heads predict for the
+    next K tokens by its nearest vocabulary tokens (cosine to the token embeddings), beside the text generated since
+    the last line and what was planned for it."""
+
+    def __init__(self, path: str, mc, enc, top: int = 5):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # missing, truncated, not a torch file: one line, never a traceback
+            raise ValueError(f"--show-plan {path}: cannot read MegaPrediction heads ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if not isinstance(saved, dict) or "heads" not in saved:
+            raise ValueError(f"--show-plan {path}: not a heads file (bench/megaprediction.py --save-heads)")
+        if saved["n_embd"] != mc.gpt.config.n_embd or saved["identity"] != mc.identity():
+            raise ValueError(f"{path}: heads trained for another base model or GistNet (bench/megaprediction.py "
+                             "--save-heads with this checkpoint makes matching ones)")
+        self.heads = GistPredictor(saved["n_embd"])
+        self.heads.load_state_dict(saved["heads"])
+        self.heads.eval().to(mc.gpt.wte.weight.device)
+        self.center = saved["centers"][0] if saved["centers"] else None
+        self.rho = saved["rho"][0] if saved["rho"] else None
+        self.vocab, self.enc, self.top, self.h, self.last = mc.gpt.wte.weight, enc, top, None, None
+        self.markers = mc.cfg.lens_markers
+        mc.gpt.ln_f.register_forward_hook(lambda mod, inp, out: setattr(self, "h", out[0, -1].detach()))
+
+    @torch.no_grad()
+    def line(self, recent_ids) -> str:
+        """'[plan] wrote <text> (planned: a b c) | next: d e f' for the newest state; recent_ids: the tokens
+        generated since the last line."""
+        if self.h is None:
+            return "[plan] (no forward yet)"
+        g = as_gist(self.heads(self.h.float())[0], self.center, self.rho).to(self.vocab.dtype)
+        sim = F.normalize(self.vocab, dim=-1) @ F.normalize(g, dim=-1)
+        if self.markers:
+            sim[-self.markers:] = -2  # special tokens are not words of a plan
+        near = sim.topk(self.top).indices.tolist()
+        words = " ".join(repr(self.enc.decode([i])) for i in near)
+        wrote = f"wrote {self.enc.decode(list(recent_ids))!r} (planned: {self.last}) | " if self.last else ""
+        self.last = words
+        return f"[plan] {wrote}next: {words}"

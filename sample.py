@@ -41,6 +41,7 @@ terminal.quit_while_importing()  # a signal while torch loads exits with one lin
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+import predict  # noqa: E402
 import prepare  # noqa: E402
 from model import GPT, sample_next  # noqa: E402
 from session import Session, ingest_stream, stream_offset, stream_source  # noqa: E402
@@ -70,11 +71,14 @@ def parse_args(argv):
     p.add_argument("--policy", default=None, choices=["lens", "recency"], help="--mc: focus policy")
     p.add_argument("--edit-cost", type=float, default=None, help="--mc: score margin an edit needs per fraction of "
                    "the KV cache it makes stale (MegaContextConfig.edit_cost; 0 = off)")
+    p.add_argument("--show-plan", default=None, metavar="HEADS", help="--mc: every K tokens, print the gist the "
+                   "MegaPrediction heads in HEADS (bench/megaprediction.py --save-heads) predict for the next K")
     p.add_argument("--tree", default=None, help="--mc: session directory, resumed when it exists, saved on exit")
     p.add_argument("--read-only", action="store_true", help="--tree: open a saved session (even one another process "
                                                              "writes) and never save")
     args = p.parse_args(argv)
-    mc_flags = [f"--{k}" for k in ("budget", "block", "recent", "policy", "tree") if getattr(args, k) is not None]
+    mc_flags = [f"--{k.replace('_', '-')}" for k in ("budget", "block", "recent", "policy", "edit_cost", "tree",
+                                                      "show_plan") if getattr(args, k) is not None]
     mc_flags += ["--read-only"] * args.read_only
     for wrong, msg in [  # one line naming the flag and what it accepts; the first that applies is reported
         (args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
@@ -164,13 +168,19 @@ def mc_sample(session, ids, args, generator, status, stop=lambda: False):
     session.ingest(ids)
     session.refocus(until_stable=True)
     status.show(mc_status(session, status.size()[0]))
+    plan, wrote = getattr(args, "plan", None), []
     for _ in range(args.max_new_tokens):
         if stop():
             return
         if session.pending >= session.cfg.refocus_tokens:  # what step() would do, made visible
             session.refocus()
             status.show(mc_status(session, status.size()[0]))
-        yield session.step(args.temperature, args.top_k, args.top_p, generator)
+            if plan is not None:
+                session.logits()  # (the newest token's state, read by the decode that follows anyway)
+                say(plan.line(wrote))
+                wrote = []
+        wrote.append(session.step(args.temperature, args.top_k, args.top_p, generator))
+        yield wrote[-1]
 
 
 def say(line: str):
@@ -190,6 +200,7 @@ def run_mc(args, ckpt, model, enc, generator, signals):
         mc = checkpoint.mc_model(ckpt, args, model)
         resume = args.tree is not None and check_folder(args.tree, write=False)
         session = Session.open(mc, args.tree) if resume else Session(mc)
+        args.plan = predict.Plan(args.show_plan, mc, enc) if args.show_plan else None
     except ValueError as e:  # bad config, a tree from another model or K, a damaged tree
         fail(str(e))
     signals.hold()

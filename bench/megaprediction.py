@@ -76,6 +76,7 @@ def main(argv):
     p.add_argument("--alphas", default="0.05,0.03", help="alpha1,alpha2: the levels' loss weights")
     p.add_argument("--center", type=int, default=1, help="1: the loss's cosine is taken around the mean training "
                    "gist of each level (predict.loss), 0: around 0")
+    p.add_argument("--save-heads", default="", help="write the trained heads here (sample.py --mc --show-plan)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "megaprediction_cpu"))
@@ -130,9 +131,7 @@ def main(argv):
             h, target, prev, win, j = va[l]
             pred = heads(h)[:, l]
             if centers:  # the loss trained the direction around the centre: the gist is centre + that direction
-                c = centers[l]  # at the training residuals' mean length
-                rho = (tr[l][1] - c).norm(dim=-1).mean()
-                pred = c + (pred - c) * rho / (pred - c).norm(dim=-1, keepdim=True).clamp(min=1e-6)
+                pred = predict.as_gist(pred, centers[l], (tr[l][1] - centers[l]).norm(dim=-1).mean())
             mean = tr[l][1].mean(0, keepdim=True)
             levels[f"lod{l + 1}"] = dict(
                 pairs=len(h), cos=float(predict.cos(pred, target).mean()),
@@ -141,6 +140,10 @@ def main(argv):
                 cos_mean_gist=float(predict.cos(mean.expand_as(target), target).mean()),
                 acceptance=predict.acceptance(pred, g_va[l], win, j, 7, gen),
                 acceptance_last_block=predict.acceptance(prev, g_va[l], win, j, 7, gen))
+    if a.save_heads:  # the heads, the centres and lengths that turn their output into a gist, and what they fit
+        rho = [(tr[l][1] - centers[l]).norm(dim=-1).mean() for l in range(2)] if centers else None
+        torch.save(dict(heads=heads.state_dict(), centers=centers, rho=rho, n_embd=gpt.config.n_embd, K=K,
+                        identity=mc.identity()), a.save_heads)
     base = {k: max(v["cos_last_block"], v["cos_mean_gist"]) for k, v in levels.items()}
     result = dict(summary=dict(cos={k: v["cos"] for k, v in levels.items()}, baseline_cos=base,
                                acceptance=levels["lod1"]["acceptance"], dnll_tok=0.0),

@@ -1,5 +1,7 @@
 """predict.py (MegaPrediction, issue 19): the heads start as the tied head's input, targets are the gists the tree
 holds, prediction positions and acceptance against brute-force loops, and the heads learn a planted mapping."""
+import subprocess
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ import predict
 from megacontext import MegaContextConfig, MegaContextModel
 from model import GPT, GPTConfig
 from session import Session
+from test_megacontext import checkpoint  # noqa: F401  (a random tiny GPT in train.py's format, a book, a folder)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,3 +91,32 @@ def test_heads_learn_a_planted_mapping():
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.2 * first
+
+
+def test_sample_show_plan_prints_the_plan_beside_the_text(checkpoint, tmp_path):  # noqa: F811
+    """sample.py --mc --show-plan HEADS: a [plan] line every K generated tokens (what was written, what was planned
+    for it, the next plan); heads made for another model are refused in one line."""
+    import types
+
+    import checkpoint as ckpt_lib
+    from test_sample import MC, launch
+    path, _, _ = checkpoint
+    ck = ckpt_lib.read(path)
+    gpt = GPT(GPTConfig(**ck["model_args"]))
+    gpt.load_state_dict(ck["model"])
+    mc = ckpt_lib.mc_model(ck, types.SimpleNamespace(block=8, budget=128, recent=16, policy=None), gpt)
+    d = gpt.config.n_embd
+    heads = str(tmp_path / "heads.pt")
+    torch.save(dict(heads=predict.GistPredictor(d).state_dict(), centers=None, rho=None, n_embd=d, K=8,
+                    identity=mc.identity()), heads)
+    p = launch(["--ckpt", path, *MC, "--prompt", "hello there", "--max-new-tokens", "30", "--temperature", "0",
+                "--show-plan", heads], stdin=subprocess.DEVNULL)
+    out, err = p.communicate(timeout=120)
+    plans = [line for line in err.decode().splitlines() if line.startswith("[plan] ")]
+    assert p.returncode == 0 and len(plans) >= 3 and all("next: " in line for line in plans), err.decode()
+    assert all("wrote " in line and "(planned: " in line for line in plans[1:]), plans
+    torch.save(dict(heads=predict.GistPredictor(d).state_dict(), centers=None, rho=None, n_embd=d, K=8,
+                    identity="another"), heads)
+    p = launch(["--ckpt", path, *MC, "--prompt", "hi", "--show-plan", heads], stdin=subprocess.DEVNULL)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "another base model or GistNet" in err.decode() and "Traceback" not in err.decode()
