@@ -142,6 +142,7 @@ def main(argv):
                 acceptance_last_block=predict.acceptance(prev, g_va[l], win, j, 7, gen))
     if a.save_heads:  # the heads, the centres and lengths that turn their output into a gist, and what they fit
         rho = [(tr[l][1] - centers[l]).norm(dim=-1).mean() for l in range(2)] if centers else None
+        os.makedirs(os.path.dirname(os.path.abspath(a.save_heads)), exist_ok=True)
         torch.save(dict(heads=heads.state_dict(), centers=centers, rho=rho, n_embd=gpt.config.n_embd, K=K,
                         identity=mc.identity()), a.save_heads)
     base = {k: max(v["cos_last_block"], v["cos_mean_gist"]) for k, v in levels.items()}
