@@ -150,7 +150,9 @@ class Session:
         cached = self._valid()
         t = self.telemetry = self.alloc.step(self.wc, score(), max_edits=edits_per_step)
         steps, edits = 1, dict(expands=t["expands"], collapses=t["collapses"], edits=t["edits"])
+        low = cached  # the lowest cut of the refocus (a settle loop's re-reads between steps refill the cache)
         while until_stable and t["edits"] and steps < self.tree.depth + 1:
+            low = min(low, self._valid())
             self._read_question()  # the question re-read over what the last step zoomed: a hop to the next needle
             t = self.telemetry = self.alloc.step(self.wc, score(), keep_since=first, max_edits=edits_per_step)
             steps += 1
@@ -160,7 +162,7 @@ class Session:
             self.telemetry = {**t, **edits, "steps": steps}
         # reuse counts the entries cached when the edits began (the settle loop's re-reads between steps, if any, are
         # in its seconds); a refocus without edits keeps them all and costs only its scoring
-        reused = self._valid()
+        reused = min(low, self._valid())
         self.telemetry.update(reused=reused, recomputed=cached - reused, refocus_s=time.perf_counter() - t0,
                               score_s=score_s[0], recompute_s=0.0)
         self.telemetry["seconds"] = self.telemetry["refocus_s"]

@@ -57,8 +57,13 @@ def test_session_reuse_counts_match_brute_force(edit_cost):
         s.logits()
         cached = rows(s.wc)  # what the KV cache now holds
         s.ingest([int(torch.randint(0, 97, ()))])
+    s.ingest(torch.randint(0, 97, (20,)).tolist())  # a question: refocus until stable, several steps, one count
+    before = rows(s.wc)[:min(s.wc.dirty, s.cache.length)]
+    t = s.refocus(until_stable=True)
+    reused = common_prefix(before, rows(s.wc))
+    assert (t["reused"], t["recomputed"]) == (reused, len(before) - reused) and t["steps"] >= 2, t
     kv = s.kv_summary()
-    assert kv["refocuses"] == seen >= 10 and middle >= 3, (kv, middle)
+    assert kv["refocuses"] == seen + 1 >= 11 and middle >= 3, (kv, middle)
     assert 0 < kv["reuse"] < 1 and kv["seconds_per_refocus"] > 0
 
 
