@@ -108,14 +108,15 @@ def least_budget(cfg: MegaContextConfig) -> int:
 
 def mc_model(ckpt: dict, args, gpt: GPT) -> MegaContextModel:
     """The checkpoint's MegaContext config and weights when it has them (training stages), else untrained nets from a
-    fixed seed. args.block, .budget, .recent and .policy override the config when not None. The budget defaults to
-    the checkpoint's, else to the default capped at the base's block. ValueError (one line) for a config that cannot
-    run on this base."""
+    fixed seed. args.block, .budget, .recent, .policy (and .edit_cost, if given) override the config when not None.
+    The budget defaults to the checkpoint's, else to the default capped at the base's block. ValueError (one line) for
+    a config that cannot run on this base."""
     fields = {f.name for f in dataclasses.fields(MegaContextConfig)}
     block = gpt.config.block_size
     saved = {"w_max": min(MegaContextConfig.w_max, block)}
     saved |= {k: v for k, v in ckpt.get("mc_config", {}).items() if k in fields}
-    given = {"block_k": args.block, "w_max": args.budget, "recent_tokens": args.recent, "policy": args.policy}
+    given = {"block_k": args.block, "w_max": args.budget, "recent_tokens": args.recent, "policy": args.policy,
+             "edit_cost": getattr(args, "edit_cost", None)}
     cfg = MegaContextConfig(**{**saved, **{k: v for k, v in given.items() if v is not None}})
     if least_budget(cfg) > block:  # no budget can work: say both limits at once, and what would fit
         K = max([2] + [k for k in (2**i for i in range(1, 7)) if k <= cfg.K and 6 * k <= block])

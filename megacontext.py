@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import kernels
 from model import GPT, MLP, GPTConfig, RMSNorm
+from predict import GistPredictor
 from tiling import check_capacity, pyramid_bounds  # noqa: F401 (re-exported: the working context's arithmetic)
 from tree import depth_of
 
@@ -51,7 +52,11 @@ class MegaContextConfig:
     tau_collapse: float = 1.0  # a group scoring below -tau_collapse is collapsed even without a paired expansion
     hysteresis: float = 0.5  # a paired expand + collapses needs gain - loss above this margin
     cooldown: int = 2  # refocus steps during which an edited node is not edited in the opposite direction
+    edit_cost: float = 0.0  # score margin an edit needs per fraction of the KV cache it makes stale: an edit at entry
+    # i with entries [0, c) cached costs edit_cost * (c - i) / n (0 past the cut already made); 0 = off (Session)
     policy: str = "lens"  # 'lens' (LensNet scores) | 'recency' (static recency pyramid, no LensNet)
+    gist_predict: str = ""  # MegaPrediction heads (predict.py): '' = off | 'mlp' (gists of the next K and K² tokens
+    # predicted from the tied head's input; trained in their own stage, bench/megaprediction.py)
     # positions (DESIGN §3)
     sigma_scale: float = 1 / math.sqrt(12)  # gist sigma = sigma_scale * span: the std of a uniform position
     rope: str = "gaussian"  # 'gaussian' | 'rope' (sigma = 0 everywhere) | 'gaussian_learned' (sigma_scale per level)
@@ -107,14 +112,14 @@ class MegaContextConfig:
             raise ValueError(f"block size K must be a power of two in 2..64, got {K}")
         for key, allowed in dict(policy=("lens", "recency"), rope=("gaussian", "rope", "gaussian_learned"),
                                  gist_pool=("mean", "query", "cls"), gist_proj=("linear", "mlp"),
-                                 gist_dtype=("float32", "float16")).items():
+                                 gist_dtype=("float32", "float16"), gist_predict=("", "mlp")).items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         if not 1 <= self.lens_preview <= 3 or K**self.lens_preview > 4096:
             raise ValueError(f"lens_preview={self.lens_preview} must be 1..3 with K**lens_preview <= 4096 nodes per "
                              "entry")
-        if min(self.recent_tokens, self.refocus_every, self.max_edits, self.cooldown) < 0:
-            raise ValueError("recent_tokens, refocus_every, max_edits and cooldown must be >= 0")
+        if min(self.recent_tokens, self.refocus_every, self.max_edits, self.cooldown, self.edit_cost) < 0:
+            raise ValueError("recent_tokens, refocus_every, max_edits, cooldown and edit_cost must be >= 0")
         # the least budget worth running: the tail plus the coarsest tiling of a history that reaches LOD2 (ragged
         # LOD0 and LOD1 runs and one gist above); check_capacity then bounds the history a budget holds
         least = self.recent_tokens + 2 * (K - 1) + 1
@@ -644,6 +649,9 @@ class FocusAllocator:
     A node edited in the last `cooldown` steps is not edited in the opposite direction; `keep_since` (a step number)
     extends that to every edit since that step (Session.refocus(until_stable): a zoom made for a question is not
     undone while the question is being answered, so the loop cannot oscillate).
+    With cfg.edit_cost, every score is first charged the KV recompute its edit would add (_cost): expansions need
+    tau_expand plus it, collapses count as that much dearer, so edits far from the tail must pay for the re-read
+    (a paired expand + collapses is charged each member's cost, an upper bound on the one cut they share).
     """
 
     def __init__(self, cfg: MegaContextConfig):
@@ -662,10 +670,16 @@ class FocusAllocator:
             fresh = (wc.born_by[members] == 1) & (now - wc.born[members] <= cooldown)
             keep = ~fresh.any(1)
             g, members = g[keep], members[keep]
-        return g, scores[members].mean(1)
+        return g, scores[members].mean(1) + self._cost(wc, g)
+
+    def _cost(self, wc, i):
+        """The KV recompute an edit at entries i (m,) adds, in score units: cfg.edit_cost per fraction of the working
+        context between i and the cut so far (wc.dirty: the cache is cut once per refocus, at the lowest edit)."""
+        return self.cfg.edit_cost * (wc.dirty - i).clamp(min=0).float() / max(len(wc), 1)
 
     def _expand_candidate(self, wc, scores, now, cooldown):
         blocked = (wc.born_by == -1) & (now - wc.born <= cooldown)
+        scores = scores - self._cost(wc, torch.arange(len(wc)))
         s = torch.where(wc.can_expand() & ~blocked, scores, torch.tensor(-math.inf))
         i = int(s.argmax()) if len(s) else 0
         return (i, float(s[i])) if len(s) and s[i] > self.cfg.tau_expand else (None, None)
@@ -766,6 +780,8 @@ class MegaContextModel(nn.Module):
         if any(v > gpt.config.n_layer for v in layers):
             raise ValueError(f"lens_query={cfg.lens_query!r} names a layer above the base's {gpt.config.n_layer}")
         self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d, d * len(layers))
+        if cfg.gist_predict:  # (off by default: no parameters, and checkpoints without it load as before)
+            self.predictor = GistPredictor(d)
         scale = torch.full((cfg.gist_levels + 1,), cfg.sigma_scale)  # per level; deeper levels use the last
         if cfg.rope == "gaussian_learned":
             self.sigma_scale = nn.Parameter(scale)

@@ -16,12 +16,13 @@ tree (a progress line past 64k tokens); --tree DIR resumes the session saved in 
 tokens of a long prompt and on exit, so memory stays flat; the same command after a kill continues the book from
 the first token the tree does not hold. One process writes a tree at a time (tree.TreeLock); --read-only opens
 one another process holds and saves nothing. After each refocus one line goes to stderr (stdout stays the generated
-text): a map of the history by level of detail (oldest left), entries used / budget, edits and swap rate; on a
-terminal it is one status line on the bottom row, rewritten in place. A checkpoint without trained GistNet/LensNet
-weights gets untrained ones from a fixed seed (the same on every run, so a saved tree reopens), which keeps the loop
-usable before the MegaContext training stages. --mount DIR (repeatable) mounts saved trees read-only (never written,
-no lock): the base reads their working contexts first, each under an equal part of --mount-share of the budget (the
-session's own tree keeps the rest, at least half), and the status line adds each mount's entries / share.
+text): a map of the history by level of detail (oldest left), entries used / budget, edits, swap rate and KV
+entries kept / held; on a terminal it is one status line on the bottom row, rewritten in place. A checkpoint
+without trained GistNet/LensNet weights gets untrained ones from a fixed seed (the same on every run, so a saved tree
+reopens), which keeps the loop usable before the MegaContext training stages. --mount DIR (repeatable) mounts saved
+trees read-only (never written, no lock): the base reads their working contexts first, each under an equal part of
+--mount-share of the budget (the session's own tree keeps the rest, at least half), and the status line adds each
+mount's entries / share.
 
 --interactive reads one prompt per `> ` line until Ctrl-D, an empty line or a quit word (quit, exit). Ctrl-C stops
 the reply being generated (the session keeps it) and, at the prompt, ends the session; SIGTERM and SIGHUP end it
@@ -44,6 +45,7 @@ terminal.quit_while_importing()  # a signal while torch loads exits with one lin
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+import predict  # noqa: E402
 import prepare  # noqa: E402
 from model import GPT, sample_next  # noqa: E402
 from session import MOUNT_SHARE, Session, ingest_stream, open_mounts, stream_offset, stream_source  # noqa: E402
@@ -71,6 +73,10 @@ def parse_args(argv):
     p.add_argument("--block", type=int, default=None, help="--mc: block size K, a power of two in 2..64")
     p.add_argument("--recent", type=int, default=None, help="--mc: newest tokens always kept raw")
     p.add_argument("--policy", default=None, choices=["lens", "recency"], help="--mc: focus policy")
+    p.add_argument("--edit-cost", type=float, default=None, help="--mc: score margin an edit needs per fraction of "
+                   "the KV cache it makes stale (MegaContextConfig.edit_cost; 0 = off)")
+    p.add_argument("--show-plan", default=None, metavar="HEADS", help="--mc: every K tokens, print the gist the "
+                   "MegaPrediction heads in HEADS (bench/megaprediction.py --save-heads) predict for the next K")
     p.add_argument("--tree", default=None, help="--mc: session directory, resumed when it exists, saved on exit")
     p.add_argument("--read-only", action="store_true", help="--tree: open a saved session (even one another process "
                                                              "writes) and never save")
@@ -79,7 +85,8 @@ def parse_args(argv):
     p.add_argument("--mount-share", type=float, default=None, help="--mount: the mounted trees' share of the budget, "
                    "together (default 0.25, at most 0.5: the session's own tree keeps at least half)")
     args = p.parse_args(argv)
-    mc_flags = [f"--{k}" for k in ("budget", "block", "recent", "policy", "tree") if getattr(args, k) is not None]
+    mc_flags = [f"--{k.replace('_', '-')}" for k in ("budget", "block", "recent", "policy", "edit_cost", "tree",
+                                                      "show_plan") if getattr(args, k) is not None]
     mc_flags += ["--read-only"] * args.read_only + ["--mount"] * bool(args.mount)
     for wrong, msg in [  # one line naming the flag and what it accepts; the first that applies is reported
         (args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
@@ -159,10 +166,11 @@ class Conversation:
 
 
 def mc_status(session, columns: int) -> str:
-    """One line: history map by level (scaled to `columns`), entries / budget, edits, swap rate, history."""
+    """One line: history map by level (scaled to `columns`), entries / budget, edits, swap rate, KV entries the
+    refocus kept / held (the rest are re-read), history."""
     t, wc, cfg = session.telemetry, session.wc, session.cfg
     text = (f" | {len(wc)}/{cfg.w_max} entries | +{t['expands']} -{t['collapses']} edits | swap {t['swap_rate']:.2f}"
-            f" | {wc.cursor:,} tokens")
+            f" | kv {t['reused']}/{t['reused'] + t['recomputed']} | {wc.cursor:,} tokens")
     for m in session.mounts:  # each mounted tree: its name, entries / share, deepest zoom
         text += f" | {os.path.basename(os.path.normpath(m.name))} {len(m.wc)}/{m.cfg.w_max} LOD{int(m.wc.lod.min())}+"
     return f"[mc] {wc.level_map(max(columns - len(text) - 6, 8))}{text}"
@@ -175,13 +183,19 @@ def mc_sample(session, ids, args, generator, status, stop=lambda: False):
     session.ingest(ids)
     session.refocus(until_stable=True)
     status.show(mc_status(session, status.size()[0]))
+    plan, wrote = getattr(args, "plan", None), []
     for _ in range(args.max_new_tokens):
         if stop():
             return
         if session.pending >= session.cfg.refocus_tokens:  # what step() would do, made visible
             session.refocus()
             status.show(mc_status(session, status.size()[0]))
-        yield session.step(args.temperature, args.top_k, args.top_p, generator)
+            if plan is not None:
+                session.logits()  # (the newest token's state, read by the decode that follows anyway)
+                say(plan.line(wrote))
+                wrote = []
+        wrote.append(session.step(args.temperature, args.top_k, args.top_p, generator))
+        yield wrote[-1]
 
 
 def say(line: str):
@@ -202,6 +216,7 @@ def run_mc(args, ckpt, model, enc, generator, signals):
         resume = args.tree is not None and check_folder(args.tree, write=False)
         mounts = dict(mounts=open_mounts(mc, args.mount), mount_share=args.mount_share or MOUNT_SHARE)
         session = Session.open(mc, args.tree, **mounts) if resume else Session(mc, **mounts)
+        args.plan = predict.Plan(args.show_plan, mc, enc) if args.show_plan else None
     except ValueError as e:  # bad config, a tree from another model or K, a damaged tree
         fail(str(e))
     signals.hold()

@@ -12,9 +12,14 @@ Decisions where DESIGN and the issue are silent:
   context as the recency pyramid (the cold start). `refocus` applies the configured policy; `step` calls it every
   refocus_every tokens.
 - The KV cache holds the working context's entries in order; an edit at entry i truncates it to i and the next decode
-  re-reads entries i.. (the "forward in time" rule), so the unchanged prefix is never recomputed. Positions are
-  relative to the cache's origin; the cache is rebuilt when the cursor drifts ORIGIN_DRIFT tokens past it, so recent
-  entries keep full fp32 precision in sessions of any length.
+  re-reads entries i.. (the "forward in time" rule), so the unchanged prefix is never recomputed. The cut is lazy: a
+  refocus's edits only lower wc.dirty, and the next decode cuts the cache once, at the lowest edited entry, and
+  re-reads everything after it in one batched forward. Every refocus records in its telemetry the cached entries it
+  kept (reused) and the ones it made stale (recomputed), and its seconds: reading the question, scoring (score_s) and
+  the allocator (refocus_s), then (recompute_s, added by that decode) the batched re-read; `kv_summary()` sums them.
+  cfg.edit_cost makes the allocator weigh that recompute.
+  Positions are relative to the cache's origin; the cache is rebuilt when the cursor drifts ORIGIN_DRIFT tokens past
+  it, so recent entries keep full fp32 precision in sessions of any length.
 - A saved session stores its working context in the tree's meta.json (the one commit record), so save -> open ->
   continue decodes exactly what an unsaved session would; opened with another budget it cold-starts instead.
 - A long history streams in through `ingest_stream`: fixed-size chunks (gists made in large batches, tree.py), a
@@ -82,6 +87,9 @@ class Session:
         self.cache = gpt.make_cache(1, model.cfg.w_max)
         self.pending, self.last_logits, self.telemetry = 0, None, None
         self.forwarded = 0  # entries run through the base model: decoded tokens plus re-reads after edits
+        # KV reuse over all refocuses: cached entries kept / made stale, seconds (scoring + allocator + re-read)
+        self.kv = dict(refocuses=0, reused=0, recomputed=0, seconds=0.0)
+        self._unpaid = None  # the last refocus's telemetry until the decode that re-reads its stale entries
         # lens_query: the base's residual streams of the newest tokens as the last forward computed them, (Tq, D) with
         # the tokens' positions (Tq,): LensNet's queries (the question as the base reads it)
         self.states, self.state_pos = None, torch.zeros(0, dtype=torch.long)
@@ -198,15 +206,28 @@ class Session:
         arm). With mounted trees every tree's working context takes a step under its own budget (the session's own
         first); the edits are summed, and `trees` gives each tree's entries and edits."""
         parts = [None] + self.mounts
-        score = (lambda part: self.scores(part)) if scorer is None else (lambda part: scorer(self._wc(part)))
+        scoring = (lambda part: self.scores(part)) if scorer is None else (lambda part: scorer(self._wc(part)))
+        score_s = [0.0]
+
+        def score(part):
+            t = time.perf_counter()
+            out = scoring(part)
+            score_s[0] += time.perf_counter() - t
+            return out
+
         first = [self._alloc(part).steps for part in parts]  # (until_stable: no edit of this loop is undone within it)
         edits_per_step = self.cfg.settle_edits if until_stable else None
         depth = max([self.tree.depth] + [m.tree.depth for m in self.mounts])
         keys = ("expands", "collapses", "edits")
         per = [dict.fromkeys(keys, 0) for _ in parts]
-        steps = 0
+        steps, t0 = 0, time.perf_counter()
+        self._read_question()
+        self._pay()  # (until_stable: a previous refocus's re-read, if _read_question just did it)
+        cached = low = self._valid()  # low: the lowest cut of the refocus (a settle loop's re-reads refill the cache)
         while True:
-            self._read_question()  # (again: the question re-read over what the last step zoomed, a hop onwards)
+            if steps:
+                low = min(low, self._valid())
+                self._read_question()  # (again: the question re-read over what the last step zoomed, a hop onwards)
             changed = 0
             for p, part in enumerate(parts):
                 kw = dict(keep_since=first[p]) if steps else {}
@@ -226,7 +247,45 @@ class Session:
         if self.mounts:
             self.telemetry["trees"] = [dict(name=self._name(part), entries=len(self._wc(part)),
                                             budget=self._cfg(part).w_max, **d) for part, d in zip(parts, per)]
+        # reuse counts the entries cached when the edits began (the settle loop's re-reads between steps, if any, are
+        # in its seconds); a refocus without edits keeps them all and costs only its scoring
+        reused = min(low, self._valid())
+        self.telemetry.update(reused=reused, recomputed=cached - reused, refocus_s=time.perf_counter() - t0,
+                              score_s=score_s[0], recompute_s=0.0)
+        self.telemetry["seconds"] = self.telemetry["refocus_s"]
+        kv = self.kv
+        kv.update(refocuses=kv["refocuses"] + 1, reused=kv["reused"] + reused, seconds=kv["seconds"] +
+                  self.telemetry["refocus_s"], recomputed=kv["recomputed"] + cached - reused)
+        self._unpaid = self.telemetry if reused < sum(len(w) for w in self._wcs()) else None
         return self.telemetry
+
+    def _wcs(self) -> list:
+        """The working contexts the base reads, in reading order: each mount's, then the session's own."""
+        return [m.wc for m in self.mounts] + [self.wc]
+
+    def _valid(self) -> int:
+        """Entries [0, n) of the KV cache (over every working context, in reading order) that the next decode reuses
+        as they are."""
+        first, o = self.cache.length, 0
+        for w in self._wcs():
+            first, o = min(first, o + min(w.dirty, len(w))), o + len(w)
+        return first
+
+    def _pay(self, seconds: float = 0.0):
+        """Charge a decode's batched re-read (seconds) to the refocus that made its entries stale."""
+        if self._unpaid is not None:
+            self._unpaid["recompute_s"] += seconds
+            self._unpaid["seconds"] += seconds
+            self.kv["seconds"] += seconds
+            self._unpaid = None
+
+    def kv_summary(self) -> dict:
+        """KV reuse over every refocus so far: reuse = entries reused / entries cached when the edits began, and the
+        mean entries recomputed and seconds per refocus."""
+        kv, n = self.kv, max(self.kv["refocuses"], 1)
+        cached = kv["reused"] + kv["recomputed"]
+        return dict(refocuses=kv["refocuses"], reuse=kv["reused"] / cached if cached else None,
+                    recomputed_per_refocus=kv["recomputed"] / n, seconds_per_refocus=kv["seconds"] / n)
 
     def _wc(self, part):
         return self.wc if part is None else part.wc
@@ -284,6 +343,7 @@ class Session:
         cache.truncate(first)
         if first == 0:
             cache.origin = None  # the next forward sets a fresh origin at the newest entry
+        t0 = time.perf_counter()
         xs, mus, sigmas, lods, starts, o = [], [], [], [], [], 0
         for w, tree, offset, own in parts:
             a = max(0, first - o)
@@ -300,6 +360,10 @@ class Session:
                                               sigma=sigma[None].to(self.device), cache=cache, last_only=True)
         if states is not None:
             self._keep_states(states[0], torch.cat(lods), torch.cat(starts))
+        if self._unpaid is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._pay(time.perf_counter() - t0)
         for w, *_ in parts:
             w.dirty = len(w)
         self.forwarded += total - first

@@ -1,0 +1,122 @@
+"""predict.py (MegaPrediction, issue 19): the heads start as the tied head's input, targets are the gists the tree
+holds, prediction positions and acceptance against brute-force loops, and the heads learn a planted mapping."""
+import subprocess
+
+import pytest
+import torch
+
+import predict
+from megacontext import MegaContextConfig, MegaContextModel
+from model import GPT, GPTConfig
+from session import Session
+from test_megacontext import checkpoint  # noqa: F401  (a random tiny GPT in train.py's format, a book, a folder)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=97, block_size=128, n_layer=2, n_head=3, n_embd=48)).eval()
+    cfg = dict(block_k=4, w_max=64, recent_tokens=12, gist_heads=3, lens_width=32, lens_heads=2, lens_tail=8)
+    return MegaContextModel(gpt, MegaContextConfig(**{**cfg, **kw})).eval()
+
+
+def test_predictor_is_off_by_default_and_starts_as_the_tied_heads_input():
+    assert not hasattr(tiny(), "predictor")
+    m = tiny(gist_predict="mlp")
+    ids = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        h = predict.final_states(m.gpt, ids)
+        g = m.predictor(h)
+        logits = m.gpt(ids)[0]
+    assert g.shape == (2, 32, 2, 48) and torch.equal(g[:, :, 0], h) and torch.equal(g[:, :, 1], h)
+    torch.testing.assert_close(m.gpt.lm_head(h), logits)  # h is what the tied head decodes
+    with pytest.raises(ValueError, match="gist_predict"):
+        MegaContextConfig(gist_predict="yes").validate()
+
+
+def test_block_gists_are_the_gists_the_tree_holds():
+    m, K = tiny(), 4
+    ids = torch.randint(0, 97, (1, 64))
+    s = Session(m)
+    s.ingest(ids[0].tolist())
+    with torch.no_grad():
+        g1, g2 = predict.block_gists(m.make_gists, m.embed_tokens(ids), K)
+    for lod, g in ((1, g1), (2, g2)):
+        n = 64 // K**lod
+        held = s.tree.node_embeddings(torch.full((n,), lod), torch.arange(n))
+        torch.testing.assert_close(g[0].float(), held.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_pairs_and_acceptance_match_loops():
+    K, B, T, d = 4, 2, 64, 8
+    h, g = torch.randn(B, T, d), torch.randn(B, T // K, d)
+    states, target, prev, win, j = predict.pairs(h, g, K, 1)
+    rows = [(b, jj) for b in range(B) for jj in range(1, T // K)]
+    assert len(states) == len(rows)
+    for r, (b, jj) in enumerate(rows):
+        assert torch.equal(states[r], h[b, jj * K - 1]) and torch.equal(target[r], g[b, jj])
+        assert torch.equal(prev[r], g[b, jj - 1]) and (int(win[r]), int(j[r])) == (b, jj)
+    pred = target + 0.8 * torch.randn_like(target)
+    n = T // K
+    others = n - 1  # every other block: no draw, so the loop below is the whole definition
+    hits = 0
+    for r, (b, jj) in enumerate(rows):
+        sims = [float(torch.nn.functional.cosine_similarity(pred[r], g[b, i], dim=0)) for i in range(n)]
+        hits += max(range(n), key=lambda i: sims[i]) == jj
+    assert predict.acceptance(pred, g, win, j, others) == pytest.approx(hits / len(rows))
+    assert predict.acceptance(target, g, win, j, 7) == 1.0
+
+
+def test_heads_learn_a_planted_mapping():
+    torch.manual_seed(0)
+    d = 16
+    A = torch.randn(2, d, d) / d**0.5
+    h = torch.randn(512, d)
+    targets = [h @ A[0], h @ A[1]]
+    heads = predict.GistPredictor(d)
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        out = heads(h)
+        loss = predict.loss([out[:, 0], out[:, 1]], targets, [1.0, 1.0])
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.2 * first
+
+
+def test_sample_show_plan_prints_the_plan_beside_the_text(checkpoint, tmp_path):  # noqa: F811
+    """sample.py --mc --show-plan HEADS: a [plan] line every K generated tokens (what was written, what was planned
+    for it, the next plan); heads made for another model are refused in one line."""
+    import types
+
+    import checkpoint as ckpt_lib
+    from test_sample import MC, launch
+    path, _, _ = checkpoint
+    ck = ckpt_lib.read(path)
+    gpt = GPT(GPTConfig(**ck["model_args"]))
+    gpt.load_state_dict(ck["model"])
+    mc = ckpt_lib.mc_model(ck, types.SimpleNamespace(block=8, budget=128, recent=16, policy=None), gpt)
+    d = gpt.config.n_embd
+    heads = str(tmp_path / "heads.pt")
+    torch.save(dict(heads=predict.GistPredictor(d).state_dict(), centers=None, rho=None, n_embd=d, K=8,
+                    identity=mc.identity()), heads)
+    p = launch(["--ckpt", path, *MC, "--prompt", "hello there", "--max-new-tokens", "30", "--temperature", "0",
+                "--show-plan", heads], stdin=subprocess.DEVNULL)
+    out, err = p.communicate(timeout=120)
+    plans = [line for line in err.decode().splitlines() if line.startswith("[plan] ")]
+    assert p.returncode == 0 and len(plans) >= 3 and all("next: " in line for line in plans), err.decode()
+    assert all("wrote " in line and "(planned: " in line for line in plans[1:]), plans
+    torch.save(dict(heads=predict.GistPredictor(d).state_dict(), centers=None, rho=None, n_embd=d, K=8,
+                    identity="another"), heads)
+    p = launch(["--ckpt", path, *MC, "--prompt", "hi", "--show-plan", heads], stdin=subprocess.DEVNULL)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "another base model or GistNet" in err.decode() and "Traceback" not in err.decode()
