@@ -69,7 +69,7 @@ class TrainConfig:
     # data
     data_dir: str = "data/pg"  # output of prepare.py: tokenizer.json, {train,val}.bin, meta.json
     # retrieval training mix (retrieval.py; issue 9): copying first, then drills, short windows first
-    retrieval_mix: float = 0.0  # share of training windows that are retrieval drills (needles, then questions + answers)
+    retrieval_mix: float = 0.0  # share of training windows that are retrieval drills (needles, questions, answers)
     retrieval_tasks: str = "passkey,multikey"  # drill tasks (retrieval.TASKS), comma-separated, drawn uniformly
     retrieval_needles: int = 3  # look-alike kv needles per drill window, besides the asked tasks' own needles
     retrieval_questions: int = 2  # task instances (each asked once) per drill window
@@ -88,7 +88,7 @@ class TrainConfig:
     qk_norm: bool = True  # RMSNorm q and k per head
     tie_embeddings: bool = True  # share the token embedding with the output head
     rope_base: float = 10000.0  # rotary base
-    rope_heads: int = 0  # heads with (Gaussian) RoPE; the rest are position-free (NoPE: content matching at any distance)
+    rope_heads: int = 0  # heads with (Gaussian) RoPE; the rest are position-free (NoPE: content match at any distance)
     rope_bands: int = 0  # bands that rotate per RoPE head (the fastest); the rest are position-free (p-RoPE); 0 = all
     rope_layers: int = 0  # the first blocks have RoPE heads, the later ones none (position-free); 0 = every block
     attn: str = "sdpa"  # 'sdpa' (RoPE kernel + SDPA) | 'lod' (pyramidal attention kernel, causal, RoPE fused)

@@ -86,6 +86,8 @@ def parse_args(argv):
     r = p.add_argument_group("retrieval at stop lengths (needs --ckpt with GistNet and LensNet, and --data-dir)")
     r.add_argument("--data-dir", default=None, help="stream book text from these prepared data (test, val, then "
                    "train splits) instead of random ids")
+    r.add_argument("--text-passes", type=int, default=1, help="stream the data's text up to this many times over "
+                   "when the longest length needs more tokens than it holds (recorded in the results)")
     r.add_argument("--retrieval", default="", help="stop lengths at which to run the retrieval cells ('' = none)")
     r.add_argument("--trials", type=int, default=30, help="prompts per (task, length)")
     r.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths in [0, 1), in rotation")
@@ -192,26 +194,33 @@ def decode(session: Session, n: int, warmup: int) -> dict:
 class BookText:
     """Book text for the history: the test, val, then train splits of a prepared-data directory, documents back to
     back with <|bos|> removed (held-out text first; train text only past it), read from the memory-mapped shards, so
-    it takes no resident memory worth counting."""
+    it takes no resident memory worth counting. With passes > 1 the whole text is streamed again after it is used up
+    (a 64M-token history from a 56M-token corpus); `passes_used` says how many passes were started."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, passes: int = 1):
+        if passes < 1:
+            raise ValueError(f"--text-passes must be >= 1, got {passes}")
         self.bos = prepare.load_tokenizer(data_dir).encode_single_token(prepare.BOS)
         self.splits = [prepare.load_split(data_dir, s)[0] for s in ("test", "val", "train")]
-        self.data_dir, self.split, self.at = data_dir, 0, 0
+        self.data_dir, self.split, self.at, self.passes, self.passes_used = data_dir, 0, 0, passes, 1
 
     def take(self, n: int) -> np.ndarray:
-        """The next <= n tokens (int64, at least one); ValueError once every split is used up."""
-        while self.split < len(self.splits):
-            tokens = self.splits[self.split]
-            part = np.asarray(tokens[self.at:self.at + n], np.int64)
-            self.at += len(part)
-            if self.at >= len(tokens):
-                self.split, self.at = self.split + 1, 0
-            part = part[part != self.bos]
-            if len(part):
-                return part
+        """The next <= n tokens (int64, at least one); ValueError once every split is used up `passes` times."""
+        while True:
+            while self.split < len(self.splits):
+                tokens = self.splits[self.split]
+                part = np.asarray(tokens[self.at:self.at + n], np.int64)
+                self.at += len(part)
+                if self.at >= len(tokens):
+                    self.split, self.at = self.split + 1, 0
+                part = part[part != self.bos]
+                if len(part):
+                    return part
+            if self.passes_used >= self.passes:
+                break
+            self.split, self.passes_used = 0, self.passes_used + 1
         raise ValueError(f"{self.data_dir} has too little book text in all its splits for the longest length; "
-                         "pass shorter --lengths")
+                         "pass shorter --lengths or more --text-passes")
 
 
 def plan_prompt(tree, needles, task: str, depth: float, rng: np.random.Generator, distractors: int | None,
@@ -358,7 +367,7 @@ def main(argv):
         torch.set_num_threads(args.threads)
     try:
         model, ckpt = build_model(args)
-        text = BookText(args.data_dir) if args.data_dir else None
+        text = BookText(args.data_dir, args.text_passes) if args.data_dir else None
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     args.retrieval_budget = args.retrieval_budget or model.cfg.w_max
@@ -388,11 +397,12 @@ def main(argv):
             date=datetime.date.today().isoformat(), commit=git("rev-parse", "--short", "HEAD"),
             dirty=bool(git("status", "--porcelain")), command="python bench/long_history.py " + " ".join(argv),
             load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),
-            text=f"book text of {args.data_dir} (test, val, then train splits)" if args.data_dir else
+            text=f"book text of {args.data_dir} (test, val, then train splits"
+            + (f"; {text.passes_used} passes over it)" if text.passes_used > 1 else ")") if args.data_dir else
             "random token ids", model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode "
             "cost do not depend on the weights)", gpt=dataclasses.asdict(model.gpt.config), mc=dataclasses.asdict(cfg),
-            gistnet=model.gistnet.describe(), ingested=ingested, ingest_s=ingest_s, decode_steps=args.decode,
-            rows=rows)
+            gistnet=model.gistnet.describe(), text_passes=text.passes_used if text else None, ingested=ingested,
+            ingest_s=ingest_s, decode_steps=args.decode, rows=rows)
         return result
 
     for L in args.lengths:

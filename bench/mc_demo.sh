@@ -131,12 +131,14 @@ run_stage() {
     local name=$1 iters=$2; shift 2
     local ck=$RUN/$name/ckpt.pt init=scratch
     if [ -z "$plan" ] && [ -f "$ck" ]; then
-        if python -c "import sys, torch; sys.exit(torch.load('$ck', map_location='cpu', weights_only=False)['step'] < $iters)"; then
+        if python -c "import sys, torch
+sys.exit(torch.load('$ck', map_location='cpu', weights_only=False)['step'] < $iters)"; then
             echo "$name: done ($ck)"; return 0
         fi
         init=resume
     fi
-    run $name $iters python train.py $CFG --data_dir=$DATA --out_dir=$RUN/$name --max_iters=$iters --init_from=$init "$@"
+    run $name $iters python train.py $CFG --data_dir=$DATA --out_dir=$RUN/$name --max_iters=$iters \
+        --init_from=$init "$@"
 }
 
 # time_limit STAGE: limit=(--time-limit S) for the harness run STAGE: an equal share, among the $runs_left harness

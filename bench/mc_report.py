@@ -3,7 +3,8 @@
 prompts, and the teacher selection made on val -> <out>.json with a top-level `summary` (the test split's: `tasks` =
 {task: {method: {"8x": accuracy}}}, `teachers` = {teacher: {task: {"8x": accuracy}}}, in-block accuracy per task, the
 NLL gap shares) and the run's device, versions, date, commit and command, <out>.md (the per-task table first, then
-each target met or missed) and <out>.png. With --base-log, the base stage's throughput and MFU (medians over its logged steps).
+each target met or missed) and <out>.png. With --base-log, the base stage's throughput and MFU (medians over its
+logged steps).
 
     python bench/mc_report.py --out bench/results/mc_demo_cpu --test T.json --kept counterfactual \
         --select counterfactual=S1.json attention=S2.json oracle=S3.json \

@@ -100,6 +100,24 @@ def test_long_history_retrieval_cells_on_book_text(data_dir, tmp_path):
                                    for t, n in (("passkey", 1), ("multikey", 1), ("vartrack", 3))]
 
 
+def test_book_text_passes_stream_the_text_again_then_stop(data_dir):
+    """--text-passes: the second pass starts again at the first token; past the last pass, one clear error."""
+    def stream(text):
+        parts = []
+        while True:
+            try:
+                parts.append(text.take(5000))
+            except ValueError as e:
+                return np.concatenate(parts), str(e)
+    once, err = stream(long_history.BookText(data_dir))
+    assert "--text-passes" in err and len(once) > 10_000
+    text = long_history.BookText(data_dir, passes=2)
+    twice, _ = stream(text)
+    assert text.passes_used == 2 and twice.tolist() == once.tolist() * 2
+    with pytest.raises(ValueError, match="must be >= 1"):
+        long_history.BookText(data_dir, passes=0)
+
+
 def test_long_history_retrieval_gate_skips_a_budget_too_small_for_the_zoom_path(data_dir, tmp_path, capsys):
     ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir, mc=True)
     r = long_history.main(["--ckpt", ckpt, "--data-dir", data_dir, "--lengths", "5000", "--retrieval", "5000",

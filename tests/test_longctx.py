@@ -22,7 +22,8 @@ from model import GPT, GPTConfig
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import longctx  # noqa: E402
 
-HIST, BUDGETS = [96, 320], [64, 128]  # the base's block is 128: full attention at 96 only; W=128 compresses nothing there
+# the base's block is 128: full attention at 96 only; W=128 compresses nothing there
+HIST, BUDGETS = [96, 320], [64, 128]
 TINY = ["--histories", "96,320", "--budgets", "64,128", "--docs", "2", "--windows", "2", "--horizon", "16",
         "--block", "8", "--recent", "16", "--stream", "16", "--retrieval-histories", "384", "--retrieval-budget", "64",
         "--depths", "0.2,0.5,0.95", "--trials", "3", "--decode", "4", "--threads", "1"]

@@ -234,8 +234,8 @@ def test_train_log_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(data_dir,
     with pytest.raises(SystemExit):
         train.main(args)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: cannot write {out}/log.jsonl (No space left on device); the checkpoint of step 2 is intact: "
-                   "free space, then --init_from=resume"], err
+    assert err == [f"error: cannot write {out}/log.jsonl (No space left on device); the checkpoint of step 2 is "
+                   "intact: free space, then --init_from=resume"], err
     monkeypatch.setattr(train, "start_log", real)
     train.main(args + ["--init_from=resume"])
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]

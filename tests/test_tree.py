@@ -495,8 +495,8 @@ def test_tree_token_types_at_every_level_follow_appends_and_rewrites(monkeypatch
 def test_tree_types_after_markers_and_margin_against_a_brute_force(monkeypatch):
     """types(..., markers, margin): the second half marks the ids whose predecessor is one of the top `markers` ids
     (also across a node boundary), and every span starts `margin` tokens earlier and takes in the token after it
-    (clipped to the history); the RAM bitsets (at and above TYPE_SPAN) agree with a loop over the tokens at every level, after
-    appends and a rewrite that plants a marker."""
+    (clipped to the history); the RAM bitsets (at and above TYPE_SPAN) agree with a loop over the tokens at every
+    level, after appends and a rewrite that plants a marker."""
     monkeypatch.setattr(tree_module, "TYPE_SPAN", 16)  # K = 4: LOD2 and up keep bitsets
     rng = np.random.default_rng(6)
     markers = 2  # ids V - 2 and V - 1
