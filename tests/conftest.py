@@ -78,6 +78,16 @@ def _poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: one thread is ~100x faster than two fighting over a loaded 2-core box (a module asks for it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def triton_backend():
     """Force the Triton kernels (interpreted on CPU) for one test, then restore the previous backend."""

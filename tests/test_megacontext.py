@@ -23,13 +23,7 @@ from tiling import coarsest_runs
 from tree import TreeError, depth_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is ~100x faster than two fighting over a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run on one thread
 
 
 def tiny_gpt(**kw):

@@ -14,13 +14,7 @@ from session import Session, open_mounts
 from test_megacontext import checkpoint, mc_model  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is much faster than two fighting over a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run on one thread
 
 
 def digest(path):
