@@ -867,6 +867,31 @@ def test_zoom_entries_bounds_every_needle_zoom_and_is_reached():
 # the query-conditioned LensNet (issue 17)
 
 
+def test_sparse_maxima_equal_the_dense_masked_max_forward_and_backward():
+    """type_max and masked_max touch only the marked (entry, id) pairs; values and gradients (shared evenly among tied
+    maxima, as amax shares them) equal a dense float64 masked max, chunked or not, an unmarked entry giving 0."""
+    from megacontext import masked_max, type_max
+    torch.manual_seed(3)
+    B, n, V, W, T = 3, 9, 37, 5, 4
+    types = torch.rand(B, n, V) < 0.2
+    types[1, 4] = False
+    types[0, 0, :3] = True
+    table = torch.randn(V, W, dtype=torch.float64)
+    table[1] = table[0]  # a tie inside entry (0, 0)
+    table.requires_grad_(True)
+    vals = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    neg = torch.tensor(-math.inf, dtype=torch.float64)
+    dense_t = torch.where(types[..., None], table, neg).amax(2).nan_to_num(0.0, neginf=0.0)
+    dense_m = torch.where(types[:, None], vals[:, :, None], neg).amax(-1).nan_to_num(0.0, neginf=0.0)
+    for got, ref, x in [(type_max(types, table), dense_t, table), (masked_max(vals, types, chunk=5), dense_m, vals)]:
+        assert got.shape == ref.shape and torch.equal(got, ref)
+        w = torch.randn_like(ref)
+        g_got, = torch.autograd.grad((got * w).sum(), x)
+        g_ref, = torch.autograd.grad((ref * w).sum(), x)
+        assert torch.allclose(g_got, g_ref, atol=1e-12)
+    assert (type_max(types, table)[1, 4] == 0).all() and (masked_max(vals, types)[1, :, 4] == 0).all()
+
+
 def test_indexer_matches_a_float64_loop():
     """Indexer: per tail token t and learned kind c, sum_h w_thc ReLU(q_thc . k_ehc) (type kinds: the max over the
     span's ids), and per lexical kind u_tc x [t's id in the span's types / after a marker], summed over kinds and
