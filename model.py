@@ -237,7 +237,9 @@ class GPT(nn.Module):
         (default 0 = standard RoPE). targets: (B, T) ids, -1 ignored; reduction 'mean' or 'none' (per-entry NLL).
         Returns (logits (B, T, V) fp32, None) without targets. With targets and reduction 'mean': (None, loss), the
         head and the loss fused in chunks of rows (kernels/cross_entropy.py: no [B, T, V] logits), weighted by
-        `weights` (B, T) when given (sum w * nll / sum w). With `cache`, the new entries are appended to it.
+        `weights` (B, T) when given (sum w * nll / sum w). Eager on the CPU the same loss comes from the plain head
+        (the fused form saves GPU memory; on the CPU it would only change the rounding, and the CPU demo's base is
+        reproducible only bit for bit: configs/mc_demo.py). With `cache`, the new entries are appended to it.
         reduction='none': (None, loss (B, T)), the head run only at entries with a target (>= 0; 0 loss elsewhere).
         last_only (no targets): logits (B, 1, V) of the newest entry only, skipping the output head elsewhere (a
         decode that re-reads many cached entries needs just the next-token distribution).
@@ -263,13 +265,16 @@ class GPT(nn.Module):
             cache.length += T
         assert not (last_only and targets is not None), "last_only computes no loss"
         assert weights is None or (targets is not None and reduction == "mean"), "weights weight the mean loss"
-        if targets is not None and reduction == "mean":
+        if targets is not None and reduction == "mean" and (x.is_cuda or torch.compiler.is_compiling()):
             return None, linear_cross_entropy(self.ln_f(x), self.lm_head.weight, targets, weights)
-        if targets is not None and reduction == "none":  # per-entry losses: the head runs only where a target is
+        if targets is not None:  # per-entry losses: the head runs only where a target is
             keep = targets >= 0
             loss = x.new_zeros(B, T, dtype=torch.float32)
             loss[keep] = F.cross_entropy(self.lm_head(self.ln_f(x[keep])).float(), targets[keep], reduction="none")
-            return None, loss
+            if reduction == "none":
+                return None, loss
+            w = keep.float() if weights is None else weights  # eager on the CPU: the plain head and loss (below)
+            return None, (loss * w).sum() / w.sum()
         return self.lm_head(self.ln_f(x[:, -1:] if last_only else x)).float(), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
