@@ -252,11 +252,16 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if mu is None:
             mu = torch.arange(past, past + T, device=x.device)
+        far = mu.dtype == torch.float64  # global positions of a working context (training passes ints or fp32)
         mu = mu.to(torch.float64).expand(B, T)
         if cache is not None and cache.origin is None:
             cache.origin = mu[:, -1:].clone()
         origin = cache.origin if cache is not None else mu[:, -1:]
-        mu = (mu - origin).float()  # relative to the origin: exact for recent entries even at 10**9
+        mu = mu - origin  # relative to the origin: exact for recent entries even at 10**9
+        # fp32 holds every integer only below 2**24: a span zoomed to 40M tokens back would lose its token spacing
+        # (fp32 steps by 4 there), so such a working context keeps float64 positions for RoPE (kernels/rope.py)
+        far = far and bool(mu.abs().amax() >= 2**24)
+        mu = mu if far else mu.float()
         sigma = torch.zeros_like(mu) if sigma is None else sigma.float().expand(B, T)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):

@@ -57,9 +57,10 @@ def _t(*shape, dtype=BF16, grad=False):
     return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
 
 
-def rope_case(B, T, Hq, Hk, D, dtype):
+def rope_case(B, T, Hq, Hk, D, dtype, mu_dtype=FP32):
+    """mu_dtype float64: a working context reaching past 2**24 tokens (the angles formed in float64)."""
     q, k = _t(B, T, Hq, D, dtype=dtype, grad=True), _t(B, T, Hk, D, dtype=dtype, grad=True)
-    qo, ko = GaussRopeFn.apply(q, k, _t(B, T, dtype=FP32), _t(B, T, dtype=FP32), 10000.0, 0, 0)
+    qo, ko = GaussRopeFn.apply(q, k, _t(B, T, dtype=mu_dtype), _t(B, T, dtype=FP32), 10000.0, 0, 0)
     torch.autograd.backward([qo, ko], [torch.empty_like(qo), torch.empty_like(ko)])
 
 
@@ -92,6 +93,7 @@ CASES = [
     ("rope bench B8-T1024-H12-D64 bf16", rope_case, (8, 1024, 12, 12, 64, BF16), False),
     ("rope train small B32-T2048-H8-D64 bf16", rope_case, (32, 2048, 8, 8, 64, BF16), False),
     ("rope train medium B16-T2048-H12-D64 bf16", rope_case, (16, 2048, 12, 12, 64, BF16), False),
+    ("rope far decode B1-T1024-H12-D64 bf16 mu64", rope_case, (1, 1024, 12, 12, 64, BF16, torch.float64), False),
     ("rope p-RoPE mc_demo_gpu B32-T1024-H8-D64 bf16", rope_case, (32, 1024, 8, 8, 64, BF16), False),
     ("gist gpu B4-T8192-H12-D64-K32 bf16", gist_case, (4, 8192, 12, 64, 32, BF16), True),
     ("gist gpu B2-T8192-H8-D128-K64 bf16", gist_case, (2, 8192, 8, 128, 64, BF16), False),

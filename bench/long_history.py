@@ -83,6 +83,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "long_history_cpu"), help="output prefix")
     p.add_argument("--tree", default=None, help="tree directory (default: a temporary one, removed at the end)")
+    p.add_argument("--resume", action="store_true", help="go on from the tree already in --tree (a run cut short, or "
+                   "a stop measured again): its tokens are not ingested again (nor timed), the text skips as many")
     r = p.add_argument_group("retrieval at stop lengths (needs --ckpt with GistNet and LensNet, and --data-dir)")
     r.add_argument("--data-dir", default=None, help="stream book text from these prepared data (test, val, then "
                    "train splits) instead of random ids")
@@ -377,11 +379,21 @@ def main(argv):
     cfg, d = model.cfg, model.gpt.config.n_embd
     tmp = tempfile.TemporaryDirectory() if args.tree is None else None
     tree_dir = args.tree or os.path.join(tmp.name, "tree")
-    if os.path.exists(os.path.join(tree_dir, "meta.json")):
-        fail(f"--tree {tree_dir} already holds a tree; give a new directory")
-    session = Session(model)
+    held = os.path.exists(os.path.join(tree_dir, "meta.json"))
+    if held != args.resume:
+        fail(f"--tree {tree_dir} already holds a tree; give a new directory or --resume" if held else
+             f"--resume needs --tree with a saved tree, and {tree_dir} holds none")
+    try:
+        session = Session.open(model, tree_dir) if held else Session(model)
+    except ValueError as e:  # a tree of another model or a damaged one
+        fail(str(e))
+    if held and text:
+        skip = len(session.tree)
+        while skip > 0:
+            skip -= len(text.take(min(1 << 22, skip)))
     print(f"[long_history] {session.describe()}", file=sys.stderr)
     rng, rows, ingest_s, ingested, found, gates = np.random.default_rng(args.seed), [], 0.0, 0, [], []
+    resumed_from = len(session.tree) if held else None  # tokens of the tree at the start (not ingested by this run)
     load_start = os.getloadavg()[0]
 
     def results() -> dict:
@@ -399,7 +411,7 @@ def main(argv):
             load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),
             text=f"book text of {args.data_dir} (test, val, then train splits"
             + (f"; {text.passes_used} passes over it)" if text.passes_used > 1 else ")") if args.data_dir else
-            "random token ids", model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode "
+            "random token ids", resumed_from=resumed_from, model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode "
             "cost do not depend on the weights)", gpt=dataclasses.asdict(model.gpt.config), mc=dataclasses.asdict(cfg),
             gistnet=model.gistnet.describe(), text_passes=text.passes_used if text else None, ingested=ingested,
             ingest_s=ingest_s, decode_steps=args.decode, rows=rows)

@@ -17,9 +17,12 @@ p-RoPE and position-free heads (model.py's rope_bands, rope_heads): bands j >= `
 h >= `heads` are not rotated (both 0: all), inside the same kernel, so no gather or concatenation copies.
 
 Layouts: x: [B, T, H, D] (D even, last dim contiguous), mu, sigma: [B, T] float (a batch stride of 0 is read as is).
-Callers keep mu small (relative to a
-session origin near the cursor) so fp32 angles stay precise: fp32 has a spacing of 64 at 1e9, so absolute positions
-that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
+Callers keep mu small (relative to a session origin near the cursor) so fp32 angles stay precise: fp32 has a spacing
+of 64 at 1e9, so absolute positions that large would collapse; see tests/test_rope.py::test_gauss_rope_origin_shift.
+fp32 holds every integer only below 2**24, though: a span zoomed to tokens 40M back sits at mu ~ -4e7, where fp32
+steps by 4, and four neighbouring tokens would share one position. So mu may come in float64: the angles w_j * mu are
+then formed in float64 (reference and kernel alike) and only sin, cos and the rotation run in fp32; fp32 mu keeps the
+fp32 product bit for bit (model.py passes float64 only for a working context that reaches past 2**24).
 
 Kernel: one program per ROWS (b, t) rows. The angles and the attenuation (D/2 cos, sin, exp per row) are computed
 once (sin and cos to ~1 ulp up to |angle| ~ 3e9, see _sincos) and shared by every head of q and k; the heads are
@@ -60,10 +63,15 @@ def gauss_rope_ref(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base:
     if mu.dim() == 2 and mu.stride(0) == 0 and sigma.stride(0) == 0:  # one row of positions for every batch entry
         mu, sigma = mu[:1], sigma[:1]  # (GistNet's local positions): angles once, broadcast over B
     w = rope_freqs(D, base, x.device, bands)  # (D/2,)
-    angle = mu.float()[..., None] * w  # (B, T, D/2)
+    if mu.dtype == torch.float64:  # far positions: the angle in float64, its sin and cos rounded to fp32
+        angle = mu[..., None] * w.double()
+        cos_a, sin_a = torch.cos(angle).float(), torch.sin(angle).float()
+    else:
+        angle = mu.float()[..., None] * w  # (B, T, D/2)
+        cos_a, sin_a = torch.cos(angle), torch.sin(angle)
     atten = torch.exp(-0.5 * (sigma.float()[..., None] * w) ** 2)
-    cos = (torch.cos(angle) * atten)[:, :, None, :]  # (B, T, 1, D/2)
-    sin = (torch.sin(angle) * atten)[:, :, None, :]
+    cos = (cos_a * atten)[:, :, None, :]  # (B, T, 1, D/2)
+    sin = (sin_a * atten)[:, :, None, :]
     if 0 < heads < H:  # position-free heads: cos 1, sin 0
         rot = (torch.arange(H, device=x.device) < heads)[:, None]  # (H, 1)
         cos, sin = torch.where(rot, cos, 1.0), torch.where(rot, sin, 0.0)
@@ -73,10 +81,11 @@ def gauss_rope_ref(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base:
 
 @triton.jit
 def _sincos(x):
-    """sin, cos of fp32 angles to ~1 ulp for |x| < 3e9 (positions to 1e9 and beyond), with no local memory: the
-    quadrant reduction runs in float64 (x minus j * pi/2, pi/2 split in two 22-bit parts and a rest, so the products
-    are exact for |j| < 2**31), then Cephes' minimax polynomials on [-pi/4, pi/4]. libdevice's sinf/cosf would take a
-    Payne-Hanek path with a local array above 1e5 rad, which ptxas compiles (and spills around) in every config."""
+    """sin, cos (fp32) of fp32 or float64 angles to ~1 ulp for |x| < 3e9 (positions to 1e9 and beyond), with no
+    local memory: the quadrant reduction runs in float64 (x minus j * pi/2, pi/2 split in two 22-bit parts and a rest,
+    so the products are exact for |j| < 2**31), then Cephes' minimax polynomials on [-pi/4, pi/4]. libdevice's
+    sinf/cosf would take a Payne-Hanek path with a local array above 1e5 rad, which ptxas compiles (and spills around)
+    in every config."""
     xd = x.to(tl.float64)
     j = tl.floor(xd * 0.6366197723675814 + 0.5)  # nearest multiple of pi/2
     r = xd - j * tl.full([], 1.5707964897155762, tl.float64)  # exact (Sterbenz): hi has 22 bits, |j| < 2**31
@@ -140,7 +149,7 @@ def _gauss_rope_kernel(
     K,  # k (or dk_rot): [B, T, Hk, D], last dim contiguous
     QO,  # out: [B, T, Hq, D] contiguous
     KO,  # out: [B, T, Hk, D] contiguous
-    MU,  # [B, T] fp32 position means (token units, relative to the caller's origin); batch stride smb
+    MU,  # [B, T] fp32 or float64 position means (token units, relative to the caller's origin); batch stride smb
     SIGMA,  # [B, T] fp32 position spreads (token units), 0 for LOD0 tokens; batch stride ssb
     FREQ,  # [D/2] fp32 band frequencies w_j from rope_freqs (0 for position-free bands)
     N_ROWS,  # B * T
@@ -164,10 +173,13 @@ def _gauss_rope_kernel(
     b = rows // T
     t = rows % T
     j = tl.arange(0, BLOCK_D2)
-    mu = tl.load(MU + b * smb + t, mask=row_ok, other=0.0).to(tl.float32)
+    mu = tl.load(MU + b * smb + t, mask=row_ok, other=0.0)
     sigma = tl.load(SIGMA + b * ssb + t, mask=row_ok, other=0.0).to(tl.float32)
     w = tl.load(FREQ + j, mask=j < D // 2, other=0.0).to(tl.float32)
-    angle = mu[:, None] * w[None, :]  # (ROWS, BLOCK_D2), same fp32 product as the reference
+    if MU.dtype.element_ty == tl.float64:  # far positions: the float64 angle goes to _sincos as it is
+        angle = mu.to(tl.float64)[:, None] * w.to(tl.float64)[None, :]
+    else:
+        angle = mu.to(tl.float32)[:, None] * w[None, :]  # (ROWS, BLOCK_D2), same fp32 product as the reference
     ws = sigma[:, None] * w[None, :]
     # exp(-0) is 1 already; the where makes sigma = 0 exactly standard RoPE even with an approximate exp on the GPU
     atten = tl.where(ws == 0.0, 1.0, tl.exp(-0.5 * ws * ws))
@@ -203,8 +215,9 @@ def _last_dim_contiguous(x):
 
 
 def _positions(x):
-    """fp32 [B, T] positions with a unit stride along T (a batch stride of 0 stays: no expanded copy)."""
-    x = x.float()
+    """fp32 (or float64: far positions) [B, T] positions with a unit stride along T (a batch stride of 0 stays: no
+    expanded copy)."""
+    x = x if x.dtype == torch.float64 else x.float()
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -295,8 +308,9 @@ def gauss_rope(q: torch.Tensor, k: torch.Tensor, mu: torch.Tensor, sigma: torch.
     """Rotate and attenuate q and k together.
 
     q: [B, T, Hq, D], k: [B, T, Hk, D] (Hq may differ from Hk), mu, sigma: [B, T] float (token units, relative to an
-    origin near the cursor); bands: the fastest bands rotate, the others get frequency 0 (p-RoPE; 0: all D/2);
-    heads: the first `heads` query heads (and their kv heads) rotate, the others pass unchanged (0: all). Returns
+    origin near the cursor; mu float64 past 2**24, where the angles are formed in float64: see the module note);
+    bands: the fastest bands rotate, the others get frequency 0 (p-RoPE; 0: all D/2); heads: the first `heads` query
+    heads (and their kv heads) rotate, the others pass unchanged (0: all). Returns
     (q_rot, k_rot) in q's and k's dtypes. Gradients flow to q and k; to mu and sigma only through the reference,
     which is used whenever they require grad.
     """

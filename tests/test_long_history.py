@@ -48,6 +48,26 @@ def test_long_history_bench_small(tmp_path):
     assert "| 5,000 | 4 |" in open(out + ".md").read()
 
 
+def test_long_history_resumes_from_its_saved_tree(tmp_path, capsys):
+    """--resume goes on from the tree in --tree: a stop at or below its length ingests nothing, a longer one ingests
+    only the rest; without --resume a held tree is refused (and --resume without one), in one line, before any work."""
+    out, tree = str(tmp_path / "lh"), str(tmp_path / "tree")
+    first = long_history.main(SMALL + ["--lengths", "700", "--decode", "2", "--warmup", "1", "--tree", tree,
+                                       "--out", out])
+    held = first["rows"][-1]["tokens"]  # 700 + the decoded tokens, saved
+    with pytest.raises(SystemExit):
+        long_history.main(SMALL + ["--lengths", "900", "--tree", tree, "--out", out])
+    assert "already holds a tree; give a new directory or --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        long_history.main(SMALL + ["--lengths", "900", "--resume", "--tree", str(tmp_path / "none"), "--out", out])
+    assert "--resume needs --tree with a saved tree" in capsys.readouterr().err
+    r = long_history.main(SMALL + ["--lengths", "700,900", "--decode", "2", "--warmup", "1", "--tree", tree,
+                                   "--resume", "--out", out])
+    # each stop decodes warmup + decode = 3 tokens; the stop at 700 ingests nothing, the one at 900 the rest
+    assert r["resumed_from"] == held and [row["tokens"] for row in r["rows"]] == [held + 3, 900 + 3]
+    assert r["ingested"] == 900 - (held + 3)
+
+
 def test_ingest_stream_saves_as_it_goes_and_refuses_bad_input(tmp_path):
     m, path = small_model(), str(tmp_path / "t")
     s, log = Session(m), io.StringIO()

@@ -60,6 +60,25 @@ def test_model_relative_invariance_at_1e9():
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=1.6e-2)
 
 
+def test_model_far_span_keeps_its_token_spacing():
+    """A working context that reaches 40M tokens back (a zoomed needle, then the present): the far span's logits equal
+    those of the same tokens read alone at 0..n-1, in one forward and through a KV cache whose origin sits in the
+    present. With fp32 relative positions the far tokens would share positions in fours and these logits would differ."""
+    m = tiny(n_head=2, n_embd=64)  # head dim 32: the fastest bands turn by ~1 rad per token, so spacing matters
+    idx = torch.randint(0, 97, (1, 40))
+    far = torch.cat([torch.arange(24) - 40_000_000, torch.arange(16) + 100]).double()  # needle, then the present
+    ref, _ = m(idx[:, :24], mu=torch.arange(24))
+    full, _ = m(idx, mu=far)
+    torch.testing.assert_close(full[:, :24], ref, atol=2e-4, rtol=1e-4)
+    cache = m.make_cache(1, 64)
+    first, _ = m(idx[:, :30], mu=far[:30], cache=cache)  # origin: the 6th present token; the needle at -4e7 from it
+    rest, _ = m(idx[:, 30:], mu=far[30:], cache=cache)
+    torch.testing.assert_close(first[:, :24], ref, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(rest, full[:, 30:], atol=2e-4, rtol=1e-4)
+    lost, _ = m(idx, mu=far.float())  # fp32 positions: -40,000,000 + i rounds to multiples of 4 relative to the tail
+    assert not torch.allclose(lost[:, :24], ref, atol=1e-2)
+
+
 def test_model_gaussian_sigma_changes_only_damped_entries():
     m = tiny()
     idx = torch.randint(0, 97, (1, 30))

@@ -12,16 +12,16 @@ from kernels.rope import gauss_rope, gauss_rope_ref
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rope_oracle(x, mu, sigma, base=10000.0, bands=None, heads=None):
+def rope_oracle(x, mu, sigma, base=10000.0, bands=None, heads=None, freqs=None):
     """Band by band in float64 complex arithmetic: (x_j + i x_{j+D/2}) * a_j * exp(i w_j mu); bands j >= `bands` at
-    frequency 0 (p-RoPE), heads >= `heads` unrotated."""
+    frequency 0 (p-RoPE), heads >= `heads` unrotated; freqs: the w_j to use (default base**(-2j/D) in float64)."""
     D = x.shape[-1]
     rot = torch.arange(x.shape[2]) < (heads if heads is not None else x.shape[2])  # (H,)
     x, mu, sigma = x.double(), mu.double()[:, :, None], sigma.double()[:, :, None]  # (B, T, 1) broadcast over heads
     mu, sigma = mu * rot, sigma * rot  # (B, T, H): position 0 is the identity
     out = []
     for j in range(D // 2):
-        w = base ** (-2.0 * j / D) if bands is None or j < bands else 0.0
+        w = float(freqs[j]) if freqs is not None else base ** (-2.0 * j / D) if bands is None or j < bands else 0.0
         z = torch.complex(x[..., j], x[..., j + D // 2]) * torch.exp(-0.5 * (w * sigma) ** 2) * torch.exp(1j * w * mu)
         out.append(z)
     z = torch.stack(out, dim=-1)  # (B, T, H, D/2)
@@ -200,6 +200,35 @@ def test_gauss_rope_precise_at_1e9(triton_backend):
     want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1)
     qo, _ = gauss_rope(q, k, mu, sigma)
     assert_close("q_rot at |mu| <= 1e9", want, qo, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gauss_rope_float64_far_positions(backend):
+    """A needle zoomed 40M tokens back: relative positions -4e7 + i, where fp32 steps by 4 (four tokens would share a
+    position). float64 mu gives the exact rotation (vs the float64 oracle, forward and both gradients) and so the same
+    scores as positions 0..T-1; the same positions in fp32 do not (the failure this guards against)."""
+    prev = kernels.backend()
+    kernels.set_backend(backend)
+    try:
+        B, T, Hq, Hk, D = 2, 37, 3, 1, 32
+        q, k = torch.randn(B, T, Hq, D, device=DEV), torch.randn(B, T, Hk, D, device=DEV)
+        far = -40_000_003.0 + torch.arange(T, device=DEV, dtype=torch.float64) - 3 * 2**20 * torch.arange(B)[:, None]
+        mu, sigma = far.to(DEV), torch.zeros(B, T, device=DEV)
+        dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+        got = run_fwd_bwd(lambda q, k: gauss_rope(q, k, mu, sigma), q, k, dq_out, dk_out)
+        w = kernels.rope.rope_freqs(D, 10000.0)  # fp32 frequencies: at 4e7 their rounding alone moves the angle
+        ora = run_fwd_bwd(lambda q, k: (rope_oracle(q, mu, sigma, freqs=w), rope_oracle(k, mu, sigma, freqs=w)),
+                          q.double(), k.double(), dq_out.double(), dk_out.double())
+        for name, t, o in zip(["q_rot", "k_rot", "dq", "dk"], got, ora):
+            assert_close(f"{name} at mu ~ -4e7 (float64)", o, t, torch.float32, grad=name.startswith("d"), atol=1e-5)
+        near = torch.arange(T, device=DEV).float().expand(B, T)
+        s0 = scores(*gauss_rope(q[:, :, :1], k, near, sigma))
+        assert_close("scores(float64 far) vs scores(0..T-1)", s0, scores(got[0][:, :, :1], got[1]), torch.float32)
+        s32 = scores(*gauss_rope(q[:, :, :1], k, mu.float(), sigma))
+        err32 = (s32 - s0).pow(2).mean().sqrt() / s0.pow(2).mean().sqrt()
+        assert err32 > 0.1, f"fp32 positions at -4e7 should break the scores, rms ratio {err32:.2e}"
+    finally:
+        kernels.set_backend(prev)
 
 
 def test_gauss_rope_attenuation_closed_form(triton_backend):
