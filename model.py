@@ -259,8 +259,10 @@ class GPT(nn.Module):
         origin = cache.origin if cache is not None else mu[:, -1:]
         mu = mu - origin  # relative to the origin: exact for recent entries even at 10**9
         # fp32 holds every integer only below 2**24: a span zoomed to 40M tokens back would lose its token spacing
-        # (fp32 steps by 4 there), so such a working context keeps float64 positions for RoPE (kernels/rope.py)
-        far = far and bool(mu.abs().amax() >= 2**24)
+        # (fp32 steps by 4 there), so such a working context keeps float64 positions for RoPE (kernels/rope.py).
+        # The check reads data, which a whole compiled graph cannot branch on: under torch.compile (train.py's
+        # compile = True, where relative positions stay within the trained window) positions are fp32 as before
+        far = far and not torch.compiler.is_compiling() and bool(mu.abs().amax() >= 2**24)
         mu = mu if far else mu.float()
         sigma = torch.zeros_like(mu) if sigma is None else sigma.float().expand(B, T)
         x = self.drop(x)

@@ -411,7 +411,8 @@ def main(argv):
             load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count(),
             text=f"book text of {args.data_dir} (test, val, then train splits"
             + (f"; {text.passes_used} passes over it)" if text.passes_used > 1 else ")") if args.data_dir else
-            "random token ids", resumed_from=resumed_from, model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode "
+            "random token ids", resumed_from=resumed_from,
+            model_note=f"checkpoint {args.ckpt}" if args.ckpt else "untrained (ingest and decode "
             "cost do not depend on the weights)", gpt=dataclasses.asdict(model.gpt.config), mc=dataclasses.asdict(cfg),
             gistnet=model.gistnet.describe(), text_passes=text.passes_used if text else None, ingested=ingested,
             ingest_s=ingest_s, decode_steps=args.decode, rows=rows)

@@ -63,7 +63,8 @@ def test_model_relative_invariance_at_1e9():
 def test_model_far_span_keeps_its_token_spacing():
     """A working context that reaches 40M tokens back (a zoomed needle, then the present): the far span's logits equal
     those of the same tokens read alone at 0..n-1, in one forward and through a KV cache whose origin sits in the
-    present. With fp32 relative positions the far tokens would share positions in fours and these logits would differ."""
+    present. With fp32 relative positions the far tokens would share positions in fours and these logits would
+    differ."""
     m = tiny(n_head=2, n_embd=64)  # head dim 32: the fastest bands turn by ~1 rad per token, so spacing matters
     idx = torch.randint(0, 97, (1, 40))
     far = torch.cat([torch.arange(24) - 40_000_000, torch.arange(16) + 100]).double()  # needle, then the present
