@@ -76,6 +76,8 @@ def _poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
     yield
+    if "torch._dynamo" in sys.modules:  # dynamo caches its map of torch functions once built (AdamW's constructor
+        sys.modules["torch._dynamo"].trace_rules.clear_lru_cache()  # builds it): not with these lambdas in it
 
 
 @pytest.fixture(scope="module")

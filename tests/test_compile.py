@@ -21,10 +21,7 @@ from model import GPT, GPTConfig
 @pytest.fixture(autouse=True)
 def _poison_empty():
     """conftest's NaN-poisoning replaces torch.empty with Python lambdas, which dynamo would trace as part of the
-    model; the kernel tests poison, these tests compare against eager. Dynamo's map of torch functions is built once
-    and cached: built while an earlier test had them poisoned (AdamW's constructor builds it), it would hold the
-    lambdas and not torch.empty_like, so it is rebuilt from the real functions here."""
-    torch._dynamo.trace_rules.clear_lru_cache()
+    model; the kernel tests poison, these tests compare against eager."""
     yield
 
 
