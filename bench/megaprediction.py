@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -72,6 +73,7 @@ def main(argv):
     p.add_argument("--train-windows", type=int, default=256)
     p.add_argument("--val-windows", type=int, default=64)
     p.add_argument("--steps", type=int, default=400, help="Adam steps on the heads")
+    p.add_argument("--batch", type=int, default=4096, help="pairs per step, drawn at random (0: every pair each step)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--alphas", default="0.05,0.03", help="alpha1,alpha2: the levels' loss weights")
     p.add_argument("--center", type=int, default=1, help="1: the loss's cosine is taken around the mean training "
@@ -117,31 +119,42 @@ def main(argv):
                 print(json.dumps(log[-1]), file=sys.stderr, flush=True)
         if step == a.steps:
             break
-        loss = predict.loss([heads(tr[l][0])[:, l] for l in range(2)], [v[1] for v in tr], alphas, centers)
+        rows = [torch.randint(len(v[0]), (a.batch,)) if a.batch else slice(None) for v in tr]
+        loss = predict.loss([heads(v[0][r])[:, l] for l, (v, r) in enumerate(zip(tr, rows))],
+                            [v[1][r] for v, r in zip(tr, rows)], alphas, centers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     train_s = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(a.seed)
-    levels = {}
+    levels, rho, rho_fit = {}, None, None
     with torch.no_grad():
+        if centers:  # the distance from the centre along the predicted direction (predict.as_gist): the training
+            # gists' mean one, and the least-squares one on the training pairs (the truth's mean projection on the
+            # direction: it shrinks toward the mean gist as far as the direction is uncertain)
+            resid = [tr[l][1] - centers[l] for l in range(2)]
+            unit = [F.normalize(heads(tr[l][0])[:, l] - centers[l], dim=-1) for l in range(2)]
+            rho = [r.norm(dim=-1).mean() for r in resid]
+            rho_fit = [(u * r).sum(-1).mean() for u, r in zip(unit, resid)]
         untrained = predict.GistPredictor(gpt.config.n_embd)
         for l in range(2):
             h, target, prev, win, j = va[l]
-            pred = heads(h)[:, l]
-            if centers:  # the loss trained the direction around the centre: the gist is centre + that direction
-                pred = predict.as_gist(pred, centers[l], (tr[l][1] - centers[l]).norm(dim=-1).mean())
+            out = heads(h)[:, l]
+            pred = predict.as_gist(out, centers[l], rho[l]) if centers else out
+            fit = predict.as_gist(out, centers[l], rho_fit[l]) if centers else out
             mean = tr[l][1].mean(0, keepdim=True)
             levels[f"lod{l + 1}"] = dict(
                 pairs=len(h), cos=float(predict.cos(pred, target).mean()),
+                cos_fit=float(predict.cos(fit, target).mean()),
+                length=float(rho[l]) if rho else None, length_fit=float(rho_fit[l]) if rho_fit else None,
                 cos_untrained=float(predict.cos(untrained(h)[:, l], target).mean()),
                 cos_last_block=float(predict.cos(prev, target).mean()),
                 cos_mean_gist=float(predict.cos(mean.expand_as(target), target).mean()),
                 acceptance=predict.acceptance(pred, g_va[l], win, j, 7, gen),
+                acceptance_fit=predict.acceptance(fit, g_va[l], win, j, 7, gen),
                 acceptance_last_block=predict.acceptance(prev, g_va[l], win, j, 7, gen))
     if a.save_heads:  # the heads, the centres and lengths that turn their output into a gist, and what they fit
-        rho = [(tr[l][1] - centers[l]).norm(dim=-1).mean() for l in range(2)] if centers else None
         os.makedirs(os.path.dirname(os.path.abspath(a.save_heads)), exist_ok=True)
         torch.save(dict(heads=heads.state_dict(), centers=centers, rho=rho, n_embd=gpt.config.n_embd, K=K,
                         identity=mc.identity()), a.save_heads)
@@ -149,7 +162,8 @@ def main(argv):
     result = dict(summary=dict(cos={k: v["cos"] for k, v in levels.items()}, baseline_cos=base,
                                acceptance=levels["lod1"]["acceptance"], dnll_tok=0.0),
                   levels=levels, log=log, alphas=alphas, center=bool(a.center), window=T, K=K,
-                  train_windows=a.train_windows, val_windows=a.val_windows, steps=a.steps, lr=a.lr, features_s=feat_s,
+                  train_windows=a.train_windows, val_windows=a.val_windows, steps=a.steps, batch=a.batch, lr=a.lr,
+                  features_s=feat_s,
                   train_s=train_s,
                   dnll_tok_note="own stage, base frozen: the token NLL is unchanged by construction",
                   device=f"cpu ({platform.machine()}, {os.cpu_count()} cores, shared)", threads=a.threads,
@@ -161,15 +175,21 @@ def main(argv):
     with open(f"{a.out}.json", "w") as f:
         json.dump(result, f, indent=1)
     lines = [f"# MegaPrediction heads (CPU, {result['date']}, {commit})", "", f"`{result['command']}` — torch "
-             f"{result['torch']}; heads trained {a.steps} Adam steps on {a.train_windows} train windows of {T} "
+             f"{result['torch']}; heads trained {a.steps} Adam steps of {a.batch or 'all'} pairs on {a.train_windows} "
+             f"train windows of {T} "
              f"tokens (base and GistNet frozen), measured on {a.val_windows} val windows; alphas {alphas}, loss "
              f"centred on the mean gist: {bool(a.center)}.", "",
              "| level | pairs | cos trained | cos untrained (tied head's input) | cos last block | cos mean gist | "
-             "acceptance (chance 0.125) | acceptance of the last block |", "|---|---|---|---|---|---|---|---|"]
+             "acceptance (chance 0.125) | acceptance of the last block | cos, acceptance at the fitted length |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, v in levels.items():
         lines.append(f"| {k} | {v['pairs']} | {v['cos']:.3f} | {v['cos_untrained']:.3f} | {v['cos_last_block']:.3f}"
-                     f" | {v['cos_mean_gist']:.3f} | {v['acceptance']:.3f} | {v['acceptance_last_block']:.3f} |")
-    lines += ["", "dnll_tok = 0: " + result["dnll_tok_note"] + "."]
+                     f" | {v['cos_mean_gist']:.3f} | {v['acceptance']:.3f} | {v['acceptance_last_block']:.3f} | "
+                     f"{v['cos_fit']:.3f}, {v['acceptance_fit']:.3f} |")
+    lines += ["", "dnll_tok = 0: " + result["dnll_tok_note"] + ".", "", "The prediction is the centre plus the "
+              "heads' direction at the training gists' mean distance from it (the summary's figures); the last "
+              "column puts it at the least-squares distance on the training pairs instead, which shrinks it toward "
+              "the mean gist as far as the direction is uncertain (a better point estimate, a worse ranking)."]
     with open(f"{a.out}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
