@@ -1,18 +1,19 @@
 """MegaPrediction on the CPU demo's model (issue 19): train the gist-prediction heads (predict.py) in their own stage,
 base and GistNet frozen, and measure them on held-out book text.
 
-    nice -n 10 python bench/megaprediction.py --ckpt /work/main/out/mc_demo/lens_oracle/ckpt.pt     # ~2 min, 2 cores
+    python bench/megaprediction.py --ckpt out/mc_demo/lens_oracle/ckpt.pt --train-windows 1024 --steps 600 \
+        --threads 2 --save-heads out/megaprediction_heads.pt      # bench/results/megaprediction_cpu, 1.5 min, 2 cores
 
 Windows of --window tokens (a multiple of K², inside one book) come from the train split (the heads' training data)
 and the val split (the figures). The base's final states are computed once (no_grad: the base is frozen, so the
 token NLL is unchanged, dnll_tok = 0 by construction; the joint-with-LoRA variant, where it is not, is not built
 yet); targets are the frozen GistNet's LOD1 and LOD2 gists of the next block (predict.pairs). The heads train with
-L = alpha1 (1 - cos) at LOD1 + alpha2 (1 - cos) at LOD2 (Adam, full batches), the cosines taken around each
-level's mean training gist (--center 1; the prediction is then that mean plus the predicted direction at the mean
-residual length). Reported per level: mean cos(g_pred,
-g_true) of the trained heads, of the untrained ones (the tied head's own input), and of two baselines (the last
-complete block's gist; the mean training gist); speculative acceptance (the true next block the nearest to the
-prediction among itself and 7 other blocks of the same window; chance 1/8).
+L = alpha1 (1 - cos) at LOD1 + alpha2 (1 - cos) at LOD2 (Adam, --batch random pairs per step), the cosines taken
+around each level's mean training gist (--center 1; the prediction is then that mean plus the predicted direction at
+the mean residual length; also reported at the least-squares length, which shrinks it toward the mean). Reported per
+level: mean cos(g_pred, g_true) of the trained heads, of the untrained ones (the tied head's own input), and of two
+baselines (the last complete block's gist; the mean training gist); speculative acceptance (the true next block the
+nearest to the prediction among itself and 7 other blocks of the same window; chance 1/8).
 Writes <out>.json (summary = {"cos": {"lod1", "lod2"}, "baseline_cos": {"lod1", "lod2"} (the better baseline),
 "acceptance", "dnll_tok"}) and <out>.md.
 """
@@ -99,6 +100,8 @@ def main(argv):
     K, T = mc.cfg.K, a.window
     if T % K**2 or T // K**2 < 8:
         fail(f"--window {T} must be a multiple of K² = {K**2} holding >= 8 LOD2 blocks (acceptance draws 7 others)")
+    if a.batch < 0:
+        fail(f"--batch {a.batch}: pairs per step must be >= 1, or 0 for every pair each step")
     alphas = [float(v) for v in a.alphas.split(",")]
     t0 = time.perf_counter()
     h_tr, g_tr = features(mc, windows(a.data_dir, "train", a.train_windows, T, rng), K)
@@ -176,9 +179,8 @@ def main(argv):
         json.dump(result, f, indent=1)
     lines = [f"# MegaPrediction heads (CPU, {result['date']}, {commit})", "", f"`{result['command']}` — torch "
              f"{result['torch']}; heads trained {a.steps} Adam steps of {a.batch or 'all'} pairs on {a.train_windows} "
-             f"train windows of {T} "
-             f"tokens (base and GistNet frozen), measured on {a.val_windows} val windows; alphas {alphas}, loss "
-             f"centred on the mean gist: {bool(a.center)}.", "",
+             f"train windows of {T} tokens (base and GistNet frozen), measured on {a.val_windows} val windows; alphas "
+             f"{alphas}, loss centred on the mean gist: {bool(a.center)}.", "",
              "| level | pairs | cos trained | cos untrained (tied head's input) | cos last block | cos mean gist | "
              "acceptance (chance 0.125) | acceptance of the last block | cos, acceptance at the fitted length |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -1,9 +1,13 @@
 """predict.py (MegaPrediction, issue 19): the heads start as the tied head's input, targets are the gists the tree
 holds, prediction positions and acceptance against brute-force loops, and the heads learn a planted mapping."""
+import json
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import predict
 from megacontext import MegaContextConfig, MegaContextModel
@@ -115,3 +119,26 @@ def test_sample_show_plan_prints_the_plan_beside_the_text(checkpoint, tmp_path):
     p = launch(["--ckpt", path, *MC, "--prompt", "hi", "--show-plan", heads], stdin=subprocess.DEVNULL)
     out, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "another base model or GistNet" in err.decode() and "Traceback" not in err.decode()
+
+
+def test_megaprediction_bench_small(tmp_path, data_dir, capsys):
+    """bench/megaprediction.py end to end on a random tiny checkpoint: the issue's summary keys, the heads file that
+    sample.py --show-plan reads (centres, lengths), the fitted length's read-out; a bad --batch is one line."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import megaprediction
+    from test_longctx import save_ckpt
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", data_dir, mc=True, block_size=512)
+    common = ["--ckpt", ckpt, "--data-dir", data_dir, "--train-windows", "8", "--val-windows", "4", "--steps", "3"]
+    out, heads = str(tmp_path / "mp"), str(tmp_path / "heads.pt")
+    r = megaprediction.main(common + ["--batch", "32", "--save-heads", heads, "--out", out])
+    s = json.load(open(out + ".json"))["summary"]
+    assert set(s) == {"cos", "baseline_cos", "acceptance", "dnll_tok"} and set(s["cos"]) == {"lod1", "lod2"}
+    assert 0 <= s["acceptance"] <= 1 and s["cos"] == r["summary"]["cos"] and r["batch"] == 32
+    lod1 = r["levels"]["lod1"]
+    assert lod1["pairs"] == 4 * 63 and lod1["length_fit"] <= lod1["length"]  # a projection is at most the norm
+    saved = torch.load(heads, weights_only=False)
+    assert torch.allclose(torch.stack(saved["rho"]), torch.tensor([v["length"] for v in r["levels"].values()]))
+    assert "| lod1 | 252 |" in open(out + ".md").read()
+    with pytest.raises(SystemExit):
+        megaprediction.main(common + ["--batch", "-1", "--out", out])
+    assert "--batch -1: pairs per step must be >= 1" in capsys.readouterr().err
