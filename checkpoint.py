@@ -132,7 +132,7 @@ def mc_model(ckpt: dict, args, gpt: GPT) -> MegaContextModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # untrained nets are identical on every run, so the model identity of a tree holds
         mc = MegaContextModel(gpt, cfg)
-    for name in ("gistnet", "lensnet"):
-        if name in ckpt:
+    for name in ("gistnet", "lensnet", "predictor"):
+        if name in ckpt and hasattr(mc, name):
             getattr(mc, name).load_state_dict(ckpt[name])
     return mc.eval()

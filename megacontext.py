@@ -81,6 +81,8 @@ class MegaContextConfig:
     lens_query: str = ""  # the question as the base reads it: residual streams of the newest lens_tail tokens after
     # these blocks of the base (0 = input embeddings, n_layer = last block), comma-separated, query every entry through
     # the Indexer; "" = off (scores that do not depend on the question)
+    lens_plan: bool = False  # the Indexer also reads, per tail token, the gist MegaPrediction's LOD1 head predicts
+    # for the next K tokens ("what will be needed next"; needs gist_predict and lens_query; heads trained beforehand)
     lens_index_heads: int = 4  # Indexer heads (ReLU dot products, weighted per tail token)
     lens_index_dim: int = 32  # Indexer query/key width per head
     lens_markers: int = 0  # the top vocabulary ids that are markers (prepare.py's 8 special tokens): type previews
@@ -136,6 +138,9 @@ class MegaContextConfig:
         if any(v < 0 for v in layers) or len(set(layers)) != len(layers) or (layers and not self.lens_types):
             raise ValueError(f"lens_query={self.lens_query!r}: distinct layers >= 0, with lens_types on (the Indexer "
                              "reads the type previews)")
+        if self.lens_plan and not (self.gist_predict and layers):
+            raise ValueError("lens_plan reads MegaPrediction's predicted gist as one more query: it needs gist_predict "
+                             f"(got {self.gist_predict!r}) and lens_query (got {self.lens_query!r})")
         if min(self.lens_markers, self.lens_margin, self.settle_edits) < 0:
             raise ValueError("lens_markers, lens_margin and settle_edits must be >= 0")
         for heads, width in ((self.gist_heads, n_embd or self.gist_heads), (self.lens_heads, self.lens_width)):
@@ -785,7 +790,7 @@ class MegaContextModel(nn.Module):
         layers = cfg.query_layers
         if any(v > gpt.config.n_layer for v in layers):
             raise ValueError(f"lens_query={cfg.lens_query!r} names a layer above the base's {gpt.config.n_layer}")
-        self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d, d * len(layers))
+        self.gistnet, self.lensnet = GistNet(cfg, d, emb_rms), LensNet(cfg, d, d * (len(layers) + cfg.lens_plan))
         if cfg.gist_predict:  # (off by default: no parameters, and checkpoints without it load as before)
             self.predictor = GistPredictor(d)
         scale = torch.full((cfg.gist_levels + 1,), cfg.sigma_scale)  # per level; deeper levels use the last
@@ -795,12 +800,13 @@ class MegaContextModel(nn.Module):
             self.register_buffer("sigma_scale", scale * (cfg.rope == "gaussian"))
 
     def read(self, **kwargs):
-        """The base model's forward (GPT.forward's arguments) -> (its outputs, the residual streams LensNet's queries
-        read: (B, T, d x len(query_layers)) after the blocks cfg.lens_query names, or None without lens_query).
-        Forward hooks, so the base model's code and cost are unchanged."""
+        """The base model's forward (GPT.forward's arguments) -> (its outputs, the states LensNet's queries read:
+        (B, T, d x len(query_layers)) the residual streams after the blocks cfg.lens_query names, then with lens_plan
+        the LOD1 gist the predictor plans after each token (d more); None without lens_query). Forward hooks, so the
+        base model's code and cost are unchanged."""
         layers, got, hooks = self.cfg.query_layers, {}, []
-        blocks = self.gpt.blocks
-        for layer in layers:
+        blocks, last = self.gpt.blocks, self.gpt.config.n_layer
+        for layer in set(layers) | ({last} if self.cfg.lens_plan else set()):
             keep = lambda *a, layer=layer: got.__setitem__(layer, a[-1] if len(a) == 3 else a[1][0])  # noqa: E731
             hooks.append(blocks[0].register_forward_pre_hook(keep) if layer == 0 else
                          blocks[layer - 1].register_forward_hook(keep))
@@ -809,7 +815,10 @@ class MegaContextModel(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        return out, torch.cat([got[v] for v in layers], -1) if layers else None
+        if not layers:
+            return out, None
+        plan = [self.predictor.gist(self.gpt.ln_f(got[last]))] if self.cfg.lens_plan else []
+        return out, torch.cat([got[v] for v in layers] + plan, -1)
 
     def embed_tokens(self, ids):
         """Token ids (n,) -> the base model's input embeddings (n, d)."""

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 
 class GistPredictor(nn.Module):
-    """Heads for levels 1..levels: h (..., d) -> predicted gists (..., levels, d)."""
+    """Heads for levels 1..levels: h (..., d) -> their outputs (..., levels, d); gist() turns one level's output into
+    the predicted gist (as_gist with the centre and length the heads were trained around, kept as buffers)."""
 
     def __init__(self, d: int, levels: int = 2, mult: int = 4):
         super().__init__()
@@ -27,9 +28,47 @@ class GistPredictor(nn.Module):
         self.w2 = nn.ModuleList([nn.Linear(mult * d, d, bias=False) for _ in range(levels)])
         for w in self.w2:
             nn.init.zeros_(w.weight)  # starts as the identity: the prediction is the tied head's own input
+        self.register_buffer("center", torch.zeros(levels, d))  # per level; rho 0: heads trained without a centre
+        self.register_buffer("rho", torch.zeros(levels))
 
     def forward(self, h):
         return torch.stack([h + w2(F.silu(w1(h))) for w1, w2 in zip(self.w1, self.w2)], -2)
+
+    def gist(self, h, lod: int = 1):
+        """The predicted gist (..., d) of the next K**lod tokens after each state h (..., d)."""
+        out = self(h)[..., lod - 1, :]
+        if not self.rho[lod - 1]:
+            return out
+        return as_gist(out, self.center[lod - 1].to(out.dtype), self.rho[lod - 1].to(out.dtype))
+
+
+def load_heads(path: str, mc, what: str = "MegaPrediction heads") -> GistPredictor:
+    """Heads saved by the predict stage (its checkpoint) or bench/megaprediction.py --save-heads, checked against mc's
+    base and GistNet (the identity its targets came from), on mc's device in eval mode. ValueError (one line) when the
+    file cannot be read or does not match; `what` names the option in it."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # missing, truncated, not a torch file: one line, never a traceback
+        raise ValueError(f"{what} {path}: cannot read MegaPrediction heads ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(saved, dict) and "predictor_identity" in saved:  # a train.py checkpoint that holds heads
+        saved = dict(heads=saved["predictor"], identity=saved["predictor_identity"],
+                     n_embd=saved["model_args"]["n_embd"])
+    if not isinstance(saved, dict) or "heads" not in saved:
+        raise ValueError(f"{what} {path}: holds no MegaPrediction heads (a predict-stage checkpoint or a "
+                         "bench/megaprediction.py --save-heads file)")
+    if saved["n_embd"] != mc.gpt.config.n_embd or saved["identity"] != mc.identity():
+        raise ValueError(f"{what} {path}: heads trained for another base model or GistNet (bench/megaprediction.py "
+                         "--save-heads with this checkpoint makes matching ones)")
+    heads = GistPredictor(saved["n_embd"])
+    state = dict(saved["heads"])
+    if "center" not in state and saved.get("centers"):  # (files written before the buffers)
+        state["center"] = torch.stack([c.float() for c in saved["centers"]])
+        state["rho"] = torch.tensor([float(r) for r in saved["rho"]])
+    for key in ("center", "rho"):
+        state.setdefault(key, getattr(heads, key))
+    heads.load_state_dict(state)
+    return heads.eval().to(mc.gpt.wte.weight.device)
 
 
 def final_states(gpt, idx) -> torch.Tensor:
@@ -106,21 +145,7 @@ class Plan:
     the last line and what was planned for it."""
 
     def __init__(self, path: str, mc, enc, top: int = 5):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # missing, truncated, not a torch file: one line, never a traceback
-            raise ValueError(f"--show-plan {path}: cannot read MegaPrediction heads ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        if not isinstance(saved, dict) or "heads" not in saved:
-            raise ValueError(f"--show-plan {path}: not a heads file (bench/megaprediction.py --save-heads)")
-        if saved["n_embd"] != mc.gpt.config.n_embd or saved["identity"] != mc.identity():
-            raise ValueError(f"{path}: heads trained for another base model or GistNet (bench/megaprediction.py "
-                             "--save-heads with this checkpoint makes matching ones)")
-        self.heads = GistPredictor(saved["n_embd"])
-        self.heads.load_state_dict(saved["heads"])
-        self.heads.eval().to(mc.gpt.wte.weight.device)
-        self.center = saved["centers"][0] if saved["centers"] else None
-        self.rho = saved["rho"][0] if saved["rho"] else None
+        self.heads = load_heads(path, mc, "--show-plan")
         self.vocab, self.enc, self.top, self.h, self.last = mc.gpt.wte.weight, enc, top, None, None
         self.markers = mc.cfg.lens_markers
         mc.gpt.ln_f.register_forward_hook(lambda mod, inp, out: setattr(self, "h", out[0, -1].detach()))
@@ -131,7 +156,7 @@ class Plan:
         generated since the last line."""
         if self.h is None:
             return "[plan] (no forward yet)"
-        g = as_gist(self.heads(self.h.float())[0], self.center, self.rho).to(self.vocab.dtype)
+        g = self.heads.gist(self.h.float()).to(self.vocab.dtype)
         sim = F.normalize(self.vocab, dim=-1) @ F.normalize(g, dim=-1)
         if self.markers:
             sim[-self.markers:] = -2  # special tokens are not words of a plan

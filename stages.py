@@ -14,6 +14,9 @@ train.py owns the loop (data, DDP, optimizer, checkpoints, logs); this file owns
                 regression + pairwise ranking over non-tied pairs; labelled contexts are replayed.
     lora (JT3)  low-rank adapters on the base's qkv projections; task NLL of the next `horizon` tokens under
                 allocator-built working contexts, plus `keep_alive` x the gist loss (GistNet keeps training on it).
+    predict     base and GistNet frozen; MegaPrediction's heads (predict.py) learn the gists of the next K and K² tokens
+                from the base's final states on book text (own stage: the token NLL cannot change), with the centred
+                cosine loss; eval: cos per level against the last block's and the mean gist, LOD1 acceptance.
 
 Decisions where DESIGN and the issues are silent:
 - An entry's score is the value of its detail (megacontext.py): a zoom label trains a gist's own score (its gain), a
@@ -43,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import predict
 import retrieval
 from kernels.pyramid import layout_tensors
 from megacontext import FocusAllocator, MegaContextModel, WorkingContext, level_sigma, preview_nodes
@@ -588,6 +592,63 @@ def lora_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# predict (MegaPrediction heads, issue 19)
+
+
+def predict_pairs(mc: MegaContextModel, x, cfg):
+    """([per level (states, targets, previous gists, window, block)], [per level the block gists (B, n, d)]) of one
+    batch (predict.pairs): the frozen base's final states over x and the frozen GistNet's gists of its aligned blocks,
+    without gradients."""
+    K = cfg.block_k
+    with torch.no_grad(), TIMER("base"):
+        h = predict.final_states(mc.gpt, x)
+        gists = predict.block_gists(mc.make_gists, mc.embed_tokens(x), K)
+    return [predict.pairs(h, gists[lod - 1], K, lod) for lod in (1, 2)], gists
+
+
+def predict_loss(mc: MegaContextModel, x, y, cfg):
+    """The heads' loss on one micro-batch: sum_l alpha_l (1 - cos) around each level's mean gist (predict.loss).
+    The centre and length (the gists' mean distance from it) are the heads' buffers, running means over the batches
+    (the first batch sets them): what GistPredictor.gist turns the heads' direction into a gist with."""
+    levels, _ = predict_pairs(mc, x, cfg)
+    heads, alphas = mc.predictor, [float(v) for v in cfg.predict_alphas.split(",")]
+    with torch.no_grad():
+        for lod, (_, target, *_) in enumerate(levels):
+            first = not bool(heads.rho[lod])
+            heads.center[lod].lerp_(target.float().mean(0), 1.0 if first else 0.01)
+            rho = (target.float() - heads.center[lod]).norm(dim=-1).mean()
+            heads.rho[lod].lerp_(rho, 1.0 if first else 0.01)
+    out = [heads(states)[:, lod] for lod, (states, *_) in enumerate(levels)]
+    loss = predict.loss(out, [target for _, target, *_ in levels], alphas, list(heads.center))
+    return loss, {"cos_lod1": predict.cos(heads.gist(levels[0][0]), levels[0][1]).mean().detach()}
+
+
+@torch.no_grad()
+def predict_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
+    """Per level: cos(predicted gist, true gist) and the two baselines' (the last complete block's gist, the mean
+    gist: the heads' centre); LOD1's speculative acceptance among the true block and 7 others of the same window; the
+    loss as val_loss. Sums and counts."""
+    levels, gists = predict_pairs(mc, x, cfg)
+    heads, alphas = mc.predictor, [float(v) for v in cfg.predict_alphas.split(",")]
+    out = [heads(states)[:, lod] for lod, (states, *_) in enumerate(levels)]
+    loss = predict.loss(out, [target for _, target, *_ in levels], alphas, list(heads.center))
+    n = len(levels[0][0])
+    acc = {"val_loss": (float(loss) * n, n)}
+    for lod, (states, target, prev, win, j) in enumerate(levels, 1):
+        pred = heads.gist(states, lod)
+        center = heads.center[lod - 1].expand_as(target)
+        for name, guess in (("", pred), ("_last_block", prev), ("_mean_gist", center)):
+            c = predict.cos(guess, target)
+            acc[f"cos_lod{lod}{name}"] = (float(c.sum()), len(c))
+    states, _, prev, win, j = levels[0]
+    cpu = torch.Generator().manual_seed(int(torch.randint(2**31, (), generator=gen)))
+    for name, guess in (("", heads.gist(states)), ("_last_block", prev)):
+        hits = predict.acceptance(guess.cpu(), gists[0].cpu(), win, j, 7, cpu)
+        acc[f"acceptance{name}"] = (hits * len(guess), len(guess))
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the module DDP wraps
 
 
@@ -605,6 +666,8 @@ class StageModel(nn.Module):
             loss, stats = gist_loss(self.mc, x, y, self.cfg, gen, self.teacher_fits)
         elif stage == "lens":
             loss, stats = lens_loss(self.mc, x, y, self.cfg, gen, self.replay)
+        elif stage == "predict":
+            loss, stats = predict_loss(self.mc, x, y, self.cfg)
         else:
             loss, stats = lora_loss(self.mc, x, y, self.cfg, gen, self.teacher_fits)
         # every trained parameter joins the graph (a zero term), so a batch that does not reach one (no position sees
@@ -616,6 +679,7 @@ TRAINED = {  # stage -> the root's parameters it trains (names start with these)
     "gist": ("gistnet.",),
     "lens": ("lensnet.",),
     "lora": ("gpt.blocks.", "gistnet."),  # under gpt.blocks only the adapters (lora_a, lora_b)
+    "predict": ("predictor.",),
 }
 
 
@@ -639,8 +703,9 @@ def evaluate(stage_model: StageModel, stage: str, batches) -> dict:
     acc = defaultdict(lambda: [0.0, 0])
     mc.eval()
     for x, y, gen in batches:
-        part = (gist_eval(mc, x, y, cfg) if stage == "gist" else lens_eval(mc, x, y, cfg, gen) if stage == "lens"
-                else lora_eval(mc, x, y, cfg, gen))
+        evals = dict(gist=lambda: gist_eval(mc, x, y, cfg), lens=lambda: lens_eval(mc, x, y, cfg, gen),
+                     lora=lambda: lora_eval(mc, x, y, cfg, gen), predict=lambda: predict_eval(mc, x, y, cfg, gen))
+        part = evals[stage]()
         for k, (s, n) in part.items():
             acc[k][0] += s
             acc[k][1] += n

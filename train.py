@@ -16,10 +16,13 @@ positions are shifted by random gaps (PoSE), so relative distances up to `max_po
         --out_dir=out/lens                                                                 # lens (JT2)
     python train.py configs/tiny_lora.py --base_ckpt=out/base/ckpt.pt --gist_ckpt=out/lens/ckpt.pt \
         --out_dir=out/lora                                                                 # lora (JT3)
+    python train.py configs/tiny_predict.py --base_ckpt=out/base/ckpt.pt --gist_ckpt=out/gist/ckpt.pt \
+        --out_dir=out/predict                                          # MegaPrediction heads (sample.py --show-plan)
 
 DDP wraps the one MegaContext root (stages.StageModel holds MegaContextModel and computes the stage's loss); each
-stage trains only its parameters (stages.TRAINED). MC checkpoints add `mc_config`, `gistnet`, `lensnet` and `lora`,
-so sample.py --mc and the next stage read them; `model` holds the GPT with its adapters (model_args has lora_rank).
+stage trains only its parameters (stages.TRAINED). MC checkpoints add `mc_config`, `gistnet`, `lensnet`, `lora` and
+`predictor`, so sample.py --mc and the next stage read them; `model` holds the GPT with its adapters (model_args has
+lora_rank).
 
 `grad_accum` is the number of micro-batches in one optimizer step summed over all ranks, so one GPU reproduces an
 8-GPU run's global batch with the same config. Checkpoints (out_dir/ckpt.pt) are written atomically and resume is
@@ -44,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import durable
 import kernels
+import predict
 import prepare
 import retrieval
 from configs import ConfigError, load_config
@@ -52,7 +56,7 @@ from megacontext import MegaContextConfig, MegaContextModel
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("base", "gist", "lens", "lora", "alt")  # the MegaContext stages' losses live in stages.py
+STAGES = ("base", "gist", "lens", "lora", "predict", "alt")  # the MegaContext stages' losses live in stages.py
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 spec peaks, for MFU
 
 
@@ -148,6 +152,11 @@ class TrainConfig:
     lens_markers: int = 0  # top vocabulary ids that are markers (prepare.py: 8): previews mark the ids after one
     lens_margin: int = 0  # previews start this many tokens early, + the token after (a straddling needle shows twice)
     settle_edits: int = 16  # optional edits per step of a question's refocus-until-stable loop
+    gist_predict: str = ""  # MegaPrediction heads in the model: '' | 'mlp' (trained by the predict stage)
+    predict_heads: str = ""  # their weights, loaded frozen: a predict-stage checkpoint or a bench/megaprediction.py
+    # --save-heads file, made for this base and GistNet
+    predict_alphas: str = "0.05,0.03"  # predict: the LOD1 and LOD2 heads' loss weights
+    lens_plan: bool = False  # LensNet's Indexer also reads the heads' predicted next gist (gist_predict, lens_query)
     lens_teacher: str = "counterfactual"  # lens labels: 'counterfactual' (NLL with each edit) | 'attention' (the base's
     # attention mass, + KL as DSA's indexer) | 'oracle' (imitation of the oracle's zoom path on drills; counterfactual
     # labels on book text, where the oracle has none)
@@ -204,7 +213,7 @@ class TrainConfig:
             return
         if not self.base_ckpt:
             raise ConfigError(f"stage {self.stage!r} needs base_ckpt=<a base-stage checkpoint>")
-        for key in ("base_ckpt", "gist_ckpt"):
+        for key in ("base_ckpt", "gist_ckpt", "predict_heads"):
             if self.init_from == "scratch" and getattr(self, key) and not os.path.isfile(getattr(self, key)):
                 raise ConfigError(f"{key} not found: {getattr(self, key)}")
         try:
@@ -213,6 +222,16 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if not 0 < self.horizon < self.block_size:
             raise ConfigError(f"horizon={self.horizon} must be in 1..block_size-1={self.block_size - 1}")
+        if self.stage == "predict":
+            K = self.block_k
+            if not self.gist_predict:
+                raise ConfigError("stage 'predict' trains the MegaPrediction heads: set gist_predict='mlp'")
+            if self.block_size % K**2 or self.block_size // K < 8:
+                raise ConfigError(f"predict: block_size={self.block_size} must be a multiple of K²={K**2} holding >= 8 "
+                                  "LOD1 blocks (acceptance draws 7 others)")
+            alphas = self.predict_alphas.split(",")
+            if len(alphas) != 2 or not all(_nonneg_float(v) for v in alphas):
+                raise ConfigError(f"predict_alphas must be two numbers >= 0 (LOD1,LOD2), got {self.predict_alphas!r}")
         if self.stage in ("lens", "lora", "alt") and self.block_size - self.horizon < self.w_max:
             raise ConfigError(f"the history (block_size - horizon = {self.block_size - self.horizon} tokens) fits "
                               f"the budget w_max={self.w_max} raw: nothing to expand or collapse; raise block_size")
@@ -246,6 +265,13 @@ RANGES = dict(
     lens_label_floor="(0, inf)", lens_replay="[0, inf)", lens_buffer="[1, inf)", lens_rank_weight="[0, inf)",
     lora_rank="[1, 64]", lora_alpha="(0, inf)", keep_alive="[0, inf)", alt_cycles="[1, inf)", alt_gist_iters="[1, inf)",
     alt_lens_iters="[1, inf)", alt_lora_iters="[1, inf)", alt_min_delta="(-inf, inf)")  # (< 0: never stop early)
+
+
+def _nonneg_float(text: str) -> bool:
+    try:
+        return 0 <= float(text) < math.inf
+    except ValueError:
+        return False
 
 
 def in_range(value, allowed: str) -> bool:
@@ -560,11 +586,14 @@ def build_mc(cfg: TrainConfig, ckpt: dict | None, device):
     except ValueError as e:
         fail(str(e))
     source = base if ckpt is not None else load_checkpoint(cfg.gist_ckpt) if cfg.gist_ckpt else base
-    if cfg.stage in ("lens", "lora") and "gistnet" not in source:
+    if cfg.stage == "predict" and cfg.block_size > model_args["block_size"]:
+        fail(f"predict reads the base's states over whole windows: block_size={cfg.block_size} must be <= the base's "
+             f"{model_args['block_size']}")
+    if cfg.stage in ("lens", "lora", "predict") and "gistnet" not in source:
         fail(f"stage {cfg.stage!r} needs a trained GistNet: set gist_ckpt=<a gist-stage checkpoint> "
              f"({cfg.gist_ckpt or cfg.base_ckpt} has none)")
-    for name in ("gistnet", "lensnet", "sigma_scale"):
-        if name in source:
+    for name in ("gistnet", "lensnet", "sigma_scale", "predictor"):
+        if name in source and hasattr(mc, name):
             try:
                 if name == "sigma_scale":
                     mc.sigma_scale.data.copy_(source[name])
@@ -572,6 +601,16 @@ def build_mc(cfg: TrainConfig, ckpt: dict | None, device):
                     getattr(mc, name).load_state_dict(source[name])
             except RuntimeError as e:
                 fail(f"the {name} in the checkpoint does not fit this config ({str(e).splitlines()[0][:160]})")
+    if cfg.predict_heads and ckpt is None:
+        if not cfg.gist_predict:
+            fail(f"predict_heads={cfg.predict_heads} needs gist_predict='mlp' (the heads it loads)")
+        try:
+            mc.predictor.load_state_dict(predict.load_heads(cfg.predict_heads, mc, "predict_heads").state_dict())
+        except ValueError as e:
+            fail(str(e))
+    elif cfg.lens_plan and "predictor" not in source:
+        fail("lens_plan reads the MegaPrediction heads' plan: set predict_heads=<a bench/megaprediction.py "
+             "--save-heads file for this base and GistNet>")
     if cfg.stage == "lora" and "lensnet" not in source:
         print0("!!! note: no trained LensNet in the checkpoint: lora's allocator refocuses with untrained scores")
     trained = stages.set_trainable(mc, cfg.stage)
@@ -588,8 +627,9 @@ def mc_checkpoint_extras(model) -> dict:
     mc = model.mc
     lora = {k: v for k, v in mc.gpt.state_dict().items() if ".lora_" in k}
     lens = {"lensnet": mc.lensnet.state_dict()} if model.lens_trained else {}
+    heads = {"predictor": mc.predictor.state_dict(), "predictor_identity": mc.identity()} if mc.cfg.gist_predict else {}
     return {"mc_config": dataclasses.asdict(mc.cfg), "gistnet": mc.gistnet.state_dict(),
-            "sigma_scale": mc.sigma_scale.detach().clone(), **lens, **({"lora": lora} if lora else {})}
+            "sigma_scale": mc.sigma_scale.detach().clone(), **lens, **heads, **({"lora": lora} if lora else {})}
 
 
 def evaluate_mc(model, tokens, cfg: TrainConfig, device, ctx, rank: int, ddp: bool) -> dict:

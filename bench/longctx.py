@@ -168,8 +168,9 @@ def mean_gist_model(ckpt, gpt, cfg: MegaContextConfig) -> MegaContextModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         mc = MegaContextModel(gpt, cfg)
-    if "lensnet" in ckpt:
-        mc.lensnet.load_state_dict(ckpt["lensnet"])
+    for name in ("lensnet", "predictor"):
+        if name in ckpt and hasattr(mc, name):
+            getattr(mc, name).load_state_dict(ckpt[name])
     return mc.to(gpt.wte.weight.device).eval()
 
 

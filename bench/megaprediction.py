@@ -158,6 +158,9 @@ def main(argv):
                 acceptance_fit=predict.acceptance(fit, g_va[l], win, j, 7, gen),
                 acceptance_last_block=predict.acceptance(prev, g_va[l], win, j, 7, gen))
     if a.save_heads:  # the heads, the centres and lengths that turn their output into a gist, and what they fit
+        if centers:  # (also in the heads' buffers: GistPredictor.gist, and a checkpoint that holds them)
+            heads.center.copy_(torch.stack(centers))
+            heads.rho.copy_(torch.stack(rho))
         os.makedirs(os.path.dirname(os.path.abspath(a.save_heads)), exist_ok=True)
         torch.save(dict(heads=heads.state_dict(), centers=centers, rho=rho, n_embd=gpt.config.n_embd, K=K,
                         identity=mc.identity()), a.save_heads)

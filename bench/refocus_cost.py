@@ -40,7 +40,7 @@ def arm_model(ckpt, gpt, query: bool) -> MegaContextModel:
                                ckpt["mc_config"]["recent_tokens"])
     if query:
         return mc
-    cfg = dataclasses.replace(mc.cfg, lens_query="", lens_markers=0, lens_margin=0)
+    cfg = dataclasses.replace(mc.cfg, lens_query="", lens_plan=False, lens_markers=0, lens_margin=0)
     old = MegaContextModel(gpt, cfg).eval()
     old.gistnet.load_state_dict(mc.gistnet.state_dict())
     old.lensnet.load_state_dict(mc.lensnet.state_dict(), strict=False)  # (no Indexer)

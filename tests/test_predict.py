@@ -142,3 +142,65 @@ def test_megaprediction_bench_small(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit):
         megaprediction.main(common + ["--batch", "-1", "--out", out])
     assert "--batch -1: pairs per step must be >= 1" in capsys.readouterr().err
+
+
+def test_lens_plan_appends_the_predicted_gist_to_the_query_and_moves_the_scores():
+    """lens_plan: read() returns the lens_query streams, then the LOD1 gist the heads plan after every token (their
+    centre and length applied); the Indexer is one d wider; a session's LensNet scores change with the heads, so the
+    plan is read. Without gist_predict or lens_query the config is refused in one line."""
+    q = dict(lens_types=True, lens_query="1,2")
+    plain, m = tiny(**q), tiny(**q, gist_predict="mlp", lens_plan=True)
+    d = 48
+    assert m.lensnet.indexer.norm.weight.shape == (3 * d,) and plain.lensnet.indexer.norm.weight.shape == (2 * d,)
+    torch.manual_seed(1)
+    for w in m.predictor.w2:
+        torch.nn.init.normal_(w.weight, 0.0, 0.1)
+    m.predictor.center.normal_()
+    m.predictor.rho.fill_(3.0)
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        _, streams = plain.read(idx=ids)
+        _, states = m.read(idx=ids)
+        want = m.predictor.gist(predict.final_states(m.gpt, ids))
+    assert states.shape == (2, 24, 3 * d)
+    torch.testing.assert_close(states[..., :2 * d], streams)
+    torch.testing.assert_close(states[..., 2 * d:], want)
+    assert torch.allclose((want - m.predictor.center[0]).norm(dim=-1), torch.tensor(3.0))  # as_gist's length
+    history = torch.randint(0, 97, (200,)).tolist()
+
+    def scores():  # a session over the same history, its question read before scoring
+        s = Session(m)
+        s.ingest(history)
+        s.logits()
+        return s.scores()
+
+    before = scores()
+    for w in m.predictor.w2:
+        torch.nn.init.normal_(w.weight, 0.0, 0.1)
+    assert not torch.allclose(before, scores())  # (recency scores, which ignore the heads, would not change)
+    for bad in (dict(q, lens_plan=True), dict(gist_predict="mlp", lens_plan=True)):
+        with pytest.raises(ValueError, match="lens_plan"):
+            MegaContextConfig(**bad).validate()
+
+
+def test_load_heads_reads_old_files_and_refuses_other_models(tmp_path):
+    """A heads file written before the centre/length buffers (centres and lengths beside the weights) loads with them
+    set, so gist() is as_gist of the saved centre and length; another model's heads are refused in one line."""
+    m = tiny(gist_predict="mlp")
+    heads = predict.GistPredictor(48)
+    torch.nn.init.normal_(heads.w2[0].weight, 0.0, 0.1)
+    state = {k: v for k, v in heads.state_dict().items() if k not in ("center", "rho")}
+    centers, rho = [torch.randn(48), torch.randn(48)], [torch.tensor(2.5), torch.tensor(4.0)]
+    path = str(tmp_path / "old.pt")
+    torch.save(dict(heads=state, centers=centers, rho=rho, n_embd=48, K=4, identity=m.identity()), path)
+    loaded = predict.load_heads(path, m)
+    h = torch.randn(5, 48)
+    torch.testing.assert_close(loaded.gist(h), predict.as_gist(heads(h)[:, 0], centers[0], rho[0]))
+    torch.save(dict(heads=state, centers=None, rho=None, n_embd=48, K=4, identity=m.identity()), path)
+    torch.testing.assert_close(predict.load_heads(path, m).gist(h), heads(h)[:, 0])  # no centre: as is
+    torch.save(dict(heads=state, centers=None, rho=None, n_embd=48, K=4, identity="other"), path)
+    with pytest.raises(ValueError, match="another base model or GistNet"):
+        predict.load_heads(path, m)
+    open(path, "wb").write(b"junk")
+    with pytest.raises(ValueError, match="cannot read MegaPrediction heads"):
+        predict.load_heads(path, m)

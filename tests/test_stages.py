@@ -291,3 +291,79 @@ def test_stage_config_errors_are_one_line(extra, message, data_dir, base, tmp_pa
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not os.path.exists(os.path.join(tmp_path, "log.jsonl"))  # failed before any compute
+
+
+def test_lens_plan_stage_trains_lensnet_over_frozen_heads(data_dir, base, gist, tmp_path):
+    """lens_plan: the lens stage loads MegaPrediction heads (a --save-heads file matching the base and GistNet) into
+    the model, keeps them frozen while LensNet learns, saves them in the checkpoint, and sample.py --mc decodes with
+    them; without heads, or with another model's, it stops at start with one line."""
+    import types
+
+    import checkpoint
+    import predict
+    src = os.path.join(gist, "ckpt.pt")
+    ck = torch.load(src, weights_only=False)
+    gpt = GPT(GPTConfig(**ck["model_args"]))
+    gpt.load_state_dict(ck["model"])
+    mc = checkpoint.mc_model(ck, types.SimpleNamespace(block=None, budget=None, recent=None, policy=None), gpt)
+    heads = predict.GistPredictor(64)
+    torch.nn.init.normal_(heads.w2[0].weight, 0.0, 0.05)
+    heads.center.normal_()
+    heads.rho.fill_(2.0)
+    path = str(tmp_path / "heads.pt")
+    torch.save(dict(heads=heads.state_dict(), centers=None, rho=None, n_embd=64, K=8, identity=mc.identity()), path)
+    plan = dict(QUERY, lens_teacher="oracle", gist_predict="mlp", lens_plan=True)
+    out = str(tmp_path / "lens")
+    train.main(mc_args("lens", data_dir, base, out, gist_ckpt=src, max_iters=2, eval_interval=2, batch_size=2,
+                       predict_heads=path, **plan))
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert saved["mc_config"]["lens_plan"] and saved["lensnet"]["indexer.norm.weight"].shape == (3 * 64,)
+    assert all(torch.equal(saved["predictor"][k], v) for k, v in heads.state_dict().items())  # loaded, frozen
+    r = run(["sample.py", f"--ckpt={out}/ckpt.pt", "--mc", "--max-new-tokens=5", "--prompt=the key is",
+             "--budget=48", "--block=8", "--recent=16"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.save(dict(heads=heads.state_dict(), centers=None, rho=None, n_embd=64, K=8, identity="other"), path)
+    for extra in ({}, {"predict_heads": path}):
+        r = run(["train.py", *mc_args("lens", data_dir, base, str(tmp_path / "bad"), gist_ckpt=src, max_iters=1,
+                                      **plan, **extra)])
+        err = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-800:]
+        assert ("predict_heads=" in err[0]) if not extra else ("another base model or GistNet" in err[0])
+
+
+def test_predict_stage_trains_the_heads_and_feeds_show_plan_and_lens_plan(data_dir, base, gist, tmp_path):
+    """The predict stage trains exactly the heads (base and GistNet frozen), sets their centre and length to the
+    gists' running mean and mean distance, logs cos per level with both baselines and acceptance, and on this planted
+    corpus beats the last block's gist; its checkpoint is a heads source for sample.py --show-plan and for a lens
+    stage with lens_plan. Impossible predict configs stop in one line."""
+    src, out = os.path.join(gist, "ckpt.pt"), str(tmp_path / "predict")
+    args = mc_args("predict", data_dir, base, out, gist_ckpt=src, block_size=128, batch_size=4, max_iters=40,
+                   eval_interval=40, lr=3e-3)
+    cfg = load_config(train.TrainConfig, args)
+    model, _ = train.build_mc(cfg, None, torch.device("cpu"))
+    assert set(stages.set_trainable(model.mc, "predict")) == {n for n, _ in model.mc.named_parameters()
+                                                            if n.startswith("predictor.")}
+    train.main(args)
+    ev = [r for r in read_log(out) if "acceptance" in r]
+    assert [r["step"] for r in ev] == [0, 40]
+    last = ev[-1]
+    assert all(f"cos_lod{lod}{b}" in last for lod in (1, 2) for b in ("", "_last_block", "_mean_gist"))
+    assert last["val_loss"] < ev[0]["val_loss"] and last["cos_lod1"] > last["cos_lod1_last_block"]
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    gist_ck = torch.load(src, weights_only=False)
+    assert all(torch.equal(saved["gistnet"][k], v) for k, v in gist_ck["gistnet"].items())  # frozen
+    assert float(saved["predictor"]["rho"].min()) > 0  # the running length was set
+    r = run(["sample.py", f"--ckpt={src}", "--mc", "--max-new-tokens=17", "--prompt=the key is", "--budget=48",
+             "--block=8", "--recent=16", f"--show-plan={out}/ckpt.pt"])
+    assert r.returncode == 0 and r.stderr.count("[plan]") >= 2, r.stderr[-2000:]
+    lens = str(tmp_path / "lens")
+    train.main(mc_args("lens", data_dir, base, lens, gist_ckpt=src, max_iters=1, eval_interval=1, batch_size=2,
+                       predict_heads=f"{out}/ckpt.pt", gist_predict="mlp", lens_plan=True,
+                       **dict(QUERY, lens_teacher="oracle")))
+    assert torch.equal(torch.load(f"{lens}/ckpt.pt", weights_only=False)["predictor"]["center"],
+                       saved["predictor"]["center"])
+    for bad, msg in ((dict(gist_predict=""), "gist_predict='mlp'"), (dict(block_size=100), "multiple of K²"),
+                     (dict(predict_alphas="0.1"), "predict_alphas"), (dict(block_size=256), "must be <= the base's")):
+        r = run(["train.py", *mc_args("predict", data_dir, base, str(tmp_path / "bad"), gist_ckpt=src, **bad)])
+        err = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(err) == 1 and msg in err[0], r.stderr[-800:]
