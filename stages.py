@@ -636,8 +636,10 @@ def predict_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     acc = {"val_loss": (float(loss) * n, n)}
     for lod, (states, target, prev, win, j) in enumerate(levels, 1):
         pred = heads.gist(states, lod)
-        center = heads.center[lod - 1].expand_as(target)
-        for name, guess in (("", pred), ("_last_block", prev), ("_mean_gist", center)):
+        guesses = [("", pred), ("_last_block", prev)]
+        if heads.rho[lod - 1]:  # the mean gist, once a training batch has set it
+            guesses.append(("_mean_gist", heads.center[lod - 1].expand_as(target)))
+        for name, guess in guesses:
             c = predict.cos(guess, target)
             acc[f"cos_lod{lod}{name}"] = (float(c.sum()), len(c))
     states, _, prev, win, j = levels[0]

@@ -204,3 +204,26 @@ def test_load_heads_reads_old_files_and_refuses_other_models(tmp_path):
     open(path, "wb").write(b"junk")
     with pytest.raises(ValueError, match="cannot read MegaPrediction heads"):
         predict.load_heads(path, m)
+
+
+def test_lens_plan_compare_pools_seeds_and_decides():
+    """bench/lens_plan.py's comparison on made-up harness results: pooled accuracy, the Newcombe interval of the
+    difference (it holds 0 for equal arms, excludes it for a large gap), and the verdict."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import lens_plan
+
+    def harness(hits, delta):
+        return dict(retrieval=[dict(task="passkey", history=1024, method="lens", control=None, hits=hits, trials=30),
+                               dict(task="passkey", history=1024, method="lens", control="no_needle", hits=0,
+                                    trials=30)],
+                    nll_long_range=[dict(method="lens", delta_trunc=delta, docs=19, delta_trunc_ci=[-1, 1],
+                                         gap_share=0.1, gap_share_ci=[0, 1])])
+    same = lens_plan.compare({(a, s): harness(20, -0.02) for a in ("plain", "plan") for s in (1, 2)})
+    lo, hi = same["summary"]["difference_ci"]
+    assert same["pooled"]["plan"] == dict(hits=40, trials=60) and lo < 0 < hi
+    assert same["summary"]["verdict"] == "no detectable effect" and not same["summary"]["kept"]
+    better = lens_plan.compare({("plain", 1): harness(10, -0.02), ("plan", 1): harness(29, -0.05)})
+    assert better["summary"]["difference_ci"][0] > 0 and better["summary"]["verdict"] == "helps"
+    assert better["summary"]["nll_long_range"] == {"plain": -0.02, "plan": -0.05}
+    worse = lens_plan.compare({("plain", 1): harness(29, -0.02), ("plan", 1): harness(10, -0.02)})
+    assert worse["summary"]["verdict"] == "hurts"

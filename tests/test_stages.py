@@ -293,25 +293,32 @@ def test_stage_config_errors_are_one_line(extra, message, data_dir, base, tmp_pa
     assert not os.path.exists(os.path.join(tmp_path, "log.jsonl"))  # failed before any compute
 
 
-def test_lens_plan_stage_trains_lensnet_over_frozen_heads(data_dir, base, gist, tmp_path):
-    """lens_plan: the lens stage loads MegaPrediction heads (a --save-heads file matching the base and GistNet) into
-    the model, keeps them frozen while LensNet learns, saves them in the checkpoint, and sample.py --mc decodes with
-    them; without heads, or with another model's, it stops at start with one line."""
+def heads_file(gist_ckpt: str, path: str):
+    """Random (non-identity) MegaPrediction heads with a centre and length, saved as a --save-heads file matching the
+    gist checkpoint's base and GistNet; returns them."""
     import types
 
     import checkpoint
     import predict
-    src = os.path.join(gist, "ckpt.pt")
-    ck = torch.load(src, weights_only=False)
+    ck = torch.load(gist_ckpt, weights_only=False)
     gpt = GPT(GPTConfig(**ck["model_args"]))
     gpt.load_state_dict(ck["model"])
     mc = checkpoint.mc_model(ck, types.SimpleNamespace(block=None, budget=None, recent=None, policy=None), gpt)
-    heads = predict.GistPredictor(64)
+    heads = predict.GistPredictor(gpt.config.n_embd)
     torch.nn.init.normal_(heads.w2[0].weight, 0.0, 0.05)
     heads.center.normal_()
     heads.rho.fill_(2.0)
-    path = str(tmp_path / "heads.pt")
-    torch.save(dict(heads=heads.state_dict(), centers=None, rho=None, n_embd=64, K=8, identity=mc.identity()), path)
+    torch.save(dict(heads=heads.state_dict(), centers=None, rho=None, n_embd=gpt.config.n_embd, K=8,
+                    identity=mc.identity()), path)
+    return heads
+
+
+def test_lens_plan_stage_trains_lensnet_over_frozen_heads(data_dir, base, gist, tmp_path):
+    """lens_plan: the lens stage loads MegaPrediction heads (a --save-heads file matching the base and GistNet) into
+    the model, keeps them frozen while LensNet learns, saves them in the checkpoint, and sample.py --mc decodes with
+    them; without heads, or with another model's, it stops at start with one line."""
+    src, path = os.path.join(gist, "ckpt.pt"), str(tmp_path / "heads.pt")
+    heads = heads_file(src, path)
     plan = dict(QUERY, lens_teacher="oracle", gist_predict="mlp", lens_plan=True)
     out = str(tmp_path / "lens")
     train.main(mc_args("lens", data_dir, base, out, gist_ckpt=src, max_iters=2, eval_interval=2, batch_size=2,
@@ -348,6 +355,7 @@ def test_predict_stage_trains_the_heads_and_feeds_show_plan_and_lens_plan(data_d
     assert [r["step"] for r in ev] == [0, 40]
     last = ev[-1]
     assert all(f"cos_lod{lod}{b}" in last for lod in (1, 2) for b in ("", "_last_block", "_mean_gist"))
+    assert "cos_lod1_mean_gist" not in ev[0]  # no mean gist before a training batch has set it
     assert last["val_loss"] < ev[0]["val_loss"] and last["cos_lod1"] > last["cos_lod1_last_block"]
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     gist_ck = torch.load(src, weights_only=False)
@@ -367,3 +375,36 @@ def test_predict_stage_trains_the_heads_and_feeds_show_plan_and_lens_plan(data_d
         r = run(["train.py", *mc_args("predict", data_dir, base, str(tmp_path / "bad"), gist_ckpt=src, **bad)])
         err = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(err) == 1 and msg in err[0], r.stderr[-800:]
+
+
+def test_lens_plan_bench_runs_both_arms_and_compares(data_dir, base, gist, tmp_path):
+    """bench/lens_plan.py end to end at toy sizes: both arms trained per seed (the plan arm with the heads in its
+    checkpoint), both harnesses run, a rerun skips them all, and the report pools the cells; a missing file is one
+    line."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import lens_plan
+    src, heads = os.path.join(gist, "ckpt.pt"), str(tmp_path / "heads.pt")
+    heads_file(src, heads)
+    lens = ["configs/tiny_lens.py", *MC, "--batch_size=2", "--eval_interval=2", "--lens_teacher=oracle",
+            *(f"--{k}={v}" for k, v in QUERY.items())]
+    harness = ("--split test --histories 256 --docs 2 --windows 1 --methods full,truncation,lens --retrieval-methods "
+               "lens --controls '' --decode 0 --no-plot --in-block-trials 0 --tasks passkey,multikey "
+               "--retrieval-histories 512 --retrieval-budget 48 --depths 0.3 --trials 2 --stream 16")
+    argv = ["--base", base, "--gist", src, "--heads", heads, "--data-dir", data_dir, "--seeds", "7", "--iters", "2",
+            "--lens-args", " ".join(lens), "--harness-args", harness, "--threads", "1", "--run", str(tmp_path / "run"),
+            "--out", str(tmp_path / "cmp")]
+    r = lens_plan.main(argv)
+    assert "predictor" in torch.load(tmp_path / "run" / "plan_s7" / "ckpt.pt", weights_only=False)
+    assert "predictor" not in torch.load(tmp_path / "run" / "plain_s7" / "ckpt.pt", weights_only=False)
+    for arm in ("plain", "plan"):
+        cells = r["cells"][f"{arm}_s7"]
+        assert set(cells) == {"passkey@512", "multikey@512"} and all(n == 2 for _, n in cells.values())
+        assert r["pooled"][arm]["trials"] == 4
+        assert r["summary"]["retrieval"][arm] == r["pooled"][arm]["hits"] / 4
+    assert r["summary"]["verdict"] in ("helps", "hurts", "no detectable effect")
+    assert "Verdict" in open(tmp_path / "cmp.md").read()
+    mtime = os.path.getmtime(tmp_path / "run" / "plan_s7" / "harness.json")
+    lens_plan.main(argv)  # everything is there: nothing reruns
+    assert os.path.getmtime(tmp_path / "run" / "plan_s7" / "harness.json") == mtime
+    bad = run(["bench/lens_plan.py", *argv[:4], "--heads", str(tmp_path / "missing.pt"), *argv[6:]])
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--heads not found" in bad.stderr
