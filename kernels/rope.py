@@ -51,7 +51,8 @@ _FREQS = {}  # (D, base, bands, device) -> rope_freqs: built once, not 4 small k
 def cached_freqs(D: int, base: float, bands: int, device) -> torch.Tensor:
     key = (D, float(base), bands, str(device))
     if key not in _FREQS:
-        _FREQS[key] = rope_freqs(D, base, device, bands)
+        with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
+            _FREQS[key] = rope_freqs(D, base, device, bands)
     return _FREQS[key]
 
 
@@ -62,7 +63,7 @@ def gauss_rope_ref(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, base:
     D, H = x.shape[-1], x.shape[2]
     if mu.dim() == 2 and mu.stride(0) == 0 and sigma.stride(0) == 0:  # one row of positions for every batch entry
         mu, sigma = mu[:1], sigma[:1]  # (GistNet's local positions): angles once, broadcast over B
-    w = rope_freqs(D, base, x.device, bands)  # (D/2,)
+    w = cached_freqs(D, base, bands, x.device)  # (D/2,): built once per shape and device (4 small ops a call)
     if mu.dtype == torch.float64:  # far positions: the angle in float64, its sin and cos rounded to fp32
         angle = mu[..., None] * w.double()
         cos_a, sin_a = torch.cos(angle).float(), torch.sin(angle).float()

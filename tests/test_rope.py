@@ -305,3 +305,16 @@ def test_gauss_rope_gpu_int64_offsets(triton_backend):
     assert_close("dq tail", q_t.grad, q.grad[:, tail], torch.bfloat16, grad=True)
     assert_close("k_rot tail", gauss_rope_ref(k.detach()[:, tail], mu[:, tail], sigma[:, tail]), ko[:, tail],
                  torch.bfloat16)
+
+
+def test_reference_frequencies_are_cached_and_usable_with_autograd_after_inference_mode():
+    """gauss_rope_ref builds its frequencies once per (D, base, bands, device): a first call under inference mode
+    still leaves a tensor that a later call with gradients to mu can save for backward."""
+    kernels.rope._FREQS.pop((16, 777.0, 0, "cpu"), None)
+    x, mu, sigma = torch.randn(1, 5, 2, 16), torch.arange(5.0)[None], torch.zeros(1, 5)
+    with torch.inference_mode():
+        kernels.rope.gauss_rope_ref(x, mu, sigma, 777.0)
+    assert (16, 777.0, 0, "cpu") in kernels.rope._FREQS
+    mu = mu.clone().requires_grad_()
+    kernels.rope.gauss_rope_ref(x, mu, sigma, 777.0).sum().backward()
+    assert mu.grad is not None and torch.isfinite(mu.grad).all()
