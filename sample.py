@@ -76,8 +76,8 @@ def parse_args(argv):
     p.add_argument("--edit-cost", type=float, default=None, help="--mc: score margin an edit needs per fraction of "
                    "the KV cache it makes stale (MegaContextConfig.edit_cost; 0 = off)")
     p.add_argument("--show-plan", default=None, metavar="HEADS", help="--mc: every K tokens, print the gist the "
-                   "MegaPrediction heads in HEADS (a predict-stage checkpoint or a bench/megaprediction.py --save-heads "
-                   "file) predict for the next K")
+                   "MegaPrediction heads in HEADS (a predict-stage checkpoint or a bench/megaprediction.py "
+                   "--save-heads file) predict for the next K")
     p.add_argument("--tree", default=None, help="--mc: session directory, resumed when it exists, saved on exit")
     p.add_argument("--read-only", action="store_true", help="--tree: open a saved session (even one another process "
                                                              "writes) and never save")
