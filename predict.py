@@ -58,8 +58,8 @@ def load_heads(path: str, mc, what: str = "MegaPrediction heads") -> GistPredict
         raise ValueError(f"{what} {path}: holds no MegaPrediction heads (a predict-stage checkpoint or a "
                          "bench/megaprediction.py --save-heads file)")
     if saved["n_embd"] != mc.gpt.config.n_embd or saved["identity"] != mc.identity():
-        raise ValueError(f"{what} {path}: heads trained for another base model or GistNet (bench/megaprediction.py "
-                         "--save-heads with this checkpoint makes matching ones)")
+        raise ValueError(f"{what} {path}: heads trained for another base model or GistNet (a predict stage or "
+                         "bench/megaprediction.py --save-heads on this checkpoint makes matching ones)")
     heads = GistPredictor(saved["n_embd"])
     state = dict(saved["heads"])
     if "center" not in state and saved.get("centers"):  # (files written before the buffers)

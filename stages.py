@@ -606,21 +606,26 @@ def predict_pairs(mc: MegaContextModel, x, cfg):
     return [predict.pairs(h, gists[lod - 1], K, lod) for lod in (1, 2)], gists
 
 
+def heads_loss(heads, levels, cfg):
+    """predict.loss of the heads on predict_pairs' levels, around the heads' centres, with cfg.predict_alphas."""
+    out = [heads(states)[:, lod] for lod, (states, *_) in enumerate(levels)]
+    alphas = [float(v) for v in cfg.predict_alphas.split(",")]
+    return predict.loss(out, [target for _, target, *_ in levels], alphas, list(heads.center))
+
+
 def predict_loss(mc: MegaContextModel, x, y, cfg):
     """The heads' loss on one micro-batch: sum_l alpha_l (1 - cos) around each level's mean gist (predict.loss).
     The centre and length (the gists' mean distance from it) are the heads' buffers, running means over the batches
     (the first batch sets them): what GistPredictor.gist turns the heads' direction into a gist with."""
     levels, _ = predict_pairs(mc, x, cfg)
-    heads, alphas = mc.predictor, [float(v) for v in cfg.predict_alphas.split(",")]
+    heads = mc.predictor
     with torch.no_grad():
         for lod, (_, target, *_) in enumerate(levels):
             first = not bool(heads.rho[lod])
             heads.center[lod].lerp_(target.float().mean(0), 1.0 if first else 0.01)
             rho = (target.float() - heads.center[lod]).norm(dim=-1).mean()
             heads.rho[lod].lerp_(rho, 1.0 if first else 0.01)
-    out = [heads(states)[:, lod] for lod, (states, *_) in enumerate(levels)]
-    loss = predict.loss(out, [target for _, target, *_ in levels], alphas, list(heads.center))
-    return loss, {"cos_lod1": predict.cos(heads.gist(levels[0][0]), levels[0][1]).mean().detach()}
+    return heads_loss(heads, levels, cfg), {"cos_lod1": predict.cos(heads.gist(levels[0][0]), levels[0][1]).mean().detach()}
 
 
 @torch.no_grad()
@@ -629,11 +634,9 @@ def predict_eval(mc: MegaContextModel, x, y, cfg, gen) -> dict:
     gist: the heads' centre); LOD1's speculative acceptance among the true block and 7 others of the same window; the
     loss as val_loss. Sums and counts."""
     levels, gists = predict_pairs(mc, x, cfg)
-    heads, alphas = mc.predictor, [float(v) for v in cfg.predict_alphas.split(",")]
-    out = [heads(states)[:, lod] for lod, (states, *_) in enumerate(levels)]
-    loss = predict.loss(out, [target for _, target, *_ in levels], alphas, list(heads.center))
+    heads = mc.predictor
     n = len(levels[0][0])
-    acc = {"val_loss": (float(loss) * n, n)}
+    acc = {"val_loss": (float(heads_loss(heads, levels, cfg)) * n, n)}
     for lod, (states, target, prev, win, j) in enumerate(levels, 1):
         pred = heads.gist(states, lod)
         guesses = [("", pred), ("_last_block", prev)]
@@ -705,9 +708,8 @@ def evaluate(stage_model: StageModel, stage: str, batches) -> dict:
     acc = defaultdict(lambda: [0.0, 0])
     mc.eval()
     for x, y, gen in batches:
-        evals = dict(gist=lambda: gist_eval(mc, x, y, cfg), lens=lambda: lens_eval(mc, x, y, cfg, gen),
-                     lora=lambda: lora_eval(mc, x, y, cfg, gen), predict=lambda: predict_eval(mc, x, y, cfg, gen))
-        part = evals[stage]()
+        part = (gist_eval(mc, x, y, cfg) if stage == "gist" else lens_eval(mc, x, y, cfg, gen) if stage == "lens"
+                else predict_eval(mc, x, y, cfg, gen) if stage == "predict" else lora_eval(mc, x, y, cfg, gen))
         for k, (s, n) in part.items():
             acc[k][0] += s
             acc[k][1] += n

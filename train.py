@@ -609,8 +609,8 @@ def build_mc(cfg: TrainConfig, ckpt: dict | None, device):
         except ValueError as e:
             fail(str(e))
     elif cfg.lens_plan and "predictor" not in source:
-        fail("lens_plan reads the MegaPrediction heads' plan: set predict_heads=<a bench/megaprediction.py "
-             "--save-heads file for this base and GistNet>")
+        fail("lens_plan reads the MegaPrediction heads' plan: set predict_heads=<a predict-stage checkpoint or a "
+             "bench/megaprediction.py --save-heads file for this base and GistNet>")
     if cfg.stage == "lora" and "lensnet" not in source:
         print0("!!! note: no trained LensNet in the checkpoint: lora's allocator refocuses with untrained scores")
     trained = stages.set_trainable(mc, cfg.stage)

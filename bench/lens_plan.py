@@ -28,6 +28,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
 from retrieval import wilson  # noqa: E402
+from train import fail  # noqa: E402
 
 ARMS = ("plain", "plan")
 LENS = ("configs/mc_demo.py --stage=lens --lens_teacher=oracle --block_size=4096 --batch_size=4 --lr=3e-3 "
@@ -52,11 +53,6 @@ def parse_args(argv):
     p.add_argument("--run", default="out/lens_plan", help="runs' folder")
     p.add_argument("--out", default="bench/results/lens_plan_cpu", help="output path prefix")
     return p.parse_args(argv)
-
-
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def call(cmd: list[str], env: dict):

@@ -1,6 +1,7 @@
 """The MegaContext training stages (stages.py through train.py) end to end on a synthetic corpus: gist learns and is
 compared with mean pooling, lens labels have the right sign, each stage trains exactly its parameters, sample.py
 reads the checkpoints, resume is exact, and impossible stage configs fail at start with one line."""
+import argparse
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import predict
 import stages
 import train
 from configs import load_config
@@ -296,14 +299,10 @@ def test_stage_config_errors_are_one_line(extra, message, data_dir, base, tmp_pa
 def heads_file(gist_ckpt: str, path: str):
     """Random (non-identity) MegaPrediction heads with a centre and length, saved as a --save-heads file matching the
     gist checkpoint's base and GistNet; returns them."""
-    import types
-
-    import checkpoint
-    import predict
     ck = torch.load(gist_ckpt, weights_only=False)
     gpt = GPT(GPTConfig(**ck["model_args"]))
     gpt.load_state_dict(ck["model"])
-    mc = checkpoint.mc_model(ck, types.SimpleNamespace(block=None, budget=None, recent=None, policy=None), gpt)
+    mc = checkpoint.mc_model(ck, argparse.Namespace(block=None, budget=None, recent=None, policy=None), gpt)
     heads = predict.GistPredictor(gpt.config.n_embd)
     torch.nn.init.normal_(heads.w2[0].weight, 0.0, 0.05)
     heads.center.normal_()
