@@ -625,7 +625,8 @@ def predict_loss(mc: MegaContextModel, x, y, cfg):
             heads.center[lod].lerp_(target.float().mean(0), 1.0 if first else 0.01)
             rho = (target.float() - heads.center[lod]).norm(dim=-1).mean()
             heads.rho[lod].lerp_(rho, 1.0 if first else 0.01)
-    return heads_loss(heads, levels, cfg), {"cos_lod1": predict.cos(heads.gist(levels[0][0]), levels[0][1]).mean().detach()}
+    cos = predict.cos(heads.gist(levels[0][0]), levels[0][1]).mean().detach()
+    return heads_loss(heads, levels, cfg), {"cos_lod1": cos}
 
 
 @torch.no_grad()
